@@ -1,0 +1,501 @@
+"""Ack state machines: one table for every mode, role, state and input.
+
+Rules (DESIGN §3):
+
+1. A data message has a *sender* and a *receiver*. The sender sends ``Data{id, ackSeq: 0}``;
+   the receiver answers ``Ack{id, ackSeq: 1}``; under RigorAck the sender confirms with
+   ``Ack{id, ackSeq: 2}``. The same rules hold upstream (client → server) and downstream
+   (server → client), so one table serves both directions and both ends.
+2. NoAck: the receiver dispatches at once and nobody acks. OnlyAck: the receiver acks and
+   dispatches at once; the sender resends until acked. RigorAck: the receiver acks and waits
+   for the confirmation before dispatching, resending its ack meanwhile; the sender resends
+   its data until acked.
+3. Every wait has a deadline. Resends are due every ``resend_interval``; after
+   ``ack_timeout`` a message is given up with a visible :class:`GaveUp` effect, never silently.
+   The machines never read a clock: ``now`` comes in with every call, and
+   :meth:`Sender.next_deadline` / :meth:`Receiver.next_deadline` say when to call
+   ``handle_timeout(now)`` next.
+4. Completed ids are remembered for ``remember_for`` seconds (at most ``max_remembered`` of
+   them), so a resend is re-acked, never re-dispatched.
+5. Many messages are in flight at once (``window``); one lost ack never holds back the others.
+6. A pair ``(state, input)`` missing from :data:`TRANSITIONS` is a protocol error. Peer
+   inputs always have an entry (a stale or duplicate frame is ignored, explicitly); only
+   local misuse (sending an id that is still remembered) is missing, and raises
+   :class:`~imkit.exceptions.LocalProtocolError`.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict, deque
+from collections.abc import Iterator
+from enum import Enum
+
+import attrs
+
+from imkit.core.frames import Frame, FrameType
+from imkit.exceptions import LocalProtocolError
+
+__all__ = (
+    "TRANSITIONS",
+    "AckMode",
+    "AckTimers",
+    "Action",
+    "Delivered",
+    "Dispatch",
+    "Effect",
+    "GaveUp",
+    "Input",
+    "Receiver",
+    "Role",
+    "Sender",
+    "SendFrame",
+    "State",
+)
+
+
+class AckMode(str, Enum):
+    """The ack mode of a server (and of the clients that talk to it)."""
+
+    NONE = "none"
+    ONLY = "only"
+    RIGOR = "rigor"
+
+
+class Role(str, Enum):
+    """Which end of a message a machine is."""
+
+    SENDER = "sender"
+    RECEIVER = "receiver"
+
+
+class State(str, Enum):
+    """The state of one message id at one end. ``NEW`` means "not known here"."""
+
+    NEW = "new"
+    AWAIT_ACK = "await_ack"
+    AWAIT_CONFIRM = "await_confirm"
+    DONE = "done"
+
+
+class Input(str, Enum):
+    """What can happen to a message id."""
+
+    SEND = "send"
+    """The application sends a new message (sender, local)."""
+    DATA = "data"
+    """A ``Data`` frame arrives (receiver)."""
+    ACK = "ack"
+    """An ``Ack{ackSeq: 1}`` arrives (sender)."""
+    CONFIRM = "confirm"
+    """An ``Ack{ackSeq: 2}`` arrives (receiver)."""
+    RESEND_DUE = "resend_due"
+    """The resend deadline passed."""
+    TIMEOUT = "timeout"
+    """The ack timeout passed."""
+
+
+class Action(str, Enum):
+    """Side effects of a transition."""
+
+    SEND_DATA = "send_data"
+    SEND_ACK = "send_ack"
+    SEND_CONFIRM = "send_confirm"
+    DISPATCH = "dispatch"
+    DELIVERED = "delivered"
+    GIVE_UP = "give_up"
+
+
+_S, _R = Role.SENDER, Role.RECEIVER
+_N, _ONLY, _RIG = AckMode.NONE, AckMode.ONLY, AckMode.RIGOR
+_NEW, _AA, _AC, _DONE = State.NEW, State.AWAIT_ACK, State.AWAIT_CONFIRM, State.DONE
+_FORGET = State.NEW  # a transition to NEW forgets the id
+
+#: ``(role, mode, state, input) -> (actions, new state)``. The only definition of the rules.
+TRANSITIONS: dict[tuple[Role, AckMode, State, Input], tuple[tuple[Action, ...], State]] = {
+    # --- sender, NoAck: send once, remember nothing, ignore stray acks
+    (_S, _N, _NEW, Input.SEND): ((Action.SEND_DATA,), _FORGET),
+    (_S, _N, _NEW, Input.ACK): ((), _FORGET),
+    # --- sender, OnlyAck
+    (_S, _ONLY, _NEW, Input.SEND): ((Action.SEND_DATA,), _AA),
+    (_S, _ONLY, _NEW, Input.ACK): ((), _FORGET),  # stale: given up or long forgotten
+    (_S, _ONLY, _AA, Input.ACK): ((Action.DELIVERED,), _DONE),
+    (_S, _ONLY, _AA, Input.RESEND_DUE): ((Action.SEND_DATA,), _AA),
+    (_S, _ONLY, _AA, Input.TIMEOUT): ((Action.GIVE_UP,), _FORGET),
+    (_S, _ONLY, _DONE, Input.ACK): ((), _DONE),  # duplicate ack
+    # --- sender, RigorAck: as OnlyAck, and confirm every ack of a delivered id
+    (_S, _RIG, _NEW, Input.SEND): ((Action.SEND_DATA,), _AA),
+    (_S, _RIG, _NEW, Input.ACK): ((), _FORGET),  # given up: never confirm after reporting failure
+    (_S, _RIG, _AA, Input.ACK): ((Action.SEND_CONFIRM, Action.DELIVERED), _DONE),
+    (_S, _RIG, _AA, Input.RESEND_DUE): ((Action.SEND_DATA,), _AA),
+    (_S, _RIG, _AA, Input.TIMEOUT): ((Action.GIVE_UP,), _FORGET),
+    (_S, _RIG, _DONE, Input.ACK): ((Action.SEND_CONFIRM,), _DONE),  # our confirm was lost
+    # --- receiver, NoAck: dispatch once, drop duplicates
+    (_R, _N, _NEW, Input.DATA): ((Action.DISPATCH,), _DONE),
+    (_R, _N, _DONE, Input.DATA): ((), _DONE),
+    (_R, _N, _NEW, Input.CONFIRM): ((), _FORGET),
+    (_R, _N, _DONE, Input.CONFIRM): ((), _DONE),
+    # --- receiver, OnlyAck: ack every copy, dispatch the first
+    (_R, _ONLY, _NEW, Input.DATA): ((Action.SEND_ACK, Action.DISPATCH), _DONE),
+    (_R, _ONLY, _DONE, Input.DATA): ((Action.SEND_ACK,), _DONE),
+    (_R, _ONLY, _NEW, Input.CONFIRM): ((), _FORGET),
+    (_R, _ONLY, _DONE, Input.CONFIRM): ((), _DONE),
+    # --- receiver, RigorAck: ack, wait for the confirmation, then dispatch
+    (_R, _RIG, _NEW, Input.DATA): ((Action.SEND_ACK,), _AC),
+    (_R, _RIG, _AC, Input.DATA): ((Action.SEND_ACK,), _AC),
+    (_R, _RIG, _AC, Input.RESEND_DUE): ((Action.SEND_ACK,), _AC),
+    (_R, _RIG, _AC, Input.CONFIRM): ((Action.DISPATCH,), _DONE),
+    (_R, _RIG, _AC, Input.TIMEOUT): ((Action.GIVE_UP,), _FORGET),
+    (_R, _RIG, _DONE, Input.DATA): ((Action.SEND_ACK,), _DONE),
+    (_R, _RIG, _NEW, Input.CONFIRM): ((), _FORGET),  # stale confirmation
+    (_R, _RIG, _DONE, Input.CONFIRM): ((), _DONE),
+}
+
+
+def transition(
+    role: Role, mode: AckMode, state: State, event: Input
+) -> tuple[tuple[Action, ...], State]:
+    """Look up one transition; a missing pair raises :class:`LocalProtocolError`."""
+    try:
+        return TRANSITIONS[role, mode, state, event]
+    except KeyError:
+        raise LocalProtocolError(
+            f"{event.value!r} is not allowed for a {role.value} in state {state.value!r} "
+            f"under {mode.value} ack"
+        ) from None
+
+
+# Precedent: easy-chat resends after its 3 s ack timeout; websockets waits 20 s for a pong.
+DEFAULT_RESEND_INTERVAL = 2.0
+DEFAULT_ACK_TIMEOUT = 30.0
+DEFAULT_REMEMBER_FOR = 300.0
+DEFAULT_MAX_REMEMBERED = 10_000
+DEFAULT_WINDOW = 256
+
+
+@attrs.frozen(kw_only=True)
+class AckTimers:
+    """Timing and memory bounds shared by both machines (seconds and counts)."""
+
+    resend_interval: float = DEFAULT_RESEND_INTERVAL
+    """How long to wait for an ack (or confirmation) before sending again."""
+    ack_timeout: float = DEFAULT_ACK_TIMEOUT
+    """How long after the first send a message is given up."""
+    remember_for: float = DEFAULT_REMEMBER_FOR
+    """How long a completed id is remembered to recognise resends."""
+    max_remembered: int = DEFAULT_MAX_REMEMBERED
+    """How many completed ids are remembered at most (the oldest are forgotten first)."""
+    window: int = DEFAULT_WINDOW
+    """How many messages a sender keeps in flight; later ones wait in its backlog."""
+
+    def __attrs_post_init__(self) -> None:
+        if not 0 < self.resend_interval <= self.ack_timeout:
+            raise ValueError("need 0 < resend_interval <= ack_timeout")
+        if self.remember_for < self.ack_timeout:
+            raise ValueError("remember_for must be at least ack_timeout")
+        if self.max_remembered < 1 or self.window < 1:
+            raise ValueError("max_remembered and window must be positive")
+
+
+@attrs.frozen(slots=True)
+class SendFrame:
+    """Effect: send ``frame`` to the peer."""
+
+    frame: Frame
+
+
+@attrs.frozen(slots=True)
+class Dispatch:
+    """Effect: hand ``frame`` to the application (happens at most once per id)."""
+
+    frame: Frame
+
+
+@attrs.frozen(slots=True)
+class Delivered:
+    """Effect: the peer acknowledged ``frame``."""
+
+    frame: Frame
+
+
+@attrs.frozen(slots=True)
+class GaveUp:
+    """Effect: ``frame`` was given up after the ack timeout (``role`` says which end)."""
+
+    frame: Frame
+    role: Role
+
+
+Effect = SendFrame | Dispatch | Delivered | GaveUp
+
+
+@attrs.define(slots=True)
+class _Entry:
+    frame: Frame
+    state: State
+    give_up_at: float
+    token: int = 0
+
+
+class _Memory:
+    """Completed ids with their expiry, oldest first, bounded in time and count."""
+
+    def __init__(self, timers: AckTimers) -> None:
+        self._timers = timers
+        self._done: OrderedDict[str, float] = OrderedDict()
+
+    def __contains__(self, message_id: str) -> bool:
+        return message_id in self._done
+
+    def __len__(self) -> int:
+        return len(self._done)
+
+    def add(self, message_id: str, now: float) -> None:
+        self._done[message_id] = now + self._timers.remember_for
+        self._done.move_to_end(message_id)
+        while len(self._done) > self._timers.max_remembered:
+            self._done.popitem(last=False)
+
+    def prune(self, now: float) -> None:
+        done = self._done
+        while done:
+            message_id, expiry = next(iter(done.items()))
+            if expiry > now:
+                return
+            del done[message_id]
+
+    def next_expiry(self) -> float | None:
+        for expiry in self._done.values():
+            return expiry
+        return None
+
+
+class _Machine:
+    """Shared bookkeeping: live entries, their deadlines (a heap), remembered ids."""
+
+    role: Role
+
+    def __init__(self, mode: AckMode, timers: AckTimers) -> None:
+        self.mode = AckMode(mode)
+        self.timers = timers
+        self._live: dict[str, _Entry] = {}
+        self._memory = _Memory(timers)
+        self._heap: list[tuple[float, int, str]] = []
+        self._tokens = 0
+
+    def state_of(self, message_id: str) -> State:
+        """The state of ``message_id`` at this end."""
+        entry = self._live.get(message_id)
+        if entry is not None:
+            return entry.state
+        return State.DONE if message_id in self._memory else State.NEW
+
+    def pending(self) -> list[Frame]:
+        """The frames still waiting for their peer, oldest first."""
+        return [entry.frame for entry in self._live.values()]
+
+    @property
+    def in_flight(self) -> int:
+        """How many ids are waiting on the peer."""
+        return len(self._live)
+
+    @property
+    def remembered(self) -> int:
+        """How many completed ids are remembered."""
+        return len(self._memory)
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`handle_timeout` must next be called, or ``None``."""
+        heap = self._heap
+        while heap:
+            when, token, message_id = heap[0]
+            entry = self._live.get(message_id)
+            if entry is not None and entry.token == token:
+                break
+            heapq.heappop(heap)
+        times = [t for t in (heap[0][0] if heap else None, self._memory.next_expiry()) if t]
+        return min(times) if times else None
+
+    def handle_timeout(self, now: float) -> list[Effect]:
+        """Fire every deadline at or before ``now``: resends and give-ups."""
+        effects: list[Effect] = []
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            _when, token, message_id = heapq.heappop(heap)
+            entry = self._live.get(message_id)
+            if entry is None or entry.token != token:
+                continue
+            event = Input.TIMEOUT if now >= entry.give_up_at else Input.RESEND_DUE
+            self._apply(entry, event, now, effects)
+        self._memory.prune(now)
+        return effects
+
+    def _schedule(self, entry: _Entry, now: float) -> None:
+        self._tokens += 1
+        entry.token = self._tokens
+        when = min(now + self.timers.resend_interval, entry.give_up_at)
+        heapq.heappush(self._heap, (when, entry.token, entry.frame.id))
+
+    def _apply(self, entry: _Entry, event: Input, now: float, effects: list[Effect]) -> None:
+        actions, new_state = transition(self.role, self.mode, entry.state, event)
+        frame = entry.frame
+        for action in actions:
+            effects.append(self._effect(action, frame))
+        message_id = frame.id
+        if new_state is State.NEW:
+            self._live.pop(message_id, None)
+            entry.token = -1
+        elif new_state is State.DONE:
+            self._live.pop(message_id, None)
+            entry.token = -1
+            if message_id:
+                self._memory.add(message_id, now)
+        else:
+            entry.state = new_state
+            self._live[message_id] = entry
+            self._schedule(entry, now)
+        self._memory.prune(now)
+
+    def _effect(self, action: Action, frame: Frame) -> Effect:
+        if action is Action.SEND_DATA:
+            return SendFrame(frame)
+        if action is Action.SEND_ACK:
+            # OnlyAck answers ackSeq + 1 (easy-chat); RigorAck always answers 1.
+            seq = frame.ack_seq + 1 if self.mode is AckMode.ONLY else 1
+            return SendFrame(Frame(FrameType.ACK, id=frame.id, ack_seq=seq))
+        if action is Action.SEND_CONFIRM:
+            return SendFrame(Frame(FrameType.ACK, id=frame.id, ack_seq=2))
+        if action is Action.DISPATCH:
+            return Dispatch(frame)
+        if action is Action.DELIVERED:
+            return Delivered(frame)
+        return GaveUp(frame, self.role)
+
+    def _known(self, message_id: str, stub: Frame, now: float) -> _Entry:
+        entry = self._live.get(message_id)
+        if entry is not None:
+            return entry
+        state = State.DONE if message_id in self._memory else State.NEW
+        return _Entry(stub, state, now + self.timers.ack_timeout)
+
+
+class Sender(_Machine):
+    """The sending end: sends data, resends until acked, confirms under RigorAck.
+
+    After every call, send the :class:`SendFrame` effects' frames to the peer and report
+    :class:`Delivered` / :class:`GaveUp` to the application; then call
+    :meth:`next_deadline` again.
+    """
+
+    role = Role.SENDER
+
+    def __init__(self, mode: AckMode, timers: AckTimers | None = None) -> None:
+        super().__init__(mode, timers or AckTimers())
+        self._backlog: deque[Frame] = deque()
+
+    @property
+    def backlog(self) -> int:
+        """How many messages wait for room in the window."""
+        return len(self._backlog)
+
+    def send(self, frame: Frame, now: float) -> list[Effect]:
+        """Send a new ``Data`` frame; its id must not be in flight or remembered."""
+        if self.mode is not AckMode.NONE:
+            if frame.id in self._live or frame.id in self._memory:
+                raise LocalProtocolError(f"message id {frame.id!r} is already in use")
+            if not frame.id:
+                raise LocalProtocolError("an acked message needs a non-empty id")
+            if self._backlog or len(self._live) >= self.timers.window:
+                self._backlog.append(frame)
+                return []
+        effects: list[Effect] = []
+        self._apply(_Entry(frame, State.NEW, now + self.timers.ack_timeout), Input.SEND, now, effects)
+        return effects
+
+    def on_ack(self, message_id: str, now: float) -> list[Effect]:
+        """The peer sent ``Ack{message_id, ackSeq: 1}``."""
+        effects: list[Effect] = []
+        entry = self._known(message_id, Frame(FrameType.DATA, id=message_id), now)
+        self._apply(entry, Input.ACK, now, effects)
+        self._drain(now, effects)
+        return effects
+
+    def handle_timeout(self, now: float) -> list[Effect]:
+        """Fire resends and give-ups due at ``now``; give-ups make room for the backlog."""
+        effects = super().handle_timeout(now)
+        self._drain(now, effects)
+        return effects
+
+    def resend_all(self, now: float) -> list[Effect]:
+        """Send every message in flight again now (after a reconnect), keeping their ids."""
+        effects: list[Effect] = []
+        for entry in list(self._live.values()):
+            effects.append(SendFrame(entry.frame))
+            self._schedule(entry, now)
+        return effects
+
+    def drop_backlog(self) -> list[Frame]:
+        """Remove and return the messages that never left the backlog."""
+        frames = list(self._backlog)
+        self._backlog.clear()
+        return frames
+
+    def _drain(self, now: float, effects: list[Effect]) -> None:
+        backlog = self._backlog
+        while backlog and len(self._live) < self.timers.window:
+            frame = backlog.popleft()
+            entry = _Entry(frame, State.NEW, now + self.timers.ack_timeout)
+            self._apply(entry, Input.SEND, now, effects)
+
+
+class Receiver(_Machine):
+    """The receiving end: acks, waits for confirmations under RigorAck, dispatches once.
+
+    After every call, send the :class:`SendFrame` effects' frames to the peer and hand each
+    :class:`Dispatch` effect's frame to the application, in order.
+    """
+
+    role = Role.RECEIVER
+
+    def __init__(self, mode: AckMode, timers: AckTimers | None = None) -> None:
+        super().__init__(mode, timers or AckTimers())
+
+    def on_data(self, frame: Frame, now: float, *, acked: bool = True) -> list[Effect]:
+        """A ``Data`` frame arrived. With ``acked=False`` (a ``NoAck`` frame) skip the acks."""
+        effects: list[Effect] = []
+        if not acked and self.mode is not AckMode.NONE:
+            if frame.id in self._memory or frame.id in self._live:
+                return effects
+            actions, _state = transition(self.role, AckMode.NONE, State.NEW, Input.DATA)
+            effects.extend(self._effect(action, frame) for action in actions)
+            if frame.id:
+                self._memory.add(frame.id, now)
+            return effects
+        entry = self._live.get(frame.id)
+        if entry is None:
+            entry = self._known(frame.id, frame, now)
+        elif frame.ack_seq != entry.frame.ack_seq:
+            entry.frame = frame
+        self._apply(entry, Input.DATA, now, effects)
+        return effects
+
+    def on_confirm(self, message_id: str, now: float) -> list[Effect]:
+        """The peer sent ``Ack{message_id, ackSeq: 2}``."""
+        effects: list[Effect] = []
+        entry = self._known(message_id, Frame(FrameType.DATA, id=message_id), now)
+        self._apply(entry, Input.CONFIRM, now, effects)
+        return effects
+
+    def resend_acks(self, now: float) -> list[Effect]:
+        """Send again the acks still waiting for confirmation (after a reconnect)."""
+        effects: list[Effect] = []
+        for entry in list(self._live.values()):
+            effects.append(self._effect(Action.SEND_ACK, entry.frame))
+            self._schedule(entry, now)
+        return effects
+
+
+def iter_table() -> Iterator[tuple[Role, AckMode, State, Input, tuple[Action, ...], State]]:
+    """Every row of :data:`TRANSITIONS`, in a stable order (used to draw the docs diagram)."""
+    for (role, mode, state, event), (actions, new_state) in TRANSITIONS.items():
+        yield role, mode, state, event, actions, new_state

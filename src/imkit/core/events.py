@@ -1,0 +1,137 @@
+"""What the sans-IO core tells its driver.
+
+A driver feeds bytes (or text messages) and the time into the core, then reads a list of
+these events and acts on each one. Every failure surfaces as one of them; none is dropped
+silently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import attrs
+
+from imkit.core.frames import Frame
+from imkit.core.interfaces import HandshakeRequest
+
+__all__ = (
+    "Closed",
+    "Connected",
+    "Delivered",
+    "DeliveryFailed",
+    "ErrorReceived",
+    "Event",
+    "HandshakeRequested",
+    "HttpRequested",
+    "MessageExpired",
+    "MessageReceived",
+    "Rejected",
+)
+
+
+@attrs.frozen(slots=True)
+class HandshakeRequested:
+    """Server: a valid WebSocket upgrade arrived on an allowed path and origin.
+
+    Decide it: call ``conn.accept(identity)`` or ``conn.reject(status, reason)``.
+    """
+
+    request: HandshakeRequest
+
+
+@attrs.frozen(slots=True)
+class HttpRequested:
+    """Server: a plain HTTP request (no upgrade) arrived.
+
+    Answer it with ``conn.respond(status, headers, body)``; a driver that serves no pages
+    answers 426 Upgrade Required.
+    """
+
+    method: str
+    request: HandshakeRequest
+
+
+@attrs.frozen(slots=True)
+class Connected:
+    """Client: the server accepted the upgrade; ``headers`` are its response headers."""
+
+    headers: Sequence[tuple[str, str]]
+
+
+@attrs.frozen(slots=True)
+class Rejected:
+    """Client: the server refused the upgrade with an HTTP ``status``."""
+
+    status: int
+    headers: Sequence[tuple[str, str]]
+    body: bytes
+
+
+@attrs.frozen(slots=True)
+class MessageReceived:
+    """A message passed its ack rules and must be handled now (exactly once per id).
+
+    On a server ``frame.form_id`` is always the authenticated user.
+    """
+
+    frame: Frame
+
+
+@attrs.frozen(slots=True)
+class Delivered:
+    """The peer acknowledged a message this end sent with acks."""
+
+    frame: Frame
+
+
+@attrs.frozen(slots=True)
+class DeliveryFailed:
+    """A message this end sent was not acknowledged before the ack timeout.
+
+    ``reason`` is ``"timeout"``, ``"closed"`` (the connection ended first) or
+    ``"overflow"`` (the send queue was full).
+    """
+
+    frame: Frame
+    reason: str = "timeout"
+
+
+@attrs.frozen(slots=True)
+class MessageExpired:
+    """RigorAck: a received message was never confirmed and was dropped, undispatched."""
+
+    frame: Frame
+
+
+@attrs.frozen(slots=True)
+class ErrorReceived:
+    """The peer sent an ``Err`` frame (``frame.data`` holds ``code`` and ``message``)."""
+
+    frame: Frame
+
+
+@attrs.frozen(slots=True)
+class Closed:
+    """The connection is closed: stop reading, flush ``data_to_send()``, close the socket.
+
+    ``code`` is the WebSocket close code (1006 when the socket went away without one);
+    ``by_peer`` says which side closed first.
+    """
+
+    code: int
+    reason: str = ""
+    by_peer: bool = False
+
+
+Event = (
+    HandshakeRequested
+    | HttpRequested
+    | Connected
+    | Rejected
+    | MessageReceived
+    | Delivered
+    | DeliveryFailed
+    | MessageExpired
+    | ErrorReceived
+    | Closed
+)

@@ -1,0 +1,354 @@
+"""The message layer of one connection: frames, acks, strikes, rate limit, idle timeout.
+
+A :class:`Peer` sits above the WebSocket framing and below the application. It takes
+whole text messages in (:meth:`Peer.receive_text`) and gives text messages out
+(:meth:`Peer.outgoing`) and :mod:`imkit.core.events` to act on (:meth:`Peer.events`).
+:class:`~imkit.core.conn.ServerConn` and :class:`~imkit.core.conn.ClientConn` put one over
+wsproto; the ASGI adapter, which receives whole messages, drives one directly.
+
+After every input (``receive_text``, ``send``, ``handle_timeout``) the caller must:
+send every text of :meth:`outgoing`, act on every event of :meth:`events`, close the
+connection if :attr:`close_request` is set, and wait until :meth:`next_deadline`.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+from imkit.core.ack import (
+    AckMode,
+    AckTimers,
+    Delivered,
+    Dispatch,
+    Effect,
+    Receiver,
+    Role,
+    Sender,
+    SendFrame,
+)
+from imkit.core.events import (
+    DeliveryFailed,
+    ErrorReceived,
+    Event,
+    MessageExpired,
+    MessageReceived,
+)
+from imkit.core.events import (
+    Delivered as DeliveredEvent,
+)
+from imkit.core.frames import (
+    DecodeError,
+    ErrorCode,
+    Frame,
+    FrameType,
+    decode_frame,
+    encode_frame,
+    error_frame,
+)
+
+__all__ = (
+    "CLOSE_IDLE",
+    "CLOSE_POLICY",
+    "DEFAULT_IDLE_TIMEOUT",
+    "DEFAULT_MAX_BACKLOG",
+    "DEFAULT_MAX_STRIKES",
+    "DEFAULT_RATE_BURST",
+    "DEFAULT_RATE_LIMIT",
+    "DEFAULT_STRIKE_WINDOW",
+    "Peer",
+    "PeerOptions",
+)
+
+CLOSE_IDLE = 1000
+CLOSE_POLICY = 1008
+
+# Precedents: easy-chat's maxConnectionIdle; OWASP and Discord rate limits (100-120/min
+# for people typing; raise it for machine clients); websockets' max_queue of 16 frames.
+DEFAULT_IDLE_TIMEOUT = 300.0
+DEFAULT_MAX_STRIKES = 10
+DEFAULT_STRIKE_WINDOW = 60.0
+DEFAULT_RATE_LIMIT = 50.0
+DEFAULT_RATE_BURST = 100
+DEFAULT_MAX_BACKLOG = 1024
+
+
+@attrs.frozen(kw_only=True)
+class PeerOptions:
+    """The message-layer options of a connection, all with documented defaults."""
+
+    ack_mode: AckMode = AckMode.ONLY
+    """The ack mode of both directions (DESIGN §3)."""
+    timers: AckTimers = attrs.field(factory=AckTimers)
+    """Resend interval, ack timeout, dedupe memory and window."""
+    idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT
+    """Close (1000, "idle timeout") after this long without a message; ``None``: never."""
+    max_strikes: int = DEFAULT_MAX_STRIKES
+    """Bad frames (or rate-limited ones) within ``strike_window`` that close with 1008."""
+    strike_window: float = DEFAULT_STRIKE_WINDOW
+    """The window, in seconds, over which strikes are counted."""
+    rate_limit: float | None = DEFAULT_RATE_LIMIT
+    """Sustained messages per second a client may send; ``None`` disables the limit."""
+    rate_burst: int = DEFAULT_RATE_BURST
+    """How many messages a client may send at once above the sustained rate."""
+    max_backlog: int = DEFAULT_MAX_BACKLOG
+    """Messages waiting for room in the ack window; beyond it the peer is closed (1008)."""
+
+
+class Peer:
+    """One end of an IM connection, above the WebSocket layer. No I/O, no clock.
+
+    ``server`` selects the rules of the server end: ``formId`` is overwritten with
+    ``user_id``, ``Transpond`` frames are refused, application pings are answered, and
+    ``accepts_method`` (if given) refuses unknown methods before anything is acked.
+    ``receiver`` and ``sender`` may be passed in to outlive one connection: a server keeps
+    one receiver per identity so that a resend on a new connection is not dispatched
+    twice; a client keeps both across reconnects.
+    """
+
+    def __init__(
+        self,
+        options: PeerOptions,
+        *,
+        server: bool,
+        now: float,
+        user_id: str = "",
+        receiver: Receiver | None = None,
+        sender: Sender | None = None,
+        accepts_method: Callable[[str], bool] | None = None,
+        id_prefix: str | None = None,
+    ) -> None:
+        self.options = options
+        self.server = server
+        self.user_id = user_id
+        self.receiver = receiver or Receiver(options.ack_mode, options.timers)
+        self.sender = sender or Sender(options.ack_mode, options.timers)
+        self._accepts_method = accepts_method
+        self._prefix = id_prefix if id_prefix is not None else secrets.token_hex(4) + "-"
+        self._next_id = 0
+        self._out: list[str] = []
+        self._events: list[Event] = []
+        self._strikes: deque[float] = deque()
+        self._last_activity = now
+        self._tokens = float(options.rate_burst)
+        self._tokens_at = now
+        self.close_request: tuple[int, str] | None = None
+        """Set when this layer wants the connection closed: ``(code, reason)``."""
+        self.closed = False
+
+    # ------------------------------------------------------------------ outputs
+    def outgoing(self) -> list[str]:
+        """Take the text messages to send to the peer, in order."""
+        out, self._out = self._out, []
+        return out
+
+    def events(self) -> list[Event]:
+        """Take the events to act on, in order."""
+        events, self._events = self._events, []
+        return events
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`handle_timeout` must next be called (``None``: nothing pending)."""
+        if self.closed:
+            return None
+        candidates = [self.sender.next_deadline(), self.receiver.next_deadline()]
+        if self.options.idle_timeout is not None:
+            candidates.append(self._last_activity + self.options.idle_timeout)
+        present = [c for c in candidates if c is not None]
+        return min(present) if present else None
+
+    # ------------------------------------------------------------------ inputs
+    def handle_timeout(self, now: float) -> None:
+        """Fire what is due at ``now``: resends, give-ups, the idle timeout."""
+        if self.closed:
+            return
+        self._effects(self.sender.handle_timeout(now), now)
+        self._effects(self.receiver.handle_timeout(now), now)
+        idle = self.options.idle_timeout
+        if idle is not None and now >= self._last_activity + idle:
+            self.request_close(CLOSE_IDLE, "idle timeout")
+
+    def receive_text(self, text: str, now: float) -> None:
+        """Handle one whole text message from the peer."""
+        if self.closed:
+            return
+        self._last_activity = now
+        decoded = decode_frame(text)
+        if isinstance(decoded, DecodeError):
+            self._reject(decoded.code, decoded.message, decoded.id, now)
+            return
+        frame = decoded
+        kind = frame.frame_type
+        if kind is FrameType.ACK:
+            if frame.ack_seq == 2:
+                self._effects(self.receiver.on_confirm(frame.id, now), now)
+            else:
+                self._effects(self.sender.on_ack(frame.id, now), now)
+        elif kind is FrameType.DATA or kind is FrameType.NO_ACK:
+            self._receive_data(frame, now)
+        elif kind is FrameType.PING:
+            if self.server:
+                self._out.append(encode_frame(Frame(FrameType.PING, id=frame.id)))
+        elif kind is FrameType.ERR:
+            self._events.append(ErrorReceived(frame))
+        elif self.server:  # TRANSPOND from a client
+            self._reject(ErrorCode.FORBIDDEN, "clients may not send Transpond frames", frame.id, now)
+
+    def _receive_data(self, frame: Frame, now: float) -> None:
+        if self.server:
+            if not self._take_token(now):
+                retry = (1.0 - self._tokens) / (self.options.rate_limit or 1.0)
+                self._reject(
+                    ErrorCode.RATE_LIMITED,
+                    "rate limit exceeded; resend this message later",
+                    frame.id,
+                    now,
+                    retryAfter=round(retry, 3),
+                )
+                return
+            accepts = self._accepts_method
+            if accepts is not None and not accepts(frame.method):
+                self._out.append(
+                    encode_frame(
+                        error_frame(
+                            ErrorCode.UNKNOWN_METHOD, f"unknown method {frame.method!r}", frame.id
+                        )
+                    )
+                )
+                return
+            if frame.form_id != self.user_id:
+                frame = attrs.evolve(frame, form_id=self.user_id)
+        acked = frame.frame_type is FrameType.DATA
+        self._effects(self.receiver.on_data(frame, now, acked=acked), now)
+
+    def _take_token(self, now: float) -> bool:
+        rate = self.options.rate_limit
+        if rate is None:
+            return True
+        tokens = min(
+            float(self.options.rate_burst), self._tokens + (now - self._tokens_at) * rate
+        )
+        self._tokens_at = now
+        if tokens < 1.0:
+            self._tokens = tokens
+            return False
+        self._tokens = tokens - 1.0
+        return True
+
+    def _reject(self, code: str, message: str, frame_id: str, now: float, **extra: Any) -> None:
+        self._out.append(encode_frame(error_frame(code, message, frame_id, **extra)))
+        window = self.options.strike_window
+        strikes = self._strikes
+        strikes.append(now)
+        while strikes and strikes[0] <= now - window:
+            strikes.popleft()
+        if len(strikes) >= self.options.max_strikes:
+            self.request_close(CLOSE_POLICY, f"too many bad messages ({code})")
+
+    # ------------------------------------------------------------------ sending
+    def new_id(self) -> str:
+        """A fresh message id, unique for this peer."""
+        self._next_id += 1
+        return f"{self._prefix}{self._next_id}"
+
+    def send(
+        self,
+        method: str,
+        data: Any,
+        now: float,
+        *,
+        message_id: str | None = None,
+        reply_to: str = "",
+        acked: bool = True,
+        form_id: str = "",
+    ) -> Frame:
+        """Send a message with this connection's ack mode (``acked=False``: a NoAck frame).
+
+        Returns the frame sent; its ``id`` identifies the later ``Delivered`` or
+        ``DeliveryFailed`` event. Over ``max_backlog`` waiting messages the connection is
+        closed with 1008 and the message fails with reason ``"overflow"``.
+        """
+        frame = Frame(
+            FrameType.DATA if acked else FrameType.NO_ACK,
+            id=message_id if message_id is not None else self.new_id(),
+            method=method,
+            form_id=form_id,
+            data=data,
+            reply_to=reply_to,
+        )
+        if self.closed:
+            self._events.append(DeliveryFailed(frame, "closed"))
+            return frame
+        if not acked:
+            self._out.append(encode_frame(frame))
+            return frame
+        if self.sender.backlog >= self.options.max_backlog:
+            self._events.append(DeliveryFailed(frame, "overflow"))
+            self.request_close(CLOSE_POLICY, "send queue full: the client is not reading")
+            return frame
+        self._effects(self.sender.send(frame, now), now)
+        return frame
+
+    def send_frame(self, frame: Frame) -> None:
+        """Send ``frame`` as it is, outside the ack machines (Err, Ping, forwards)."""
+        if not self.closed:
+            self._out.append(encode_frame(frame))
+
+    def send_error(self, code: str, message: str, frame_id: str = "", **extra: Any) -> None:
+        """Send an ``Err`` frame answering ``frame_id``."""
+        self.send_frame(error_frame(code, message, frame_id, **extra))
+
+    def resume(self, now: float) -> None:
+        """After a reconnect: resend what is still in flight, with the original ids."""
+        self._effects(self.sender.resend_all(now), now)
+        self._effects(self.receiver.resend_acks(now), now)
+
+    def request_close(self, code: int, reason: str) -> None:
+        """Ask the connection layer to close with ``code`` (the first request wins)."""
+        if self.close_request is None:
+            self.close_request = (code, reason)
+
+    def connection_lost(self, *, keep_sender: bool = False) -> None:
+        """The connection ended. Unless ``keep_sender``, everything still in flight fails
+        with reason ``"closed"`` (a client keeps its sender to resend after reconnecting).
+        """
+        if self.closed:
+            return
+        self.closed = True
+        if keep_sender:
+            return
+        for frame in self.sender.drop_backlog():
+            self._events.append(DeliveryFailed(frame, "closed"))
+        for frame in self.sender.pending():
+            self._events.append(DeliveryFailed(frame, "closed"))
+        self.sender = Sender(self.sender.mode, self.sender.timers)
+
+    # ------------------------------------------------------------------ effects
+    def _effects(self, effects: list[Effect], now: float) -> None:
+        out = self._out
+        events = self._events
+        for effect in effects:
+            if isinstance(effect, SendFrame):
+                out.append(encode_frame(effect.frame))
+            elif isinstance(effect, Dispatch):
+                events.append(MessageReceived(effect.frame))
+            elif isinstance(effect, Delivered):
+                events.append(DeliveredEvent(effect.frame))
+            elif effect.role is Role.SENDER:
+                events.append(DeliveryFailed(effect.frame, "timeout"))
+            else:
+                events.append(MessageExpired(effect.frame))
+                out.append(
+                    encode_frame(
+                        error_frame(
+                            ErrorCode.EXPIRED,
+                            "not confirmed before the ack timeout; dropped, send it again",
+                            effect.frame.id,
+                        )
+                    )
+                )
+
