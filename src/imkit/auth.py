@@ -110,7 +110,9 @@ class TokenAuth:
         if not isinstance(payload, dict) or not isinstance(payload.get("sub"), str):
             raise AuthenticationFailed("malformed token")
         expires = payload.get("exp")
-        if expires is not None and (not isinstance(expires, (int, float)) or expires <= self._clock()):
+        if expires is not None and (
+            not isinstance(expires, (int, float)) or expires <= self._clock()
+        ):
             raise AuthenticationFailed("token expired")
         device = payload.get("dev", "")
         return Identity(

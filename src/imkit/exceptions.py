@@ -5,6 +5,7 @@ Every error imkit raises on purpose derives from :class:`ImkitError`::
     ImkitError
     ├── LocalProtocolError        you called the API in a way the protocol forbids
     ├── ConfigurationError        an option or a route table is invalid
+    ├── HandlerError              raised by a route handler to answer with an ``Err`` frame
     ├── AuthenticationFailed      a handshake was refused (carries the HTTP status)
     ├── StoreError                a message store failed
     │   └── StoreUnavailable      ... in a way that is worth retrying
@@ -28,6 +29,7 @@ __all__ = (
     "ConnectionClosed",
     "DeliveryFailed",
     "DiscoverError",
+    "HandlerError",
     "HandshakeRejected",
     "ImkitError",
     "LocalProtocolError",
@@ -47,6 +49,20 @@ class LocalProtocolError(ImkitError):
 
 class ConfigurationError(ImkitError):
     """An option, a limit or a route table is invalid."""
+
+
+class HandlerError(ImkitError):
+    """Raise it in a route handler to answer the message with ``Err{code, message}``.
+
+    ``extra`` is added to the ``Err`` frame's ``data``. Any other exception a handler
+    raises is logged and answered with ``handler_error``.
+    """
+
+    def __init__(self, code: str, message: str, **extra: object) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.extra = extra
 
 
 class AuthenticationFailed(ImkitError):

@@ -1,0 +1,512 @@
+"""The anyio client: connect, send with acks, receive pushes, reconnect and resend.
+
+::
+
+    async with imkit.connect("ws://127.0.0.1:8000/ws", token=token) as client:
+        await client.send("conversation.chat", {...})      # returns once acked
+        answer = await client.request("conversation.list", {})
+        async for frame in client:                          # pushes, acked for you
+            ...
+
+It runs on the same sans-IO core as the server (:class:`~imkit.core.conn.ClientConn`). The
+client's sender and receiver outlive each connection: after a reconnect every message not
+yet acknowledged is resent with its original id (the server's dedupe makes that harmless),
+and a push the server resends is handed to you once.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import ssl as ssl_module
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+import anyio
+import anyio.abc
+
+from imkit.core.ack import AckMode, AckTimers, Receiver, Sender
+from imkit.core.conn import ClientConn, ConnLimits
+from imkit.core.events import (
+    Closed,
+    Connected,
+    Delivered,
+    DeliveryFailed,
+    ErrorReceived,
+    MessageExpired,
+    MessageReceived,
+    Rejected,
+)
+from imkit.core.frames import ErrorCode, Frame, FrameType
+from imkit.core.peer import PeerOptions
+from imkit.exceptions import (
+    ConnectionClosed,
+    HandshakeRejected,
+    RequestFailed,
+)
+from imkit.exceptions import (
+    DeliveryFailed as DeliveryFailedError,
+)
+from imkit.transport.clock import AnyioClock, Clock
+
+__all__ = ("DEFAULT_KEEPALIVE", "Client", "connect")
+
+DEFAULT_KEEPALIVE = 30.0
+"""Seconds between application ``Ping`` frames, which keep the server's idle timer quiet."""
+
+# Err codes after which resending the same message cannot succeed.
+_FINAL_ERRORS = frozenset(
+    {
+        ErrorCode.UNKNOWN_METHOD,
+        ErrorCode.FORBIDDEN,
+        ErrorCode.BAD_FRAME,
+        ErrorCode.BAD_JSON,
+        ErrorCode.BAD_REQUEST,
+        ErrorCode.TOO_LARGE,
+        ErrorCode.HANDLER_ERROR,
+        ErrorCode.UNKNOWN_FRAME_TYPE,
+    }
+)
+# Close codes after which reconnecting would only repeat the refusal.
+_NO_RECONNECT = frozenset({1002, 1003, 1007, 1008, 1009, 4000})
+_READ_SIZE = 65536
+_STREAM_ERRORS = (
+    anyio.EndOfStream,
+    anyio.BrokenResourceError,
+    anyio.ClosedResourceError,
+    OSError,
+)
+
+
+class _Waiter:
+    __slots__ = ("error", "event", "value")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+    def resolve(self, value: Any) -> None:
+        if not self.event.is_set():
+            self.value = value
+            self.event.set()
+
+    def fail(self, error: BaseException) -> None:
+        if not self.event.is_set():
+            self.error = error
+            self.event.set()
+
+    async def wait(self) -> Any:
+        await self.event.wait()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class Client:
+    """A connection to an imkit (or easy-chat) server that survives reconnects.
+
+    Use :func:`connect`. ``ack_mode`` is learned from the server unless given.
+    ``reconnect`` retries with exponential backoff and jitter between
+    ``reconnect_delay`` and ``max_reconnect_delay`` seconds, at most
+    ``max_reconnect_attempts`` times in a row (``None``: forever); a server that refuses
+    the handshake (401/403/404) or closes for a policy reason is not retried.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | None = None,
+        headers: Sequence[tuple[str, str]] = (),
+        ack_mode: AckMode | str | None = None,
+        timers: AckTimers | None = None,
+        limits: ConnLimits | None = None,
+        reconnect: bool = True,
+        reconnect_delay: float = 0.1,
+        max_reconnect_delay: float = 10.0,
+        max_reconnect_attempts: int | None = None,
+        connect_timeout: float = 10.0,
+        keepalive: float | None = DEFAULT_KEEPALIVE,
+        max_pushes: int = 1024,
+        ssl: ssl_module.SSLContext | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("ws", "wss"):
+            raise ValueError(f"expected a ws:// or wss:// URL, got {url!r}")
+        self.url = url
+        self._tls = parts.scheme == "wss"
+        self._host = parts.hostname or "127.0.0.1"
+        self._port = parts.port or (443 if self._tls else 80)
+        self._host_header = parts.netloc.rpartition("@")[2]
+        query = parts.query
+        if token is not None:
+            query = (
+                f"{query}&{urlencode({'token': token})}" if query else urlencode({"token": token})
+            )
+        self._target = (parts.path or "/") + (f"?{query}" if query else "")
+        self._headers = list(headers)
+        self.ack_mode: AckMode | None = AckMode(ack_mode) if ack_mode is not None else None
+        self._timers = timers or AckTimers()
+        self._limits = limits or ConnLimits()
+        self._reconnect = reconnect
+        self._delay = reconnect_delay
+        self._max_delay = max_reconnect_delay
+        self._max_attempts = max_reconnect_attempts
+        self._connect_timeout = connect_timeout
+        self._keepalive = keepalive
+        self._ssl = ssl
+        self.clock: Clock = clock or AnyioClock()
+        self._sender: Sender | None = None
+        self._receiver: Receiver | None = None
+        self._conn: ClientConn | None = None
+        self._buffer = bytearray()
+        self._woken = False
+        self._sleep_scope: anyio.CancelScope | None = None
+        self._acks: dict[str, _Waiter] = {}
+        self._replies: dict[str, _Waiter] = {}
+        self._push_in, self._push_out = anyio.create_memory_object_stream[Frame](max_pushes)
+        self._connected = anyio.Event()
+        self._first = _Waiter()
+        self._done = False
+        self._final_error: BaseException | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self.connections = 0
+        """How many times a connection was established (1 + reconnects)."""
+        self.last_close: Closed | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    async def __aenter__(self) -> Client:
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        self._tg.start_soon(self._manage)
+        try:
+            await self._first.wait()
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self, code: int = 1000, reason: str = "") -> None:
+        """Close the connection (with ``code``) and stop reconnecting."""
+        if self._tg is None:
+            return
+        self._done = True
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            conn.close(code, reason, self.clock.now())
+            self._flush()
+            with anyio.move_on_after(self._limits.close_timeout):
+                while not conn.closed:
+                    await anyio.sleep(0.01)
+        tg, self._tg = self._tg, None
+        tg.cancel_scope.cancel()
+        await tg.__aexit__(None, None, None)
+        self._fail_all(ConnectionClosed(code, reason or "client closed"))
+        self._push_in.close()
+
+    @property
+    def connected(self) -> bool:
+        """Whether a connection is open right now."""
+        return self._conn is not None and self._conn.state.value == "open"
+
+    # ------------------------------------------------------------------ sending
+    def new_id(self) -> str:
+        """A fresh message id."""
+        return uuid.uuid4().hex
+
+    async def send(
+        self, method: str, data: Any, *, message_id: str | None = None, acked: bool = True
+    ) -> Frame:
+        """Send a message; return once the server acknowledged it under its ack mode
+        (at once under NoAck, or with ``acked=False``).
+
+        Raises :class:`~imkit.exceptions.DeliveryFailed` after the ack timeout,
+        :class:`~imkit.exceptions.RequestFailed` if the server refused it for good.
+        """
+        frame_id = message_id or self.new_id()
+        waiter = self._submit(method, data, frame_id, acked)
+        if waiter is None:
+            return Frame(FrameType.DATA, id=frame_id, method=method, data=data)
+        return await waiter.wait()  # type: ignore[no-any-return]
+
+    async def request(
+        self, method: str, data: Any, *, message_id: str | None = None, timeout: float = 30.0
+    ) -> Any:
+        """Send a message and return the ``data`` of the server's reply to it."""
+        frame_id = message_id or self.new_id()
+        reply = self._replies.setdefault(frame_id, _Waiter())
+        try:
+            with anyio.fail_after(timeout):
+                await self._wait_connected()
+                ack = self._submit(method, data, frame_id, True)
+                frame: Frame = await reply.wait()
+                if ack is not None and not ack.event.is_set():
+                    ack.resolve(frame)
+            return frame.data
+        finally:
+            self._replies.pop(frame_id, None)
+
+    def _submit(self, method: str, data: Any, frame_id: str, acked: bool) -> _Waiter | None:
+        if self._final_error is not None:
+            raise self._final_error
+        conn = self._conn
+        now = self.clock.now()
+        use_acks = acked and self.ack_mode is not AckMode.NONE
+        waiter = self._acks.setdefault(frame_id, _Waiter()) if use_acks else None
+        if conn is not None and conn.state.value == "open":
+            conn.send(method, data, now, message_id=frame_id, acked=acked)
+            self._flush()
+        elif self._sender is not None and acked:
+            # Offline: track it now; it goes out when the connection is back.
+            frame = Frame(FrameType.DATA, id=frame_id, method=method, data=data)
+            self._sender.send(frame, now)
+        else:
+            self._acks.pop(frame_id, None)
+            raise ConnectionClosed(1006, "not connected")
+        return waiter
+
+    async def _wait_connected(self) -> None:
+        if self.ack_mode is None or self._sender is None:
+            await self._connected.wait()
+
+    # ------------------------------------------------------------------ receiving
+    async def receive(self) -> Frame:
+        """The next push from the server (already acknowledged for you)."""
+        try:
+            return await self._push_out.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            raise self._final_error or ConnectionClosed(1000, "client closed") from None
+
+    def __aiter__(self) -> AsyncIterator[Frame]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Frame]:
+        while True:
+            try:
+                yield await self.receive()
+            except ConnectionClosed:
+                return
+
+    # ------------------------------------------------------------------ driving
+    def _sender_for(self, mode: AckMode) -> Sender:
+        if self._sender is None or self._sender.mode is not mode:
+            self._sender = Sender(mode, self._timers)
+        return self._sender
+
+    def _receiver_for(self, mode: AckMode) -> Receiver:
+        if self._receiver is None or self._receiver.mode is not mode:
+            self._receiver = Receiver(mode, self._timers)
+        return self._receiver
+
+    async def _manage(self) -> None:
+        attempts = 0
+        while not self._done:
+            outcome = await self._connect_once()
+            if isinstance(outcome, BaseException):
+                if not self._first.event.is_set():
+                    self._first.fail(outcome)
+                    return
+                if isinstance(outcome, HandshakeRejected) and outcome.status in (
+                    400,
+                    401,
+                    403,
+                    404,
+                ):
+                    self._finish(outcome)
+                    return
+            elif outcome is not None and outcome.code in _NO_RECONNECT:
+                self._finish(ConnectionClosed(outcome.code, outcome.reason))
+                return
+            else:
+                attempts = 0 if outcome is not None else attempts
+            if self._done or not self._reconnect:
+                code = outcome.code if isinstance(outcome, Closed) else 1006
+                reason = outcome.reason if isinstance(outcome, Closed) else str(outcome)
+                self._finish(ConnectionClosed(code, reason))
+                return
+            attempts += 1
+            if self._max_attempts is not None and attempts > self._max_attempts:
+                self._finish(ConnectionClosed(1006, "gave up reconnecting"))
+                return
+            delay = min(self._max_delay, self._delay * 2 ** (attempts - 1))
+            await anyio.sleep(delay * random.uniform(0.5, 1.0))
+
+    def _finish(self, error: BaseException) -> None:
+        self._final_error = error
+        self._done = True
+        self._fail_all(error)
+        self._push_in.close()
+
+    def _fail_all(self, error: BaseException) -> None:
+        for waiter in list(self._acks.values()) + list(self._replies.values()):
+            waiter.fail(error)
+        self._acks.clear()
+
+    async def _connect_once(self) -> Closed | BaseException | None:
+        try:
+            with anyio.fail_after(self._connect_timeout):
+                stream: anyio.abc.ByteStream = await anyio.connect_tcp(self._host, self._port)
+                if self._tls:
+                    from anyio.streams.tls import TLSStream
+
+                    context = self._ssl or ssl_module.create_default_context()
+                    stream = await TLSStream.wrap(
+                        stream, hostname=self._host, ssl_context=context, standard_compatible=False
+                    )
+        except (OSError, TimeoutError) as exc:
+            return ConnectionClosed(1006, f"cannot connect: {exc}")
+        conn = ClientConn(
+            host=self._host_header,
+            target=self._target,
+            now=self.clock.now(),
+            headers=self._headers,
+            limits=self._limits,
+            options=PeerOptions(idle_timeout=None, rate_limit=None, timers=self._timers),
+            ack_mode=self.ack_mode,
+            sender_factory=self._sender_for,
+            receiver_factory=self._receiver_for,
+        )
+        self._conn = conn
+        self._buffer = bytearray()
+        self._rejection: Rejected | None = None
+        self._flush()  # the upgrade request
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._pump, stream, conn, tg)
+                await self._read(stream, conn)
+        finally:
+            self._conn = None
+            self._connected = anyio.Event()
+            await anyio.aclose_forcefully(stream)
+        if self._rejection is not None:
+            rejection = self._rejection
+            return HandshakeRejected(rejection.status, rejection.body)
+        self.last_close = conn_closed = self._closed_event
+        return conn_closed
+
+    def _flush(self) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        data = conn.data_to_send()
+        if data:
+            self._buffer += data
+            self._woken = True
+            if self._sleep_scope is not None:
+                self._sleep_scope.cancel()
+
+    async def _read(self, stream: anyio.abc.ByteStream, conn: ClientConn) -> None:
+        self._closed_event: Closed | None = None
+        while not conn.closed:
+            try:
+                data: bytes | None = await stream.receive(_READ_SIZE)
+            except _STREAM_ERRORS:
+                data = None
+            conn.receive_data(data, self.clock.now())
+            self._flush()
+            await self._handle_events(conn)
+
+    async def _handle_events(self, conn: ClientConn) -> None:
+        for event in conn.events():
+            if isinstance(event, MessageReceived):
+                frame = event.frame
+                reply = self._replies.get(frame.reply_to) if frame.reply_to else None
+                if reply is not None:
+                    reply.resolve(frame)
+                else:
+                    try:
+                        await self._push_in.send(frame)
+                    except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                        pass
+            elif isinstance(event, Delivered):
+                waiter = self._acks.pop(event.frame.id, None)
+                if waiter is not None:
+                    waiter.resolve(event.frame)
+            elif isinstance(event, DeliveryFailed):
+                waiter = self._acks.pop(event.frame.id, None)
+                if waiter is not None:
+                    waiter.fail(DeliveryFailedError(event.frame.id))
+            elif isinstance(event, ErrorReceived):
+                self._on_error(event.frame)
+            elif isinstance(event, Connected):
+                self.connections += 1
+                self._connected.set()
+                self._first.resolve(None)
+                if self.ack_mode is None:
+                    self.ack_mode = conn.ack_mode
+            elif isinstance(event, Rejected):
+                self._rejection = event
+            elif isinstance(event, Closed):
+                self._closed_event = event
+            elif isinstance(event, MessageExpired):
+                pass  # the server will resend; nothing was dispatched
+
+    def _on_error(self, frame: Frame) -> None:
+        data = frame.data if isinstance(frame.data, dict) else {}
+        code = str(data.get("code", ""))
+        message = str(data.get("message", ""))
+        if code not in _FINAL_ERRORS:
+            return  # rate limited, store unavailable, expired...: the resend will retry
+        error = RequestFailed(code, message, frame.id)
+        for table in (self._acks, self._replies):
+            waiter = table.pop(frame.id, None)
+            if waiter is not None:
+                waiter.fail(error)
+
+    async def _pump(
+        self, stream: anyio.abc.ByteStream, conn: ClientConn, tg: anyio.abc.TaskGroup
+    ) -> None:
+        clock = self.clock
+        next_ping = clock.now() + self._keepalive if self._keepalive else math.inf
+        while True:
+            if self._buffer:
+                data = bytes(self._buffer)
+                self._buffer.clear()
+                try:
+                    await stream.send(data)
+                except _STREAM_ERRORS:
+                    conn.receive_data(None, clock.now())
+                    await self._handle_events(conn)
+                continue
+            if conn.closed:
+                break
+            if self._woken:
+                self._woken = False
+                continue
+            deadline = conn.next_deadline()
+            wake_at = min(deadline if deadline is not None else math.inf, next_ping)
+            with anyio.CancelScope() as scope:
+                self._sleep_scope = scope
+                await clock.sleep_until(wake_at)
+            self._sleep_scope = None
+            now = clock.now()
+            if conn.state.value == "open" and now >= next_ping:
+                next_ping = now + (self._keepalive or math.inf)
+                conn.send_frame(Frame(FrameType.PING), now)
+                self._flush()
+            if deadline is not None and now >= deadline:
+                conn.handle_timeout(now)
+                self._flush()
+                await self._handle_events(conn)
+        tg.cancel_scope.cancel()
+
+
+def connect(url: str, **options: Any) -> Client:
+    """Open a client: ``async with connect(url, token=...) as client: ...``.
+
+    See :class:`Client` for the options.
+    """
+    return Client(url, **options)

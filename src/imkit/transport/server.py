@@ -1,0 +1,347 @@
+"""The anyio server: listeners, connections, fan-out, forwards, graceful shutdown.
+
+Use :func:`serve` inside your own task group (``port = await tg.start(serve, app)``), or
+:func:`run` from a script. Both run on asyncio (with uvloop when it is installed) and on
+trio.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import signal
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+import anyio.abc
+from anyio.abc import SocketAttribute, TaskStatus
+
+from imkit.core.frames import Frame, FrameType
+from imkit.core.interfaces import Forward, HandshakeRequest, SingleNode
+from imkit.core.server import App, Registry
+from imkit.exceptions import DiscoverError
+from imkit.transport.clock import AnyioClock, Clock
+from imkit.transport.session import ServerSession
+
+__all__ = (
+    "DEFAULT_MAX_QUEUED_MESSAGES",
+    "DEFAULT_MAX_WRITE_BUFFER",
+    "DEFAULT_SHUTDOWN_TIMEOUT",
+    "Server",
+    "run",
+    "serve",
+)
+
+# Precedents: websockets' max_queue=16 (received messages waiting for the app) and its
+# write_limit; 4 MiB of unsent bytes is ~40,000 chat messages of 100 bytes.
+DEFAULT_MAX_QUEUED_MESSAGES = 64
+DEFAULT_MAX_WRITE_BUFFER = 4 * 2**20
+DEFAULT_SHUTDOWN_TIMEOUT = 10.0
+_ACCEPT_BACKOFF_MAX = 1.0
+
+
+class Server:
+    """Runs an :class:`~imkit.core.server.App`; implements the handlers' ``ServerAPI``."""
+
+    def __init__(
+        self,
+        app: App,
+        *,
+        clock: Clock | None = None,
+        max_queued_messages: int = DEFAULT_MAX_QUEUED_MESSAGES,
+        max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER,
+        shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self.app = app
+        self.clock: Clock = clock or AnyioClock()
+        self.max_queued_messages = max_queued_messages
+        self.max_write_buffer = max_write_buffer
+        self.shutdown_timeout = shutdown_timeout
+        self.logger = logger or app.logger
+        self.registry: Registry[ServerSession] = Registry(app.login_policy)
+        self.handler_limiter = anyio.CapacityLimiter(app.max_concurrent_handlers)
+        self.single_node = isinstance(app.discover, SingleNode)
+        self.port: int | None = None
+        self.stopping = False
+        self._per_ip: Counter[str] = Counter()
+        self._sessions: set[ServerSession] = set()
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._stop = anyio.Event()
+        self._started = False
+
+    # ------------------------------------------------------------------ ServerAPI
+    @property
+    def node_id(self) -> str:
+        """This node's id (from the discovery backend)."""
+        return self.app.discover.node_id
+
+    def sessions(self, user_id: str) -> list[ServerSession]:
+        """The user's live connections on this node."""
+        return self.registry.connections(user_id)
+
+    async def send_to_users(
+        self, user_ids: Sequence[str], method: str, data: Any, *, form_id: str = ""
+    ) -> int:
+        """Push to every connection of each user here, and forward to the nodes that hold
+        the others. Returns the number of local connections and remote nodes reached."""
+        reached = 0
+        for user_id in user_ids:
+            for session in self.registry.connections(user_id):
+                session.deliver(method, data, form_id=form_id)
+                reached += 1
+        if self.single_node or not user_ids:
+            return reached
+        discover = self.app.discover
+        try:
+            located = await discover.locate(list(user_ids))
+        except DiscoverError as exc:
+            self.logger.warning("could not locate users for a push: %s", exc)
+            return reached
+        me = self.node_id
+        frame = Frame(FrameType.DATA, method=method, form_id=form_id, data=data)
+        for user_id, bindings in located.items():
+            for node in sorted({b.node_id for b in bindings if b.node_id != me}):
+                try:
+                    await discover.forward(node, Forward("push", user_id, me, frame=frame))
+                    reached += 1
+                except DiscoverError as exc:
+                    self.logger.warning("push to %r via node %r failed: %s", user_id, node, exc)
+        return reached
+
+    async def online(self, user_ids: Sequence[str]) -> set[str]:
+        """Which of ``user_ids`` are connected here or on another node."""
+        here = {u for u in user_ids if self.registry.is_online(u)}
+        rest = [u for u in user_ids if u not in here]
+        if self.single_node or not rest:
+            return here
+        try:
+            located = await self.app.discover.locate(rest)
+        except DiscoverError as exc:
+            self.logger.warning("could not locate users: %s", exc)
+            return here
+        return here | {u for u, bindings in located.items() if bindings}
+
+    async def on_forward(self, message: Forward) -> None:
+        """Handle a message another node forwarded here."""
+        if message.kind == "push" and message.frame is not None:
+            frame = message.frame
+            for session in self.registry.connections(message.user_id):
+                session.deliver(frame.method, frame.data, form_id=frame.form_id)
+        elif message.kind == "kick":
+            for session in self.registry.connections(message.user_id):
+                if session.epoch == message.epoch:
+                    session.close_nowait(4000, "session replaced: the user logged in elsewhere")
+        else:
+            self.logger.warning("ignoring a forward of unknown kind %r", message.kind)
+
+    # ------------------------------------------------------------------ admission
+    def admission(self, request: HandshakeRequest) -> tuple[int, str] | None:
+        """Refuse a handshake before authentication: shutting down, or too many per IP."""
+        if self.stopping:
+            return 503, "server shutting down"
+        addr = request.remote_addr
+        if addr and self._per_ip[addr] >= self.app.max_connections_per_ip:
+            return 429, "too many connections from this address"
+        return None
+
+    def ip_opened(self, addr: str) -> None:
+        """Count an accepted connection from ``addr``."""
+        if addr:
+            self._per_ip[addr] += 1
+
+    def ip_closed(self, addr: str) -> None:
+        """Forget an accepted connection from ``addr``."""
+        if addr:
+            self._per_ip[addr] -= 1
+            if self._per_ip[addr] <= 0:
+                del self._per_ip[addr]
+
+    # ------------------------------------------------------------------ running
+    async def startup(self) -> None:
+        """Freeze the routes, start discovery and run the startup hooks (once)."""
+        if self._started:
+            return
+        self._started = True
+        self.app.router.freeze()
+        await self.app.discover.start(self.on_forward)
+        for hook in self.app.startup_hooks:
+            await hook(self)
+
+    async def cleanup(self) -> None:
+        """Stop discovery and run the shutdown hooks."""
+        for hook in self.app.shutdown_hooks:
+            try:
+                await hook(self)
+            except Exception:
+                self.logger.exception("a shutdown hook failed")
+        try:
+            await self.app.discover.stop()
+        except DiscoverError as exc:
+            self.logger.warning("discovery did not stop cleanly: %s", exc)
+
+    async def handle_stream(self, stream: anyio.abc.ByteStream, remote_addr: str = "") -> None:
+        """Serve one connection over ``stream`` until it closes."""
+        session = ServerSession(self, stream, remote_addr)
+        self._sessions.add(session)
+        try:
+            await session.run()
+        finally:
+            self._sessions.discard(session)
+
+    async def serve(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        ssl: Any = None,
+        task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen on ``host:port`` until cancelled or :meth:`shutdown`; reports the bound
+        port through ``task_status``. Ends with a graceful shutdown."""
+        listener: anyio.abc.Listener[Any] = await anyio.create_tcp_listener(
+            local_host=host, local_port=port
+        )
+        sockets = getattr(listener, "listeners", [listener])
+        self.port = sockets[0].extra(SocketAttribute.local_port)
+        if ssl is not None:
+            from anyio.streams.tls import TLSListener
+
+            listener = TLSListener(listener, ssl, standard_compatible=False)
+        await self.startup()
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                for sock in sockets:
+                    tg.start_soon(self._accept_loop, sock, ssl)
+                task_status.started(self.port)
+                await self._stop.wait()
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await listener.aclose()
+                await self._drain()
+                await self.cleanup()
+
+    async def _accept_loop(self, listener: anyio.abc.SocketListener, ssl: Any) -> None:
+        assert self._tg is not None
+        backoff = 0.01
+        connections = self._tg
+        while True:
+            try:
+                stream: anyio.abc.ByteStream = await listener.accept()
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self.logger.error("accept() failed (%s); retrying in %.2f s", exc, backoff)
+                    await anyio.sleep(backoff)
+                    backoff = min(backoff * 2, _ACCEPT_BACKOFF_MAX)
+                    continue
+                raise
+            backoff = 0.01
+            remote = ""
+            try:
+                peer = stream.extra(SocketAttribute.remote_address)
+                remote = peer[0] if isinstance(peer, tuple) else str(peer)
+            except anyio.TypedAttributeLookupError:
+                pass
+            if ssl is not None:
+                from anyio.streams.tls import TLSStream
+
+                connections.start_soon(self._tls_then_handle, stream, ssl, remote)
+            else:
+                connections.start_soon(self.handle_stream, stream, remote)
+
+    async def _tls_then_handle(self, stream: anyio.abc.ByteStream, ssl: Any, remote: str) -> None:
+        from anyio.streams.tls import TLSStream
+
+        try:
+            limit = self.app.limits.handshake_timeout or math.inf
+            with anyio.fail_after(limit):
+                tls = await TLSStream.wrap(
+                    stream, server_side=True, ssl_context=ssl, standard_compatible=False
+                )
+        except (TimeoutError, OSError, anyio.BrokenResourceError, anyio.EndOfStream):
+            await anyio.aclose_forcefully(stream)
+            return
+        await self.handle_stream(tls, remote)
+
+    def shutdown(self) -> None:
+        """Stop accepting; close every connection with 1001; :meth:`serve` then returns."""
+        self.stopping = True
+        self._stop.set()
+
+    async def _drain(self) -> None:
+        """Close every session with 1001 and wait for them, up to ``shutdown_timeout``."""
+        self.stopping = True
+        sessions = list(self._sessions)
+        for session in sessions:
+            session.close_nowait(1001, "server shutting down")
+        with anyio.move_on_after(self.shutdown_timeout):
+            for session in sessions:
+                await session.wait_closed()
+
+
+async def serve(
+    app: App,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    ssl: Any = None,
+    task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
+    **options: Any,
+) -> None:
+    """Serve ``app`` on ``host:port`` until cancelled.
+
+    Inside a task group, ``port = await tg.start(serve, app, "127.0.0.1", 0)`` gives the
+    bound port. ``options`` go to :class:`Server` (``max_write_buffer``, ...).
+    """
+    server = Server(app, **options)
+    await server.serve(host, port, ssl=ssl, task_status=task_status)
+
+
+def run(
+    app: App,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    backend: str = "asyncio",
+    ssl: Any = None,
+    **options: Any,
+) -> None:
+    """Serve ``app`` until SIGINT or SIGTERM, then shut down gracefully (blocking)."""
+
+    async def main() -> None:
+        server = Server(app, **options)
+        async with anyio.create_task_group() as tg:
+
+            async def on_signals() -> None:
+                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for signum in signals:
+                        server.logger.info("received signal %s, shutting down", signum)
+                        server.shutdown()
+                        return
+
+            tg.start_soon(on_signals)
+            bound = await tg.start(_serve_server, server, host, port, ssl)
+            server.logger.info("imkit serving on %s:%s", host, bound)
+            await server._stop.wait()
+            tg.cancel_scope.cancel()
+
+    backend_options: dict[str, Any] = {}
+    if backend == "asyncio":
+        try:
+            import uvloop  # noqa: F401
+        except ImportError:
+            pass
+        else:
+            backend_options["use_uvloop"] = True
+    anyio.run(main, backend=backend, backend_options=backend_options)
+
+
+async def _serve_server(
+    server: Server, host: str, port: int, ssl: Any, *, task_status: TaskStatus[int]
+) -> None:
+    await server.serve(host, port, ssl=ssl, task_status=task_status)
