@@ -1,0 +1,176 @@
+"""The ``imkit`` command: ``serve`` a chat server, mint a ``token``, ``chat`` in a terminal."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ("main",)
+
+SECRET_ENV = "IMKIT_SECRET"
+
+
+def _secret(args: argparse.Namespace) -> str:
+    secret = args.secret or os.environ.get(SECRET_ENV)
+    if not secret:
+        raise SystemExit(
+            f"imkit: a token secret is needed: pass --secret or set {SECRET_ENV} "
+            "(or use --auth dev for development)"
+        )
+    if len(secret.encode()) < 16:
+        raise SystemExit("imkit: the secret must be at least 16 bytes long")
+    return secret
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from imkit.auth import InsecureDevAuth, TokenAuth
+    from imkit.chat.app import create_chat_app
+    from imkit.transport.server import run
+
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    log = logging.getLogger("imkit.cli")
+    auth: Any
+    if args.auth == "dev":
+        log.warning(
+            "*** --auth dev: anyone can connect as anyone with ?userId=. DEVELOPMENT ONLY ***"
+        )
+        auth = InsecureDevAuth(quiet=True)
+    else:
+        auth = TokenAuth(_secret(args))
+    store: Any
+    if args.postgres:
+        from imkit.integrations.postgres import PostgresStore
+
+        store = PostgresStore(args.postgres)
+    else:
+        from imkit.chat.sqlite import SQLiteStore
+
+        store = SQLiteStore(args.db)
+    discover: Any = None
+    if args.redis:
+        from imkit.integrations.redis import RedisDiscover
+
+        discover = RedisDiscover(args.redis, node_id=args.node_id)
+    app, _service = create_chat_app(
+        store,
+        auth=auth,
+        auth_kind=args.auth,
+        ack_mode=args.ack,
+        login_policy=args.login,
+        allowed_origins=args.origin or None,
+        discover=discover,
+    )
+    where = f"PostgreSQL {args.postgres}" if args.postgres else f"SQLite {os.path.abspath(args.db)}"
+    log.info(
+        "imkit chat server on http://%s:%s/ (WebSocket /ws), messages in %s",
+        args.host,
+        args.port,
+        where,
+    )
+    run(app, host=args.host, port=args.port, backend=args.backend)
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    from imkit.auth import mint_token
+
+    ttl = None if args.ttl <= 0 else float(args.ttl)
+    sys.stdout.write(mint_token(_secret(args), args.user, device_id=args.device, ttl=ttl) + "\n")
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    import anyio
+
+    from imkit.auth import mint_token
+    from imkit.chat.client import ChatClient
+    from imkit.transport.client import connect
+
+    token = args.token
+    if token is None and args.auth == "token":
+        token = mint_token(_secret(args), args.user)
+    url = args.url
+    if args.auth == "dev":
+        url += ("&" if "?" in url else "?") + f"userId={args.user}"
+
+    def say(text: str) -> None:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+
+    async def main() -> None:
+        async with connect(url, token=token) as client:
+            chat = ChatClient(client, user_id=args.user)
+            say(f"connected to {args.url} as {args.user}; chatting with {args.to} (Ctrl-D quits)")
+
+            async def show() -> None:
+                async for message in chat.messages():
+                    say(f"[{message['seq']}] {message['sendId']}: {message['msg']['content']}")
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(show)
+                stdin = anyio.wrap_file(sys.stdin)
+                async for line in stdin:
+                    text = line.rstrip("\n")
+                    if text:
+                        answer = await chat.send(args.to, text)
+                        say(f"[{answer['seq']}] me: {text}")
+                tg.cancel_scope.cancel()
+
+    anyio.run(main)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``imkit`` argument parser."""
+    parser = argparse.ArgumentParser(prog="imkit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run a private-chat server (SQLite by default)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--db", default="imkit.db", help="SQLite file (default: imkit.db)")
+    serve.add_argument("--ack", choices=("none", "only", "rigor"), default="only")
+    serve.add_argument("--auth", choices=("token", "dev"), default="token")
+    serve.add_argument("--secret", help=f"token secret (default: ${SECRET_ENV})")
+    serve.add_argument("--origin", action="append", help="allowed browser Origin (repeatable)")
+    serve.add_argument("--login", choices=("single", "multi"), default="single")
+    serve.add_argument("--redis", help="Redis URL for multi-node discovery")
+    serve.add_argument("--postgres", help="PostgreSQL DSN (instead of SQLite)")
+    serve.add_argument("--node-id", help="this node's id in a cluster (default: random)")
+    serve.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
+    serve.add_argument("-v", "--verbose", action="store_true")
+    serve.set_defaults(func=_serve)
+
+    token = sub.add_parser("token", help="mint a signed token for a user")
+    token.add_argument("--user", required=True)
+    token.add_argument("--device", default="")
+    token.add_argument("--ttl", type=float, default=24 * 3600, help="seconds (<= 0: never expires)")
+    token.add_argument("--secret", help=f"token secret (default: ${SECRET_ENV})")
+    token.set_defaults(func=_token)
+
+    chat = sub.add_parser("chat", help="chat in the terminal")
+    chat.add_argument("--url", default="ws://127.0.0.1:8000/ws")
+    chat.add_argument("--user", required=True)
+    chat.add_argument("--to", required=True)
+    chat.add_argument("--auth", choices=("token", "dev"), default="token")
+    chat.add_argument("--token", help="a token from `imkit token` (else minted with --secret)")
+    chat.add_argument("--secret", help=f"token secret (default: ${SECRET_ENV})")
+    chat.set_defaults(func=_chat)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``imkit`` command line."""
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
