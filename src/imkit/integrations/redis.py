@@ -7,14 +7,15 @@ pub/sub channel for :class:`~imkit.core.interfaces.Forward` messages.
 
 Key layout (``P`` is ``key_prefix``)::
 
-    P:node:{node_id}         lease (string, PX expiry), renewed every ``renew_interval``
+    P:node:{node_id}         lease: the node's incarnation id, PX expiry, renewed
     P:node:{node_id}:users   set of the node's bindings (JSON ``[user_id, epoch]``), same expiry
     P:node:{node_id}:fwd     the node's pub/sub channel
-    P:user:{user_id}         hash: field = epoch, value = JSON ``{"node": ..., "device": ...}``
+    P:user:{user_id}         hash: field = epoch, value = JSON ``{"node", "device", "inc"}``
 
-Bindings of dead nodes are filtered out by checking the leases (one ``MGET``) and deleted
-lazily by whoever notices, with a script that re-checks the lease so that a node that comes
-back never loses a binding it has just re-written.
+A binding is live while its node's lease holds the incarnation (``inc``) that wrote it: a
+dead node's bindings, and those of a previous run of a node restarted under the same id,
+are filtered out with one ``MGET`` and deleted lazily by whoever sees them, by a script
+that re-checks the lease, so that a node coming back never loses a binding it re-wrote.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from imkit.core.frames import Frame, decode_frame, encode_frame
 from imkit.core.interfaces import Binding, Forward, ForwardHandler
 from imkit.exceptions import ConfigurationError, DiscoverError
 
-__all__ = ("RedisDiscover",)
+__all__ = ("RedisDiscover", "decode_forward", "encode_forward")
 
 _LOG = logging.getLogger("imkit.integrations.redis")
 
@@ -56,15 +57,20 @@ _FORWARD_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 return redis.call('PUBLISH', ARGV[1], ARGV[2])
 """
-# KEYS[1] = a user's hash, KEYS[i+1] = the lease of the node of binding ARGV[i] (an epoch).
+# KEYS[1] = a user's hash; KEYS[i] (i >= 2) = the lease of the node of the binding whose
+# epoch and incarnation are ARGV[2i-3] and ARGV[2i-2]. Delete it if the lease moved on.
 _PRUNE_LUA = """
 local removed = 0
-for i = 1, #ARGV do
-  if redis.call('EXISTS', KEYS[i + 1]) == 0 then
-    removed = removed + redis.call('HDEL', KEYS[1], ARGV[i])
+for i = 2, #KEYS do
+  if redis.call('GET', KEYS[i]) ~= ARGV[2 * i - 2] then
+    removed = removed + redis.call('HDEL', KEYS[1], ARGV[2 * i - 3])
   end
 end
 return removed
+"""
+_UNLEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1], KEYS[2]) end
+return -1
 """
 _CHUNK = 500  # commands per pipeline when re-writing many bindings
 _RETRY_FIRST = 0.05  # first back-off delay of the background tasks, doubled up to a cap
@@ -75,6 +81,14 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _json(value: object) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+async def _drop(message: Forward) -> None:
+    """The forward handler until :meth:`RedisDiscover.start` sets the real one."""
+
+
 def _backoff(failures: int, cap: float) -> float:
     """Exponential back-off with jitter, never below half the first delay, never above cap."""
     delay: float = min(cap, _RETRY_FIRST * 2.0 ** min(failures - 1, 20))
@@ -83,15 +97,17 @@ def _backoff(failures: int, cap: float) -> float:
 
 def encode_forward(message: Forward) -> str:
     """Serialize ``message`` as the JSON text published on a node's channel."""
-    obj = {
-        "v": 1,
-        "kind": message.kind,
-        "user_id": message.user_id,
-        "origin_node": message.origin_node,
-        "epoch": message.epoch,
-        "frame": None if message.frame is None else encode_frame(message.frame),
-    }
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    frame = None if message.frame is None else encode_frame(message.frame)
+    return _json(
+        {
+            "v": 1,
+            "kind": message.kind,
+            "user_id": message.user_id,
+            "origin_node": message.origin_node,
+            "epoch": message.epoch,
+            "frame": frame,
+        }
+    )
 
 
 def decode_forward(text: str | bytes) -> Forward:
@@ -151,24 +167,24 @@ class RedisDiscover:
         self._node_id = node_id if node_id is not None else uuid.uuid4().hex
         if not self._node_id or ":" in self._node_id:
             raise ConfigurationError(f"node_id must be non-empty without ':', got {node_id!r}")
+        self._owns_client = client is None
         if client is None:
             retry = Retry(ExponentialWithJitterBackoff(base=0.02, cap=0.5), retries=3)
             client = aioredis.Redis.from_url(url, decode_responses=True, retry=retry)
-            self._owns_client = True
-        else:
-            self._owns_client = False
         self._client = client
-        self._lease_ms = max(1, round(lease_seconds * 1000))
+        self._incarnation = uuid.uuid4().hex  # tells this run's bindings from a previous one's
         self._lease_seconds = lease_seconds
+        self._lease_ms = max(1, round(lease_seconds * 1000))
         self._renew_interval = renew
         self._prefix = key_prefix
         self._logger = logger if logger is not None else _LOG
         self._forward_script = client.register_script(_FORWARD_LUA)
-        self._local: dict[tuple[str, str], Binding] = {}  # this node's bindings, by (user, epoch)
+        self._local: dict[tuple[str, str], Binding] = {}  # this node's bindings by (user, epoch)
+        self._unbound: dict[tuple[str, str], Binding] = {}  # unbinds Redis has not confirmed
         self._write_lock = anyio.Lock()  # orders binding writes against a full re-write
-        self._on_forward: ForwardHandler | None = None
+        self._on_forward: ForwardHandler = _drop
         self._tg: anyio.abc.TaskGroup | None = None
-        self._renew_scope: anyio.CancelScope | None = None  # created by start()
+        self._renew_scope: anyio.CancelScope | None = None  # set by the background tasks
         self._reader_scope: anyio.CancelScope | None = None
         self._reregister = False
 
@@ -182,13 +198,6 @@ class RedisDiscover:
         """This node's id, unique in the cluster."""
         return self._node_id
 
-    @property
-    def client(self) -> aioredis.Redis:
-        """The redis-py client in use."""
-        return self._client
-
-    # -- keys ---------------------------------------------------------------------------
-
     def _node_key(self, node_id: str) -> str:
         return f"{self._prefix}:node:{node_id}"
 
@@ -200,10 +209,6 @@ class RedisDiscover:
 
     def _user_key(self, user_id: str) -> str:
         return f"{self._prefix}:user:{user_id}"
-
-    @staticmethod
-    def _member(user_id: str, epoch: str) -> str:
-        return json.dumps([user_id, epoch], ensure_ascii=False, separators=(",", ":"))
 
     @contextmanager
     def _translate(self, what: str) -> Iterator[None]:
@@ -217,7 +222,7 @@ class RedisDiscover:
     async def start(self, on_forward: ForwardHandler) -> None:
         """Register the node and subscribe to its channel; ``on_forward`` gets each forward.
 
-        Returns once the lease is written and the subscription is confirmed by Redis.
+        Returns once the lease is written and Redis has confirmed the subscription.
         """
         if self._tg is not None:
             raise RuntimeError("RedisDiscover is already started")
@@ -244,54 +249,78 @@ class RedisDiscover:
             try:
                 await self._goodbye()
             except (RedisError, OSError) as exc:
-                self._logger.warning(
-                    "node %s: could not unregister from Redis: %s", self._node_id, exc
-                )
+                self._logger.warning("node %s: could not unregister: %s", self._node_id, exc)
         if scope.cancelled_caught:
-            self._logger.warning("node %s: unregistering from Redis timed out", self._node_id)
+            self._logger.warning("node %s: unregistering timed out", self._node_id)
         self._local.clear()
+        self._unbound.clear()
         if self._owns_client:
             with anyio.CancelScope(shield=True):
                 await self._client.aclose()
 
     async def _goodbye(self) -> None:
+        node_key, users_key = self._node_key(self._node_id), self._users_key(self._node_id)
         async with self._write_lock:
-            users_key = self._users_key(self._node_id)
-            members = {_text(m) for m in await self._client.smembers(users_key)}
-            members.update(self._member(u, e) for u, e in self._local)
+            mine = [*self._local, *self._unbound]
+            # Delete the lease and the set only if still ours (not a newer run's, same id).
+            pipe = self._client.pipeline(transaction=False)
+            pipe.smembers(users_key)
+            pipe.eval(_UNLEASE_LUA, 2, node_key, users_key, self._incarnation)
+            members, owned = await pipe.execute()
+            if int(owned) >= 0:
+                mine += [tuple(json.loads(_text(m))) for m in members]
+            released = set(mine)
             pipe = self._client.pipeline(transaction=True)
-            pipe.delete(self._node_key(self._node_id))
-            for member in members:
-                user_id, epoch = json.loads(member)
+            for user_id, epoch in released:
                 pipe.hdel(self._user_key(user_id), epoch)
-            pipe.delete(users_key)
             await pipe.execute()
-        self._logger.info("node %s unregistered, %d bindings released", self._node_id, len(members))
+        self._logger.info(
+            "node %s unregistered, %d bindings released", self._node_id, len(released)
+        )
 
     async def _register(self) -> None:
         """Write the lease, then make Redis hold exactly this node's local bindings."""
-        node = self._node_id
-        users_key = self._users_key(node)
+        users_key, lease = self._users_key(self._node_id), self._lease_ms
         with self._translate("node registration"):
             async with self._write_lock:
-                stored = {_text(m) for m in await self._client.smembers(users_key)}
-                wanted = {self._member(u, e): b for (u, e), b in self._local.items()}
+                members = await self._client.smembers(users_key)
+                stored = {tuple(json.loads(_text(m))) for m in members}
+                unbound = dict(self._unbound)
+                stale = (stored | unbound.keys()) - self._local.keys()
                 commands: list[tuple[str, tuple[Any, ...]]] = []
-                for member in stored - wanted.keys():
-                    user_id, epoch = json.loads(member)
-                    commands += [("hdel", (self._user_key(user_id), epoch))]
-                    commands += [("srem", (users_key, member))]
-                for member, binding in wanted.items():
-                    commands += [("hset", (self._user_key(binding.user_id), *self._field(binding)))]
-                    commands += [("sadd", (users_key, member))]
+                for user_id, epoch in stale:
+                    commands.append(("hdel", (self._user_key(user_id), epoch)))
+                    commands.append(("srem", (users_key, _json([user_id, epoch]))))
+                for (user_id, epoch), binding in self._local.items():
+                    commands.append(("hset", (self._user_key(user_id), *self._field(binding))))
+                    commands.append(("sadd", (users_key, _json([user_id, epoch]))))
                 for start in range(0, len(commands) + 1, _CHUNK):
                     pipe = self._client.pipeline(transaction=False)
-                    if start == 0:  # lease first: a binding of a "dead" node may be pruned
-                        pipe.set(self._node_key(node), node, px=self._lease_ms)
+                    if start == 0:  # the lease first, or the bindings could be pruned as dead
+                        pipe.set(self._node_key(self._node_id), self._incarnation, px=lease)
                     for name, args in commands[start : start + _CHUNK]:
                         getattr(pipe, name)(*args)
-                    pipe.pexpire(users_key, self._lease_ms)
+                    pipe.pexpire(users_key, lease)
                     await pipe.execute()
+                for key, binding in unbound.items():
+                    if self._unbound.get(key) is binding:
+                        del self._unbound[key]
+
+    def _failed(self, what: str, exc: Exception, failures: int) -> None:
+        """Log a background failure: a warning the first time, then debug; bugs in full."""
+        if not isinstance(exc, (RedisError, OSError, DiscoverError)):
+            self._logger.error("node %s: %s", self._node_id, what, exc_info=exc)
+        else:
+            log = self._logger.warning if failures == 1 else self._logger.debug
+            log("node %s: %s (%s)", self._node_id, what, exc)
+
+    async def _renew(self) -> bool:
+        """Extend the lease if it still exists; ``False`` if it was lost."""
+        pipe = self._client.pipeline(transaction=False)
+        pipe.set(self._node_key(self._node_id), self._incarnation, px=self._lease_ms, xx=True)
+        pipe.pexpire(self._users_key(self._node_id), self._lease_ms)
+        renewed, _ = await pipe.execute()
+        return bool(renewed)
 
     async def _renew_loop(self) -> None:
         failures = 0
@@ -301,41 +330,21 @@ class RedisDiscover:
                     if self._reregister:
                         await self._register()
                         self._reregister = False
+                        n = len(self._local)
+                        self._logger.info("node %s re-registered, %d bindings", self._node_id, n)
+                    elif not await self._renew():
                         self._logger.warning(
-                            "node %s re-registered with %d bindings",
+                            "node %s: lease lost (expired, or Redis restarted); re-registering",
                             self._node_id,
-                            len(self._local),
                         )
-                    else:
-                        pipe = self._client.pipeline(transaction=False)
-                        pipe.set(
-                            self._node_key(self._node_id), self._node_id, px=self._lease_ms, xx=True
-                        )
-                        pipe.pexpire(self._users_key(self._node_id), self._lease_ms)
-                        renewed, _ = await pipe.execute()
-                        if not renewed:
-                            self._logger.warning(
-                                "node %s: lease was lost (expired or Redis restarted); "
-                                "re-registering",
-                                self._node_id,
-                            )
-                            self._reregister = True
-                            continue
-                    failures = 0
-                    delay = self._renew_interval
-                except (RedisError, OSError, DiscoverError) as exc:
+                        self._reregister = True
+                        continue
+                    failures, delay = 0, self._renew_interval
+                except Exception as exc:  # noqa: BLE001 - logged by _failed; must survive
                     failures += 1
                     self._reregister = True
-                    log = self._logger.warning if failures == 1 else self._logger.debug
-                    log("node %s: lease renewal failed (%s), retrying", self._node_id, exc)
                     delay = _backoff(failures, self._renew_interval)
-                except Exception:
-                    failures += 1
-                    self._reregister = True
-                    self._logger.exception(
-                        "node %s: unexpected error renewing lease", self._node_id
-                    )
-                    delay = _backoff(failures, self._renew_interval)
+                    self._failed("lease renewal failed; retrying", exc, failures)
                 await anyio.sleep(delay)
 
     # -- receiving forwards -------------------------------------------------------------
@@ -344,13 +353,12 @@ class RedisDiscover:
         """Subscribe to this node's channel and wait until Redis confirms it."""
         pubsub = self._client.pubsub()
         try:
-            with self._translate("subscribe"):
-                with anyio.fail_after(max(self._lease_seconds, 1.0)):
-                    await pubsub.subscribe(self._channel(self._node_id))
-                    while True:
-                        msg = await pubsub.get_message(timeout=self._renew_interval)
-                        if msg is not None and _text(msg["type"]) == "subscribe":
-                            return pubsub
+            with self._translate("subscribe"), anyio.fail_after(max(self._lease_seconds, 1.0)):
+                await pubsub.subscribe(self._channel(self._node_id))
+                while True:
+                    msg = await pubsub.get_message(timeout=self._renew_interval)
+                    if msg is not None and _text(msg["type"]) == "subscribe":
+                        return pubsub
         except BaseException:
             await self._close_pubsub(pubsub)
             raise
@@ -367,21 +375,16 @@ class RedisDiscover:
         failures = 0
         with anyio.CancelScope() as self._reader_scope:
             while True:
-                healthy_since = anyio.current_time()
+                began = anyio.current_time()
                 try:
                     if pubsub is None:
                         pubsub = await self._open_pubsub()
-                        self._logger.warning("node %s resubscribed to its channel", self._node_id)
+                        self._logger.info("node %s resubscribed to its channel", self._node_id)
                     await self._read(pubsub)
-                except (RedisError, OSError, DiscoverError, TimeoutError) as exc:
-                    failures = 1 if anyio.current_time() - healthy_since > 10 else failures + 1
-                    log = self._logger.warning if failures == 1 else self._logger.debug
-                    log("node %s: pub/sub connection lost (%s), reconnecting", self._node_id, exc)
-                except Exception:
-                    failures += 1
-                    self._logger.exception(
-                        "node %s: unexpected error in the pub/sub reader", self._node_id
-                    )
+                except Exception as exc:  # noqa: BLE001 - logged by _failed; must survive
+                    # A connection that worked for a while starts the back-off afresh.
+                    failures = 1 if anyio.current_time() - began > 10 else failures + 1
+                    self._failed("pub/sub connection lost; reconnecting", exc, failures)
                 finally:
                     if pubsub is not None:
                         await self._close_pubsub(pubsub)
@@ -395,10 +398,12 @@ class RedisDiscover:
             msg = await pubsub.get_message(timeout=self._renew_interval)
             if msg is not None:
                 ping_deadline = None  # anything received proves the connection alive
-                if _text(msg["type"]) == "message":
+                kind = _text(msg["type"])
+                if kind == "message":
                     await self._dispatch(msg["data"])
-                continue
-            if ping_deadline is None:
+                elif kind == "subscribe":  # redis-py reconnected by itself and resubscribed
+                    self._logger.warning("node %s: pub/sub reconnected", self._node_id)
+            elif ping_deadline is None:
                 await pubsub.ping()
                 ping_deadline = anyio.current_time() + max(self._lease_seconds, 1.0)
             elif anyio.current_time() > ping_deadline:
@@ -407,64 +412,60 @@ class RedisDiscover:
     async def _dispatch(self, data: bytes | str) -> None:
         try:
             message = decode_forward(data)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             self._logger.warning("node %s: dropping a malformed forward: %s", self._node_id, exc)
             return
-        handler = self._on_forward
-        if handler is None:  # pragma: no cover - start() sets it before subscribing
-            return
         try:
-            await handler(message)
+            await self._on_forward(message)
         except Exception:
-            self._logger.exception(
-                "node %s: forward handler failed on %s for %r",
-                self._node_id,
-                message.kind,
-                message.user_id,
-            )
+            self._logger.exception("node %s: forward handler failed", self._node_id)
 
     # -- bindings -----------------------------------------------------------------------
 
-    @staticmethod
-    def _field(binding: Binding) -> tuple[str, str]:
-        value = {"node": binding.node_id, "device": binding.device_id}
-        return binding.epoch, json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    def _field(self, binding: Binding) -> tuple[str, str]:
+        value = {"node": binding.node_id, "device": binding.device_id, "inc": self._incarnation}
+        return binding.epoch, _json(value)
 
-    def _parse(self, user_id: str, raw: dict[Any, Any]) -> list[Binding]:
-        bindings = []
+    def _parse(self, user_id: str, raw: dict[Any, Any]) -> list[tuple[Binding, str]]:
+        """The stored bindings of ``user_id``, each with the incarnation that wrote it."""
+        found = []
         for field, value in raw.items():
             try:
                 obj = json.loads(value)
-                binding = Binding(
-                    user_id, str(obj["node"]), _text(field), str(obj.get("device", ""))
-                )
-            except (ValueError, TypeError, KeyError):
+                binding = Binding(user_id, obj["node"], _text(field), obj.get("device", ""))
+                found.append((binding, str(obj.get("inc", ""))))
+            except (ValueError, TypeError, KeyError, AttributeError):
                 self._logger.debug("ignoring a malformed binding of %r: %r", user_id, value)
-                continue
-            bindings.append(binding)
-        return bindings
+        return found
 
-    async def _live(self, candidates: dict[str, list[Binding]]) -> dict[str, list[Binding]]:
-        """Keep the bindings whose node lease is alive; prune the others lazily."""
-        nodes = sorted({b.node_id for bs in candidates.values() for b in bs})
+    async def _live(
+        self, candidates: dict[str, list[tuple[Binding, str]]]
+    ) -> dict[str, list[Binding]]:
+        """Keep the bindings written by their node's current lease; prune the others."""
+        nodes = sorted({b.node_id for found in candidates.values() for b, _ in found})
         if not nodes:
             return {}
         values = await self._client.mget([self._node_key(n) for n in nodes])
-        alive = {n for n, v in zip(nodes, values, strict=True) if v is not None}
+        leases = {n: _text(v) for n, v in zip(nodes, values, strict=True) if v is not None}
         live: dict[str, list[Binding]] = {}
-        dead: dict[str, list[Binding]] = {}
-        for user_id, bindings in candidates.items():
-            for b in bindings:
-                (live if b.node_id in alive else dead).setdefault(user_id, []).append(b)
+        dead: dict[str, list[tuple[Binding, str]]] = {}
+        for user_id, found in candidates.items():
+            for b, inc in found:
+                if leases.get(b.node_id) == inc:
+                    live.setdefault(user_id, []).append(b)
+                else:
+                    dead.setdefault(user_id, []).append((b, inc))
         if dead:
             await self._prune(dead)
         return live
 
-    async def _prune(self, dead: dict[str, list[Binding]]) -> None:
+    async def _prune(self, dead: dict[str, list[tuple[Binding, str]]]) -> None:
         pipe = self._client.pipeline(transaction=False)
-        for user_id, bindings in dead.items():
-            keys = [self._user_key(user_id)] + [self._node_key(b.node_id) for b in bindings]
-            pipe.eval(_PRUNE_LUA, len(keys), *keys, *(b.epoch for b in bindings))
+        for user_id, found in dead.items():
+            keys = [self._user_key(user_id)] + [self._node_key(b.node_id) for b, _ in found]
+            pipe.eval(
+                _PRUNE_LUA, len(keys), *keys, *(x for b, inc in found for x in (b.epoch, inc))
+            )
         try:
             removed = await pipe.execute()
         except (RedisError, OSError) as exc:  # only housekeeping: the answer is still right
@@ -486,25 +487,30 @@ class RedisDiscover:
             async with self._write_lock:
                 pipe = self._client.pipeline(transaction=True)
                 pipe.hset(user_key, *self._field(binding))
-                pipe.sadd(users_key, self._member(binding.user_id, binding.epoch))
+                pipe.sadd(users_key, _json([binding.user_id, binding.epoch]))
                 pipe.pexpire(users_key, self._lease_ms)
                 pipe.hgetall(user_key)
                 raw = (await pipe.execute())[-1]
-            others = [b for b in self._parse(binding.user_id, raw) if b.epoch != binding.epoch]
+            others = [f for f in self._parse(binding.user_id, raw) if f[0].epoch != binding.epoch]
             live = await self._live({binding.user_id: others})
         return live.get(binding.user_id, [])
 
     async def unbind(self, binding: Binding) -> None:
-        """Remove ``binding`` if it is still recorded with its epoch; newer ones are untouched."""
-        self._local.pop((binding.user_id, binding.epoch), None)
+        """Remove ``binding`` if it is still recorded with its epoch; newer ones are untouched.
+
+        If Redis fails, the removal is retried when it is back (after the ``DiscoverError``).
+        """
+        key = (binding.user_id, binding.epoch)
+        self._local.pop(key, None)
+        if binding.node_id == self._node_id:
+            self._unbound[key] = binding
         with self._translate("unbind"):
             async with self._write_lock:
                 pipe = self._client.pipeline(transaction=True)
                 pipe.hdel(self._user_key(binding.user_id), binding.epoch)
-                pipe.srem(
-                    self._users_key(binding.node_id), self._member(binding.user_id, binding.epoch)
-                )
+                pipe.srem(self._users_key(binding.node_id), _json([*key]))
                 await pipe.execute()
+        self._unbound.pop(key, None)
 
     async def locate(self, user_ids: Sequence[str]) -> dict[str, list[Binding]]:
         """The live bindings of each user in ``user_ids`` (users with none are left out)."""
@@ -527,15 +533,9 @@ class RedisDiscover:
         """
         payload = encode_forward(message)
         with self._translate("forward"):
-            keys = [self._node_key(node_id)]
-            receivers = int(
-                await self._forward_script(keys=keys, args=[self._channel(node_id), payload])
-            )
+            keys, args = [self._node_key(node_id)], [self._channel(node_id), payload]
+            receivers = int(await self._forward_script(keys=keys, args=args))
         if receivers < 0:
-            raise DiscoverError(
-                f"node {node_id!r} is dead (its lease expired); forward not delivered"
-            )
+            raise DiscoverError(f"node {node_id!r} is dead (no lease); forward not delivered")
         if receivers == 0:
-            raise DiscoverError(
-                f"node {node_id!r} is not listening on its channel; forward not delivered"
-            )
+            raise DiscoverError(f"node {node_id!r} is not listening; forward not delivered")
