@@ -1,0 +1,191 @@
+"""imkit entry of the relay benchmark.
+
+CLIENT SIDE: done (:class:`ImkitCodec`), written against the wire protocol of
+``DESIGN.md`` §2-§3. SERVER SIDE: NOT WIRED YET. Until :data:`SERVER_WIRED` is true
+and :func:`serve` starts imkit's server, ``--check`` fails and the harness skips every
+imkit row with "imkit server not available yet".
+
+Server contract the harness expects (``python -m benchmarks.peers.imkit_relay ...``):
+
+- ``--mode noack|onlyack``: imkit's ack mode, upstream and downstream alike;
+- ``--store memory|sqlite`` and ``--db PATH`` (the "imkit onlyack+sqlite" row passes
+  ``--store sqlite --db <temp dir>/imkit-bench.db``; the file is removed afterwards);
+- WebSocket path ``/ws``; development auth from the query parameter ``?userId=<user>``;
+- a route ``relay``: ``data = {"to": <user>, "text": <text>}``; the server pushes a
+  Data frame ``{"frameType": 0, "id": <server id>, "ackSeq": 0, "method": "relay",
+  "formId": <sender>, "data": {... "text": <text> ...}}`` to the recipient;
+- for the sqlite row, imkit.chat's ``conversation.chat`` on the SQLite store,
+  answering the sender with a Data frame whose ``replyTo`` (top level, or inside
+  ``data``) is the id of the sender's frame;
+- bind ``--host``/``--port`` (0 = any free port), then call
+  :func:`benchmarks.peers._common.announce_ready` with the bound port; run until killed.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from benchmarks.peers._common import PeerOptions, peer_main
+from benchmarks.wire import ACK, DELIVERY, ERROR, IGNORE, Decoded, dumps, token_of
+
+MODES = ("noack", "onlyack")
+
+SERVER_WIRED = False
+"""Set to True once :func:`serve` starts imkit's server."""
+
+WS_PATH = "/ws"
+
+# frameType values (DESIGN.md §2)
+FRAME_DATA = 0
+FRAME_PING = 1
+FRAME_ACK = 2
+FRAME_NOACK = 3
+FRAME_ERR = 9
+
+RELAY_METHOD = "relay"
+CHAT_METHOD = "conversation.chat"
+
+WINDOW_NONE = "none"
+"""Nothing the sender receives is counted as an ack (NoAck: window on deliveries)."""
+WINDOW_TRANSPORT_ACK = "transport"
+"""The server's upstream ``Ack{id, ackSeq: 1}`` acks the sender's message."""
+WINDOW_REPLY = "reply"
+"""The route's answer (a Data frame with ``replyTo`` = our id) acks the message."""
+
+
+class ImkitCodec:
+    """The load generator's side of imkit's wire protocol.
+
+    - connect: ``ws://host:port/ws?userId=<user>`` (dev auth);
+    - send ``{"frameType": 0, "id": <unique>, "ackSeq": 0, "method": <method>,
+      "formId": "", "transpondUid": "", "data": <payload>}`` where the payload is
+      ``{"to", "text"}`` for ``relay`` and ``{"chatType": 2, "recvId", "msg": {"mType": 0,
+      "content"}}`` for ``conversation.chat``;
+    - with ``ack_downstream``, answer every received Data frame (frameType 0) with
+      ``{"frameType": 2, "id": <its id>, "ackSeq": 1}`` (OnlyAck downstream);
+    - classify received frames as described in :mod:`benchmarks.wire`; an ``Err``
+      frame is an ``ERROR`` (the harness stops the run and reports it).
+    """
+
+    def __init__(self, *, method: str, ack_downstream: bool, window_ack: str) -> None:
+        if method not in (RELAY_METHOD, CHAT_METHOD):
+            raise ValueError(f"unknown method {method!r}")
+        if window_ack not in (WINDOW_NONE, WINDOW_TRANSPORT_ACK, WINDOW_REPLY):
+            raise ValueError(f"unknown window_ack {window_ack!r}")
+        self.method = method
+        self.ack_downstream = ack_downstream
+        self.window_ack = window_ack
+
+    def url(self, base: str, user: str) -> str:
+        return f"{base}{WS_PATH}?userId={user}"
+
+    def encode(self, msg_id: str, to: str, text: str) -> bytes:
+        data: dict[str, Any]
+        if self.method == RELAY_METHOD:
+            data = {"to": to, "text": text}
+        else:
+            data = {"chatType": 2, "recvId": to, "msg": {"mType": 0, "content": text}}
+        return dumps(
+            {
+                "frameType": FRAME_DATA,
+                "id": msg_id,
+                "ackSeq": 0,
+                "method": self.method,
+                "formId": "",
+                "transpondUid": "",
+                "data": data,
+            }
+        )
+
+    def decode(self, payload: bytes) -> Decoded:
+        try:
+            frame = json.loads(payload)
+        except ValueError:
+            return ERROR, f"not JSON: {payload[:80]!r}", None
+        if not isinstance(frame, dict):
+            return ERROR, f"not an object: {payload[:80]!r}", None
+        frame_type = frame.get("frameType", FRAME_DATA)
+        frame_id = str(frame.get("id", ""))
+        if frame_type == FRAME_ACK:
+            if self.window_ack == WINDOW_TRANSPORT_ACK and frame.get("ackSeq") == 1:
+                return ACK, frame_id, None
+            return IGNORE, frame_id, None
+        if frame_type in (FRAME_DATA, FRAME_NOACK):
+            reply = None
+            if self.ack_downstream and frame_type == FRAME_DATA:
+                reply = dumps({"frameType": FRAME_ACK, "id": frame_id, "ackSeq": 1})
+            data = frame.get("data")
+            reply_to = frame.get("replyTo")
+            if reply_to is None and isinstance(data, dict):
+                reply_to = data.get("replyTo")
+            if reply_to is not None:
+                kind = ACK if self.window_ack == WINDOW_REPLY else IGNORE
+                return kind, str(reply_to), reply
+            text = _message_text(data)
+            if text is None:
+                return ERROR, f"Data frame without a message text: {payload[:120]!r}", reply
+            return DELIVERY, token_of(text), reply
+        if frame_type == FRAME_ERR:
+            data = frame.get("data")
+            detail = data if not isinstance(data, dict) else (data.get("code"), data.get("message"))
+            return ERROR, f"Err frame for id {frame_id!r}: {detail}", None
+        if frame_type == FRAME_PING:
+            return IGNORE, frame_id, None
+        return ERROR, f"unexpected frameType {frame_type!r}: {payload[:80]!r}", None
+
+
+def _message_text(data: object) -> str | None:
+    """The message text in a pushed payload: ``text`` (relay) or ``msg.content`` (chat)."""
+    if not isinstance(data, dict):
+        return None
+    text = data.get("text")
+    if isinstance(text, str):
+        return text
+    msg = data.get("msg")
+    if isinstance(msg, dict) and isinstance(msg.get("content"), str):
+        return str(msg["content"])
+    content = data.get("content")
+    return content if isinstance(content, str) else None
+
+
+def client_codec(variant: str) -> ImkitCodec:
+    """The load generator's codec for an imkit row of the suite."""
+    if variant == "noack":
+        return ImkitCodec(method=RELAY_METHOD, ack_downstream=False, window_ack=WINDOW_NONE)
+    if variant in ("onlyack", "idle"):
+        return ImkitCodec(method=RELAY_METHOD, ack_downstream=True, window_ack=WINDOW_TRANSPORT_ACK)
+    if variant == "onlyack+sqlite":
+        return ImkitCodec(method=CHAT_METHOD, ack_downstream=True, window_ack=WINDOW_REPLY)
+    raise ValueError(f"unknown imkit variant {variant!r}")
+
+
+def check() -> str | None:
+    try:
+        import imkit.transport as transport
+    except ImportError as exc:
+        return f"imkit server not available yet (import imkit.transport failed: {exc})"
+    if getattr(transport, "__file__", None) is None:
+        return "imkit server not available yet (imkit.transport is still an empty package)"
+    if not SERVER_WIRED:
+        return "imkit server not available yet (imkit_relay.serve() not wired)"
+    return None
+
+
+async def serve(options: PeerOptions) -> None:
+    # ------------------------------------------------------------------------------
+    # TO BE WIRED: build the imkit app (route "relay" pushing to data["to"]; for
+    # --store sqlite, imkit.chat's routes on the SQLite store at options.db), with
+    # dev auth from ?userId=, path /ws, ack mode options.mode; serve it on
+    # options.host/options.port; announce_ready(bound_port); then run until killed.
+    # Then set SERVER_WIRED = True.
+    # ------------------------------------------------------------------------------
+    raise NotImplementedError("imkit server side of the relay benchmark is not wired yet")
+
+
+def main() -> None:
+    peer_main(serve, modes=MODES, check=check)
+
+
+if __name__ == "__main__":
+    main()

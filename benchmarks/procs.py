@@ -1,0 +1,234 @@
+"""Server processes under test and what /proc says about them.
+
+- :class:`ServerProcess` starts a peer (``python -m <module> ...``) in its own session,
+  waits for its ``READY <port>`` line, and kills its process group on stop: SIGTERM,
+  then SIGKILL after a grace period. Every live server is also killed at interpreter
+  exit, and peers die with the harness (``PR_SET_PDEATHSIG``), so none is orphaned.
+- :func:`cpu_times` reads utime and stime from ``/proc/<pid>/stat`` (clock ticks,
+  usually 10 ms); :func:`cpu_ns_schedstat` sums ``/proc/<pid>/task/*/schedstat`` (ns,
+  live threads only) as a finer cross-check; :func:`rss_kib` reads ``VmRSS``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from benchmarks.peers._common import PARENT_PID_ENV, READY_PREFIX
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+_live_groups: set[int] = set()
+
+
+def _kill_leftovers() -> None:
+    for pgid in list(_live_groups):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+        _live_groups.discard(pgid)
+
+
+atexit.register(_kill_leftovers)
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(utime, stime) of process ``pid`` in seconds (all its threads, dead ones included)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    # fields[0] is field 3 of proc(5) ("state"); utime and stime are fields 14 and 15.
+    return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of process ``pid`` in seconds."""
+    return sum(cpu_times(pid))
+
+
+def cpu_ns_schedstat(pid: int) -> int | None:
+    """On-CPU nanoseconds of the live threads of ``pid``, or None if unavailable."""
+    total = 0
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            total += int((task / "schedstat").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return total
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of ``pid`` in KiB (``VmRSS`` in /proc/<pid>/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def server_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for a peer: the repo root and ``src/`` first on PYTHONPATH."""
+    env = dict(os.environ)
+    paths = [str(REPO_ROOT), str(REPO_ROOT / "src")]
+    if env.get("PYTHONPATH"):
+        paths.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env[PARENT_PID_ENV] = str(os.getpid())
+    env.pop("PYTHONSTARTUP", None)
+    if extra:
+        env.update(extra)
+    return env
+
+
+async def check_peer(module: str, *, timeout: float = 30.0) -> str | None:
+    """Run ``python -m module --check``; None if the peer can run, else the reason."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        module,
+        "--check",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=REPO_ROOT,
+        env=server_env(),
+        start_new_session=True,
+    )
+    _live_groups.add(proc.pid)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except asyncio.TimeoutError:
+        return f"{module} --check timed out after {timeout:.0f} s"
+    finally:
+        await _reap(proc, grace=1.0)
+    if proc.returncode == 0:
+        return None
+    lines = (out.decode(errors="replace") + err.decode(errors="replace")).strip().splitlines()
+    return lines[-1] if lines else f"{module} --check exited {proc.returncode}"
+
+
+async def _reap(proc: asyncio.subprocess.Process, *, grace: float) -> None:
+    """Kill the process group of ``proc`` (SIGTERM, then SIGKILL) and wait for it."""
+    pgid = proc.pid
+    try:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), grace)
+            except asyncio.TimeoutError:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pgid, signal.SIGKILL)
+                await asyncio.wait_for(proc.wait(), 5.0)
+        # Children the peer may have started share its process group.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+    finally:
+        _live_groups.discard(pgid)
+
+
+class ServerProcess:
+    """One peer server process, started by :meth:`start`, ended by :meth:`stop`."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, port: int, log_path: Path) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.port = port
+        self.log_path = log_path
+        self._drain = asyncio.ensure_future(self._drain_stdout())
+
+    @classmethod
+    async def start(
+        cls,
+        module: str,
+        args: Sequence[str],
+        *,
+        log_path: Path,
+        timeout: float = 30.0,
+    ) -> ServerProcess:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("wb") as log:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                module,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                *args,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=log,
+                cwd=REPO_ROOT,
+                env=server_env(),
+                start_new_session=True,
+            )
+        _live_groups.add(proc.pid)
+        try:
+            port = await asyncio.wait_for(_read_ready(proc), timeout)
+        except BaseException as exc:
+            await _reap(proc, grace=1.0)
+            if isinstance(exc, asyncio.TimeoutError):
+                raise RuntimeError(
+                    f"{module} not ready after {timeout:.0f} s; log: {tail(log_path)}"
+                ) from None
+            if isinstance(exc, Exception):
+                raise RuntimeError(f"{module}: {exc}; log: {tail(log_path, 3)}") from exc
+            raise
+        return cls(proc, port, log_path)
+
+    @property
+    def base_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def alive(self) -> bool:
+        return self.proc.returncode is None
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.pid)
+
+    def cpu_times(self) -> tuple[float, float]:
+        return cpu_times(self.pid)
+
+    def cpu_ns_schedstat(self) -> int | None:
+        return cpu_ns_schedstat(self.pid)
+
+    def rss_kib(self) -> int:
+        return rss_kib(self.pid)
+
+    async def stop(self, grace: float = 3.0) -> None:
+        try:
+            await _reap(self.proc, grace=grace)
+        finally:
+            self._drain.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._drain
+
+    async def _drain_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        while await self.proc.stdout.read(65536):
+            pass
+
+
+async def _read_ready(proc: asyncio.subprocess.Process) -> int:
+    assert proc.stdout is not None
+    while True:
+        line = await proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"server exited with {await proc.wait()} before READY")
+        text = line.decode(errors="replace").strip()
+        if text.startswith(READY_PREFIX):
+            return int(text[len(READY_PREFIX) :])
+
+
+def tail(path: Path, lines: int = 8) -> str:
+    """The last lines of a log file, joined with `` | `` (for error messages)."""
+    try:
+        content = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "(no log)"
+    return " | ".join(content[-lines:]) or "(empty log)"

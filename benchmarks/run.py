@@ -1,0 +1,361 @@
+"""Run the benchmark suite: ``python -m benchmarks.run [--quick] [--only NAME ...]``.
+
+Each case starts its server as a separate process (so its CPU and memory can be read
+from /proc), runs its scenario with the load generator in this process, and kills
+the server. Prints a Markdown table and writes JSON (and the table) into
+``benchmarks/results/`` (git-ignored). See ``benchmarks/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: python benchmarks/run.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import scenarios
+from benchmarks.peers._common import raise_nofile_limit
+from benchmarks.procs import REPO_ROOT, ServerProcess, check_peer, tail
+from benchmarks.scenarios import QUICK, SCENARIOS, Config, RunContext
+from benchmarks.suite import BASELINE_SERVERS, WORKDIR, Case, select
+
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+DEFAULT_BUDGET_S = 540.0
+LIBRARIES = ("websockets", "python-socketio", "python-engineio", "aiohttp", "picows", "imkit")
+
+
+def machine_info() -> dict[str, Any]:
+    cpu_model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    versions: dict[str, str | None] = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "kernel": platform.release(),
+        "loadavg_start": os.getloadavg(),
+        "libraries": versions,
+    }
+
+
+async def run_case(case: Case, config: Config, log_dir: Path) -> dict[str, Any]:
+    """Start the case's server, run its scenario (bounded), always stop the server."""
+    fn = SCENARIOS[case.scenario].fn
+    workdir = Path(tempfile.mkdtemp(prefix="imkit-bench-"))
+    args = [a.replace(WORKDIR, str(workdir)) for a in case.server_args]
+    log_path = log_dir / f"{case.name.replace(' ', '_').replace('+', '_')}.log"
+    server: ServerProcess | None = None
+    ctx: RunContext | None = None
+    try:
+        server = await ServerProcess.start(case.server.module, args, log_path=log_path)
+        ctx = RunContext(case, config, server)
+        try:
+            figures = await asyncio.wait_for(fn(ctx), config.case_timeout)
+        except asyncio.TimeoutError:
+            raise scenarios.ScenarioError(
+                f"case timed out after {config.case_timeout:.0f} s"
+            ) from None
+        if not server.alive():
+            raise scenarios.ScenarioError(f"server exited; log: {tail(log_path)}")
+        return figures
+    except scenarios.ScenarioError as exc:
+        if server is not None and not server.alive():
+            raise scenarios.ScenarioError(f"{exc}; server exited; log: {tail(log_path)}") from exc
+        raise
+    finally:
+        if ctx is not None:
+            await ctx.aclose()
+        if server is not None:
+            await server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def run_repeated(
+    case: Case, config: Config, log_dir: Path, repeat: int
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Run a case ``repeat`` times; return the median run (by the headline) and all runs."""
+    runs = [await run_case(case, config, log_dir) for _ in range(repeat)]
+    headline = SCENARIOS[case.scenario].headline
+    if len(runs) == 1 or headline is None:
+        return runs[0], runs
+    ordered = sorted(runs, key=lambda figures: float(figures[headline]))
+    median = dict(ordered[(len(ordered) - 1) // 2])
+    median["repeats"] = [figures[headline] for figures in runs]
+    return median, runs
+
+
+async def run_suite(
+    cases: list[Case], config: Config, budget: float, log_dir: Path, repeat: int = 1
+) -> list[dict[str, Any]]:
+    started = time.monotonic()
+    modules = sorted({case.server.module for case in cases})
+    reasons = dict(
+        zip(modules, await asyncio.gather(*(check_peer(m) for m in modules)), strict=True)
+    )
+    records: list[dict[str, Any]] = []
+    for case in cases:
+        record: dict[str, Any] = {
+            "name": case.name,
+            "server": case.server.name,
+            "variant": case.variant,
+            "scenario": case.scenario,
+            "baseline": case.baseline,
+            "status": "ok",
+            "reason": None,
+            "figures": None,
+        }
+        records.append(record)
+        reason = reasons[case.server.module]
+        spent = time.monotonic() - started
+        if reason is not None:
+            record.update(status="skipped", reason=reason)
+        elif spent > budget:
+            record.update(status="skipped", reason=f"suite time budget ({budget:.0f} s) spent")
+        if record["status"] == "skipped":
+            print(f"-- {case.name}: skipped: {record['reason']}", flush=True)
+            continue
+        print(f"-- {case.name} ...", end=" ", flush=True)
+        t0 = time.monotonic()
+        try:
+            record["figures"], runs = await run_repeated(case, config, log_dir, repeat)
+            if len(runs) > 1:
+                record["runs"] = runs
+        except Exception as exc:
+            record.update(status="error", reason=str(exc) or repr(exc))
+        record["wall_s"] = round(time.monotonic() - t0, 2)
+        print(_summary(record), flush=True)
+    return records
+
+
+def _summary(record: dict[str, Any]) -> str:
+    figures = record["figures"]
+    if record["status"] != "ok" or figures is None:
+        return f"{record['status']}: {record['reason']}"
+    if record["scenario"] == "relay":
+        return (
+            f"{figures['msgs_per_s']:.0f} msgs/s, "
+            f"{figures['server_cpu_us_per_msg']:.1f} us/msg ({record['wall_s']} s)"
+        )
+    if record["scenario"] == "idle":
+        return f"{figures['kib_per_conn']:.1f} KiB/conn ({record['wall_s']} s)"
+    return f"done ({record['wall_s']} s)"
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def render_table(records: list[dict[str, Any]]) -> str:
+    """The Markdown table: one row per relay case, idle memory per server."""
+    ok = [r for r in records if r["status"] == "ok" and r["figures"] is not None]
+    idle_kib = {r["server"]: r["figures"]["kib_per_conn"] for r in ok if r["scenario"] == "idle"}
+    idle_notes = {
+        r["server"]: r["reason"] for r in records if r["scenario"] == "idle" and r["status"] != "ok"
+    }
+    cpu = {
+        (r["server"], r["variant"]): r["figures"]["server_cpu_us_per_msg"]
+        for r in ok
+        if r["scenario"] == "relay"
+    }
+    header = (
+        "| server | variant | msgs/s | p50 ms | p99 ms | server CPU µs/msg | "
+        + " | ".join(f"CPU vs {b}" for b in BASELINE_SERVERS)
+        + " | KiB/idle conn | note |"
+    )
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    relay_servers = []
+    for record in records:
+        if record["scenario"] != "relay":
+            continue
+        relay_servers.append(record["server"])
+        kib = _fmt(idle_kib.get(record["server"]))
+        cells = [record["server"], record["variant"]]
+        figures = record["figures"] if record["status"] == "ok" else None
+        if figures is None:
+            cells += ["-"] * (4 + len(BASELINE_SERVERS))
+            note = f"{record['status']}: {record['reason']}"
+        else:
+            mine = figures["server_cpu_us_per_msg"]
+            cells += [
+                _fmt(figures["msgs_per_s"], 0),
+                _fmt(figures["latency_ms"]["p50"], 2),
+                _fmt(figures["latency_ms"]["p99"], 2),
+                _fmt(mine, 1),
+            ]
+            for base in BASELINE_SERVERS:
+                ref = cpu.get((base, record["baseline"]))
+                cells.append(f"{mine / ref:.2f}x" if ref else "-")
+            notes = []
+            if figures["capped"]:
+                notes.append(f"send phase capped ({figures['sent']:,} sent)")
+            if figures["incomplete"]:
+                notes.append(f"incomplete: {figures['incomplete']}")
+            if figures["unexpected_deliveries"] or figures["unexpected_acks"]:
+                notes.append(
+                    f"unexpected: {figures['unexpected_deliveries']} deliveries, "
+                    f"{figures['unexpected_acks']} acks"
+                )
+            note = "; ".join(notes)
+        if record["server"] in idle_notes and record["status"] == "ok":
+            note = "; ".join(filter(None, [note, f"idle: {idle_notes[record['server']]}"]))
+        cells += [kib, note]
+        lines.append("| " + " | ".join(cells) + " |")
+    for server, kib_value in idle_kib.items():
+        if server not in relay_servers:
+            row = [server, "idle", *["-"] * (4 + len(BASELINE_SERVERS)), _fmt(kib_value), ""]
+            lines.append("| " + " | ".join(row) + " |")
+    others = [r for r in records if r["scenario"] not in ("relay", "idle")]
+    for record in others:
+        lines.append("")
+        lines.append(f"{record['name']} ({record['scenario']}): {record['status']}")
+        if record["figures"]:
+            lines.append("    " + json.dumps(record["figures"]))
+    return "\n".join(lines)
+
+
+def _prune_logs(log_dir: Path) -> None:
+    """Remove empty server logs (and the directory, if none is left)."""
+    with contextlib.suppress(OSError):
+        for path in log_dir.iterdir():
+            if path.stat().st_size == 0:
+                path.unlink()
+        log_dir.rmdir()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.run",
+        description="Private-chat relay benchmark: imkit against peer WebSocket servers.",
+    )
+    parser.add_argument("--quick", action="store_true", help="small counts: a smoke run < 1 min")
+    parser.add_argument("--pairs", type=int, help="sender/recipient pairs (default 50)")
+    parser.add_argument("--window", type=int, help="outstanding messages per sender (default 10)")
+    parser.add_argument("--messages", type=int, help="messages per sender (default 2000)")
+    parser.add_argument("--idle-conns", type=int, help="idle connections (default 5000)")
+    parser.add_argument("--max-seconds", type=float, help="send-phase cap, s (default 20)")
+    parser.add_argument("--text-size", type=int, help="message text size in bytes (default 100)")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="NAME",
+        help="run only these: servers, rows ('imkit onlyack'), variants or scenarios",
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=DEFAULT_BUDGET_S,
+        help="start no new case after this many seconds (default %(default).0f)",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run each case N times and report the median run (default 1)",
+    )
+    parser.add_argument("--list", action="store_true", help="list the cases and exit")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
+    return parser.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    config = QUICK if args.quick else Config()
+    overrides = {
+        "pairs": args.pairs,
+        "window": args.window,
+        "messages": args.messages,
+        "idle_conns": args.idle_conns,
+        "max_seconds": args.max_seconds,
+        "text_size": args.text_size,
+    }
+    return replace(config, **{k: v for k, v in overrides.items() if v is not None})
+
+
+async def amain(args: argparse.Namespace) -> int:
+    config = build_config(args)
+    cases = select(args.only)
+    if args.list or not cases:
+        for case in cases:
+            print(f"{case.name:28} scenario={case.scenario}")
+        if not cases:
+            print(f"no case matches {args.only}", file=sys.stderr)
+        return 0 if cases else 2
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
+
+    nofile = raise_nofile_limit()
+    needed = config.idle_conns + 4 * config.pairs + 100
+    if nofile < needed:
+        print(f"warning: open-file limit {nofile} < {needed} needed", file=sys.stderr)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    args.out.mkdir(parents=True, exist_ok=True)
+    log_dir = args.out / f"logs-{stamp}"
+    info = machine_info()
+    print(
+        f"machine: {info['nproc']} CPUs ({info['cpu_model']}), Python {info['python']}, "
+        f"load {info['loadavg_start'][0]:.2f}; config: {config.as_dict()}",
+        flush=True,
+    )
+    started = time.monotonic()
+    records = await run_suite(cases, config, args.budget, log_dir, max(1, args.repeat))
+    info["loadavg_end"] = os.getloadavg()
+    info["wall_s"] = round(time.monotonic() - started, 1)
+    table = render_table(records)
+    print()
+    print(table)
+    result = {
+        "started": stamp,
+        "quick": args.quick,
+        "repeat": args.repeat,
+        "machine": info,
+        "config": config.as_dict(),
+        "cases": records,
+        "table": table,
+    }
+    out = args.out / f"run-{stamp}{'-quick' if args.quick else ''}.json"
+    out.write_text(json.dumps(result, indent=2, default=str))
+    (args.out / "latest.md").write_text(table + "\n")
+    _prune_logs(log_dir)
+    print(f"\nwall {info['wall_s']} s; results: {out}")
+    return 1 if any(r["status"] == "error" for r in records) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return asyncio.run(amain(args))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,467 @@
+"""Scenario functions: the registry, and the ``relay`` and ``idle`` scenarios.
+
+A scenario is ``async def fn(ctx: RunContext) -> dict[str, Any]``: the runner has
+started the case's server (``ctx.server``) and will stop it afterwards, and bounds
+the whole call by ``config.case_timeout``; the scenario opens its connections with
+``ctx.connect_many`` and must close them (``close_all``) before returning. The dict
+it returns is the case's figures (JSON-ready). Register with ``@scenario("name")``.
+
+relay (private chat)
+    ``pairs`` senders ``s<i>`` each send to their partner ``r<i>`` through the server.
+    A sender keeps at most ``window`` messages outstanding: *not yet received by the
+    partner* (noack variants: deliveries are observed in this same process) or *not
+    yet acknowledged by the server* (ack variants). After a warm-up round
+    (``warmup`` messages per sender, not measured), the measured phase sends
+    ``messages`` per sender, or stops sending at ``max_seconds`` (whichever comes
+    first), then waits for every outstanding delivery and ack. Figures: deliveries
+    per second over the phase, send→receive latency (``perf_counter`` in this process
+    at both ends), server CPU (utime+stime from /proc) per delivered message.
+
+idle (memory per idle connection)
+    After a warm-up (a few connections opened and closed), the server's RSS with no
+    connection is the baseline; ``idle_conns`` connections are opened and left idle;
+    after ``settle_seconds`` the RSS is read again; the difference over the count is
+    the memory per idle connection. Also reported: handshake CPU per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from benchmarks.clients import (
+    IDLE_HANDLERS,
+    ClientConn,
+    Handlers,
+    PicowsConn,
+    SocketIOConn,
+    new_socketio_session,
+)
+from benchmarks.suite import SOCKETIO_CLIENT, WINDOW_ON_ACK, Case
+from benchmarks.wire import WireCodec, make_text
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from benchmarks.procs import ServerProcess
+
+
+@dataclass(frozen=True)
+class Config:
+    pairs: int = 50
+    window: int = 10
+    messages: int = 2000
+    warmup: int = 100
+    text_size: int = 100
+    max_seconds: float = 20.0
+    """Cap on the measured send phase of one relay case."""
+    drain_timeout: float = 15.0
+    """After the last send: how long outstanding deliveries and acks may take."""
+    idle_conns: int = 5000
+    settle_seconds: float = 1.0
+    connect_concurrency: int = 100
+    connect_timeout: float = 15.0
+    """One connection's handshake."""
+    phase_timeout: float = 180.0
+    """Opening (or closing) all the connections of one phase."""
+    case_timeout: float = 300.0
+    """One whole case, server start and stop excluded."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+QUICK = Config(
+    pairs=10,
+    messages=300,
+    warmup=20,
+    max_seconds=5.0,
+    drain_timeout=10.0,
+    idle_conns=500,
+    settle_seconds=0.5,
+    phase_timeout=60.0,
+    case_timeout=90.0,
+)
+
+
+class ScenarioError(RuntimeError):
+    """The scenario could not produce figures (the message says why)."""
+
+
+class RunContext:
+    """What a scenario gets: the case, the configuration, the running server."""
+
+    def __init__(self, case: Case, config: Config, server: ServerProcess) -> None:
+        self.case = case
+        self.config = config
+        self.server = server
+        self._codec: WireCodec | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    async def connect(self, user: str, handlers: Handlers) -> ClientConn:
+        timeout = self.config.connect_timeout
+        if self.case.server.client == SOCKETIO_CLIENT:
+            if self._session is None:
+                self._session = new_socketio_session()
+            return await SocketIOConn.open(
+                self.server.base_url,
+                user,
+                handlers,
+                session=self._session,
+                want_ack=self.case.window_on == WINDOW_ON_ACK,
+                timeout=timeout,
+            )
+        if self._codec is None:
+            self._codec = self.case.server.codec(self.case.variant)
+        return await PicowsConn.open(
+            self._codec, self.server.base_url, user, handlers, timeout=timeout
+        )
+
+    async def connect_many(
+        self, users: Sequence[str], handlers_for: Callable[[int], Handlers]
+    ) -> list[ClientConn]:
+        """Open one connection per user (bounded concurrency); all or none."""
+        limit = asyncio.Semaphore(self.config.connect_concurrency)
+        opened: dict[int, ClientConn] = {}
+
+        async def one(index: int) -> None:
+            async with limit:
+                try:
+                    opened[index] = await self.connect(users[index], handlers_for(index))
+                except asyncio.TimeoutError:
+                    raise ConnectionError(
+                        f"{users[index]}: no handshake in {self.config.connect_timeout:.0f} s"
+                    ) from None
+
+        tasks = [asyncio.ensure_future(one(i)) for i in range(len(users))]
+        try:
+            await asyncio.wait_for(asyncio.gather(*tasks), self.config.phase_timeout)
+        except BaseException as exc:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.close_all(list(opened.values()))
+            if isinstance(exc, asyncio.TimeoutError):
+                raise ScenarioError(
+                    f"opened {len(opened)}/{len(users)} connections in "
+                    f"{self.config.phase_timeout:.0f} s"
+                ) from None
+            if isinstance(exc, Exception):
+                raise ScenarioError(
+                    f"connecting failed after {len(opened)}/{len(users)}: {exc!r}"
+                ) from exc
+            raise
+        return [opened[i] for i in range(len(users))]
+
+    async def close_all(self, conns: Sequence[ClientConn]) -> None:
+        """Close connections concurrently, bounded by ``phase_timeout``."""
+        if conns:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(
+                    asyncio.gather(*(c.aclose() for c in conns), return_exceptions=True),
+                    self.config.phase_timeout,
+                )
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+ScenarioFn = Callable[[RunContext], Awaitable[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    fn: ScenarioFn
+    headline: str | None
+    """The figure that picks the median run when a case is repeated (``--repeat``)."""
+
+
+SCENARIOS: dict[str, Scenario] = {}
+
+
+def scenario(name: str, *, headline: str | None = None) -> Callable[[ScenarioFn], ScenarioFn]:
+    """Register a scenario function under ``name`` (the ``scenario`` of a Case)."""
+
+    def register(fn: ScenarioFn) -> ScenarioFn:
+        if name in SCENARIOS:
+            raise ValueError(f"scenario {name!r} registered twice")
+        SCENARIOS[name] = Scenario(fn, headline)
+        return fn
+
+    return register
+
+
+# ---------------------------------------------------------------------------- relay
+
+
+class _RelayPhase:
+    """Bookkeeping of one relay phase: windows, send times, deliveries, acks."""
+
+    def __init__(self, pairs: int, window: int, window_on_ack: bool, text_size: int) -> None:
+        self.window_on_ack = window_on_ack
+        self.text_size = text_size
+        self.windows = [asyncio.Semaphore(window) for _ in range(pairs)]
+        self.next_seq = [0] * pairs
+        self.send_times: dict[str, float] = {}
+        self.unacked: set[str] = set()
+        self.latencies: list[float] = []
+        self.errors: list[str] = []
+        self.unexpected_deliveries = 0
+        self.unexpected_acks = 0
+        self.sent = 0
+        self.delivered = 0
+        self.acked = 0
+        self.last_event = 0.0
+        self.senders_done = False
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def reset(self) -> None:
+        self.latencies = []
+        self.sent = self.delivered = self.acked = 0
+        self.unexpected_deliveries = self.unexpected_acks = 0
+        self.senders_done = False
+        self.done = asyncio.get_running_loop().create_future()
+
+    def receiver_handlers(self, pair: int) -> Handlers:
+        window = self.windows[pair]
+
+        def on_delivery(token: str) -> None:
+            now = time.perf_counter()
+            sent_at = self.send_times.pop(token, None)
+            if sent_at is None:
+                self.unexpected_deliveries += 1
+                return
+            self.latencies.append(now - sent_at)
+            self.delivered += 1
+            self.last_event = now
+            if not self.window_on_ack:
+                window.release()
+            if self.senders_done:
+                self._check_done()
+
+        return Handlers(on_delivery, self._on_stray_ack, self._on_error)
+
+    def sender_handlers(self, pair: int) -> Handlers:
+        window = self.windows[pair]
+
+        def on_ack(msg_id: str) -> None:
+            if not self.window_on_ack or msg_id not in self.unacked:
+                self.unexpected_acks += 1
+                return
+            self.unacked.discard(msg_id)
+            self.acked += 1
+            self.last_event = time.perf_counter()
+            window.release()
+            if self.senders_done:
+                self._check_done()
+
+        return Handlers(self._on_stray_delivery, on_ack, self._on_error)
+
+    def _on_stray_delivery(self, token: str) -> None:
+        self.unexpected_deliveries += 1
+
+    def _on_stray_ack(self, msg_id: str) -> None:
+        self.unexpected_acks += 1
+
+    def _on_error(self, text: str) -> None:
+        self.errors.append(text)
+        if not self.done.done():
+            self.done.set_exception(ScenarioError(f"client saw: {text}"))
+
+    def _check_done(self) -> None:
+        if self.done.done() or self.delivered < self.sent:
+            return
+        if self.window_on_ack and self.acked < self.sent:
+            return
+        self.done.set_result(None)
+
+    async def sender(self, pair: int, conn: ClientConn, count: int, stop_at: float | None) -> None:
+        window = self.windows[pair]
+        to = f"r{pair}"
+        size = self.text_size
+        for _ in range(count):
+            await window.acquire()
+            now = time.perf_counter()
+            if stop_at is not None and now >= stop_at:
+                window.release()
+                return
+            seq = self.next_seq[pair]
+            self.next_seq[pair] = seq + 1
+            token = f"{pair}.{seq}"
+            self.send_times[token] = now
+            if self.window_on_ack:
+                self.unacked.add(token)
+            self.sent += 1
+            await conn.send(token, to, make_text(token, size))
+
+    async def run(
+        self,
+        senders: Sequence[ClientConn],
+        count: int,
+        *,
+        stop_at: float | None,
+        send_timeout: float,
+        drain_timeout: float,
+    ) -> str | None:
+        """Send ``count`` per sender and wait for the outcome; None, or why incomplete."""
+        self.reset()
+        tasks = asyncio.gather(
+            *(self.sender(i, conn, count, stop_at) for i, conn in enumerate(senders))
+        )
+        waited: set[asyncio.Future[Any]] = {tasks, self.done}
+        try:
+            finished, _ = await asyncio.wait(
+                waited, timeout=send_timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            if self.done.done():
+                self.done.result()  # only an error completes it this early
+            if tasks not in finished:
+                return (
+                    f"senders blocked after {send_timeout:.0f} s "
+                    f"(sent {self.sent}, delivered {self.delivered}, acked {self.acked})"
+                )
+            tasks.result()
+            self.senders_done = True
+            self._check_done()
+            try:
+                await asyncio.wait_for(asyncio.shield(self.done), drain_timeout)
+            except asyncio.TimeoutError:
+                return (
+                    f"not drained {drain_timeout:.0f} s after the last send "
+                    f"(sent {self.sent}, delivered {self.delivered}, acked {self.acked})"
+                )
+            return None
+        finally:
+            tasks.cancel()
+            with contextlib.suppress(BaseException):
+                await tasks
+
+
+def _percentile(ordered: Sequence[float], fraction: float) -> float:
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(fraction * len(ordered)) - 1))
+    return ordered[index]
+
+
+@scenario("relay", headline="server_cpu_us_per_msg")
+async def relay(ctx: RunContext) -> dict[str, Any]:
+    cfg = ctx.config
+    server = ctx.server
+    phase = _RelayPhase(cfg.pairs, cfg.window, ctx.case.window_on == WINDOW_ON_ACK, cfg.text_size)
+    conns: list[ClientConn] = []
+    try:
+        conns += await ctx.connect_many(
+            [f"r{i}" for i in range(cfg.pairs)], phase.receiver_handlers
+        )
+        senders = await ctx.connect_many([f"s{i}" for i in range(cfg.pairs)], phase.sender_handlers)
+        conns += senders
+        if cfg.warmup > 0:
+            problem = await phase.run(
+                senders,
+                cfg.warmup,
+                stop_at=None,
+                send_timeout=cfg.max_seconds + 30.0,
+                drain_timeout=cfg.drain_timeout,
+            )
+            if problem is not None:
+                raise ScenarioError(f"warm-up: {problem}")
+
+        user0, sys0 = server.cpu_times()
+        ns0 = server.cpu_ns_schedstat()
+        client0 = time.process_time()
+        t0 = time.perf_counter()
+        problem = await phase.run(
+            senders,
+            cfg.messages,
+            stop_at=t0 + cfg.max_seconds,
+            send_timeout=cfg.max_seconds + 30.0,
+            drain_timeout=cfg.drain_timeout,
+        )
+        t1 = phase.last_event if problem is None else time.perf_counter()
+        user1, sys1 = server.cpu_times()
+        ns1 = server.cpu_ns_schedstat()
+        client1 = time.process_time()
+    finally:
+        await ctx.close_all(conns)
+
+    delivered = phase.delivered
+    if delivered == 0:
+        raise ScenarioError(problem or "no message delivered")
+    elapsed = max(t1 - t0, 1e-9)
+    cpu = (user1 - user0) + (sys1 - sys0)
+    lat = sorted(phase.latencies)
+    figures: dict[str, Any] = {
+        "pairs": cfg.pairs,
+        "window": cfg.window,
+        "window_on": ctx.case.window_on,
+        "messages_per_sender": cfg.messages,
+        "sent": phase.sent,
+        "delivered": delivered,
+        "acked": phase.acked,
+        "capped": phase.sent < cfg.pairs * cfg.messages,
+        "incomplete": problem,
+        "elapsed_s": elapsed,
+        "msgs_per_s": delivered / elapsed,
+        "latency_ms": {
+            "p50": _percentile(lat, 0.50) * 1e3,
+            "p90": _percentile(lat, 0.90) * 1e3,
+            "p99": _percentile(lat, 0.99) * 1e3,
+            "max": lat[-1] * 1e3,
+            "mean": sum(lat) / len(lat) * 1e3,
+        },
+        "server_cpu_s": cpu,
+        "server_cpu_us_per_msg": cpu / delivered * 1e6,
+        "server_user_us_per_msg": (user1 - user0) / delivered * 1e6,
+        "server_sys_us_per_msg": (sys1 - sys0) / delivered * 1e6,
+        "server_cpu_us_per_msg_schedstat": (
+            (ns1 - ns0) / delivered / 1e3 if ns0 is not None and ns1 is not None else None
+        ),
+        "client_cpu_us_per_msg": (client1 - client0) / delivered * 1e6,
+        "unexpected_deliveries": phase.unexpected_deliveries,
+        "unexpected_acks": phase.unexpected_acks,
+    }
+    return figures
+
+
+# ----------------------------------------------------------------------------- idle
+
+
+@scenario("idle", headline="kib_per_conn")
+async def idle(ctx: RunContext) -> dict[str, Any]:
+    cfg = ctx.config
+    server = ctx.server
+    warm = await ctx.connect_many([f"w{i}" for i in range(10)], lambda _: IDLE_HANDLERS)
+    await ctx.close_all(warm)
+    await asyncio.sleep(cfg.settle_seconds)
+    rss0 = server.rss_kib()
+    cpu0 = server.cpu_seconds()
+    t0 = time.perf_counter()
+    conns = await ctx.connect_many(
+        [f"idle{i}" for i in range(cfg.idle_conns)], lambda _: IDLE_HANDLERS
+    )
+    try:
+        connect_s = time.perf_counter() - t0
+        cpu1 = server.cpu_seconds()
+        await asyncio.sleep(cfg.settle_seconds)
+        rss1 = server.rss_kib()
+        if not server.alive():
+            raise ScenarioError("server died while holding the idle connections")
+    finally:
+        await ctx.close_all(conns)
+    count = len(conns)
+    return {
+        "idle_conns": count,
+        "rss_base_kib": rss0,
+        "rss_loaded_kib": rss1,
+        "kib_per_conn": (rss1 - rss0) / count,
+        "connect_s": connect_s,
+        "conns_per_s": count / max(connect_s, 1e-9),
+        "handshake_cpu_us_per_conn": (cpu1 - cpu0) / count * 1e6,
+    }
