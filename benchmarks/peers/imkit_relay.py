@@ -26,12 +26,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from benchmarks.peers._common import PeerOptions, peer_main
+from benchmarks.peers._common import PeerOptions, announce_ready, peer_main
 from benchmarks.wire import ACK, DELIVERY, ERROR, IGNORE, Decoded, dumps, token_of
 
 MODES = ("noack", "onlyack")
 
-SERVER_WIRED = False
+SERVER_WIRED = True
 """Set to True once :func:`serve` starts imkit's server."""
 
 WS_PATH = "/ws"
@@ -173,14 +173,39 @@ def check() -> str | None:
 
 
 async def serve(options: PeerOptions) -> None:
-    # ------------------------------------------------------------------------------
-    # TO BE WIRED: build the imkit app (route "relay" pushing to data["to"]; for
-    # --store sqlite, imkit.chat's routes on the SQLite store at options.db), with
-    # dev auth from ?userId=, path /ws, ack mode options.mode; serve it on
-    # options.host/options.port; announce_ready(bound_port); then run until killed.
-    # Then set SERVER_WIRED = True.
-    # ------------------------------------------------------------------------------
-    raise NotImplementedError("imkit server side of the relay benchmark is not wired yet")
+    """Run the imkit relay (or the SQLite chat service) until killed."""
+    import anyio
+
+    import imkit
+    from imkit.chat.app import create_chat_app
+
+    mode = "none" if options.mode == "noack" else "only"
+    auth = imkit.InsecureDevAuth(quiet=True)
+    # Machine clients: no per-connection rate limit, no idle timeout.
+    peer_options = imkit.PeerOptions(rate_limit=None, idle_timeout=None)
+    if options.store == "sqlite":
+        from imkit.chat.sqlite import SQLiteStore
+
+        assert options.db is not None
+        app, _service = create_chat_app(
+            SQLiteStore(options.db), auth=auth, auth_kind="dev", ack_mode=mode, serve_page=False
+        )
+        app.options = imkit.PeerOptions(
+            ack_mode=app.ack_mode, rate_limit=None, idle_timeout=None, timers=app.options.timers
+        )
+    else:
+        app = imkit.App(auth=auth, ack_mode=mode, options=peer_options)
+
+        @app.route(RELAY_METHOD)
+        async def relay(ctx: imkit.Context) -> None:
+            await ctx.server.send_to_users(
+                [ctx.data["to"]], RELAY_METHOD, ctx.data, form_id=ctx.user_id
+            )
+
+    server = imkit.Server(app)
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(server.serve, options.host, options.port)
+        announce_ready(port)
 
 
 def main() -> None:
