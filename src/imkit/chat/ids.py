@@ -50,9 +50,10 @@ def _go_parse_uint_key(user_id: str) -> int:
         return 0
     value = 0
     for char in digits:
+        # Go walks bytes: anything outside ASCII letters and digits is a syntax error.
         if "0" <= char <= "9":
             digit = ord(char) - ord("0")
-        elif "a" <= char.lower() <= "z":
+        elif "a" <= char <= "z" or "A" <= char <= "Z":
             digit = ord(char.lower()) - ord("a") + 10
         else:
             return 0

@@ -17,12 +17,12 @@ from imkit.chat.store import (
     ConversationSummary,
     StoredMessage,
     StoreLifecycle,
-    check_append,
     check_cursor,
     check_history,
     check_int,
     check_limit,
     check_text,
+    draft_message,
 )
 from imkit.exceptions import StoreError
 
@@ -80,7 +80,7 @@ class MemoryStore(StoreLifecycle):
         send_time: int,
     ) -> tuple[StoredMessage, bool]:
         """Store a message under the next seq, or return the one stored before."""
-        check_append(
+        draft = draft_message(
             conversation_id=conversation_id,
             sender_id=sender_id,
             recv_id=recv_id,
@@ -97,17 +97,7 @@ class MemoryStore(StoreLifecycle):
         existing = conv.by_msg_id.get((sender_id, msg_id))
         if existing is not None:
             return existing, False
-        message = StoredMessage(
-            conversation_id=conversation_id,
-            seq=len(conv.messages) + 1,
-            sender_id=sender_id,
-            recv_id=recv_id,
-            msg_id=msg_id,
-            chat_type=chat_type,
-            m_type=m_type,
-            content=content,
-            send_time=send_time,
-        )
+        message = attrs.evolve(draft, seq=len(conv.messages) + 1)
         conv.messages.append(message)
         conv.by_msg_id[(sender_id, msg_id)] = message
         for user in (sender_id, recv_id):
@@ -284,4 +274,3 @@ def _summary_order(summary: ConversationSummary) -> tuple[int, str]:
     """Sort key: newest last message first, then conversation id."""
     last = summary.last_message
     return (-(last.send_time if last else 0), summary.conversation_id)
-

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
 import os
 import queue
@@ -52,18 +53,19 @@ from typing import Any, Literal, TypeVar
 
 import anyio
 import anyio.to_thread
+import attrs
 
 from imkit.chat.store import (
     SCHEMA_VERSION,
     ConversationSummary,
     StoredMessage,
     StoreLifecycle,
-    check_append,
     check_cursor,
     check_history,
     check_int,
     check_limit,
     check_text,
+    draft_message,
 )
 from imkit.exceptions import ImkitError, StoreError, StoreUnavailable
 
@@ -77,48 +79,29 @@ _Waker = Callable[[Callable[[], None]], object]
 _COLUMNS = "conversation_id, seq, sender_id, recv_id, msg_id, chat_type, m_type, content, send_time"
 _M_COLUMNS = ", ".join(f"m.{c.strip()}" for c in _COLUMNS.split(","))
 
-_SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS imkit_conversations (
-        conversation_id TEXT PRIMARY KEY,
-        last_seq INTEGER NOT NULL
-    ) WITHOUT ROWID""",
-    """CREATE TABLE IF NOT EXISTS imkit_messages (
-        conversation_id TEXT NOT NULL,
-        seq INTEGER NOT NULL,
-        sender_id TEXT NOT NULL,
-        recv_id TEXT NOT NULL,
-        msg_id TEXT NOT NULL,
-        chat_type INTEGER NOT NULL,
-        m_type INTEGER NOT NULL,
-        content TEXT NOT NULL,
-        send_time INTEGER NOT NULL,
-        PRIMARY KEY (conversation_id, seq)
-    )""",
-    """CREATE UNIQUE INDEX IF NOT EXISTS imkit_messages_by_msg_id
-        ON imkit_messages (conversation_id, sender_id, msg_id)""",
-    """CREATE INDEX IF NOT EXISTS imkit_messages_by_time
-        ON imkit_messages (conversation_id, send_time)""",
-    """CREATE TABLE IF NOT EXISTS imkit_members (
-        user_id TEXT NOT NULL,
-        conversation_id TEXT NOT NULL,
-        PRIMARY KEY (user_id, conversation_id)
-    ) WITHOUT ROWID""",
-    """CREATE INDEX IF NOT EXISTS imkit_members_by_conversation
-        ON imkit_members (conversation_id, user_id)""",
-    """CREATE TABLE IF NOT EXISTS imkit_delivered (
-        user_id TEXT NOT NULL,
-        device_id TEXT NOT NULL,
-        conversation_id TEXT NOT NULL,
-        seq INTEGER NOT NULL,
-        PRIMARY KEY (user_id, device_id, conversation_id)
-    ) WITHOUT ROWID""",
-    """CREATE TABLE IF NOT EXISTS imkit_read (
-        user_id TEXT NOT NULL,
-        conversation_id TEXT NOT NULL,
-        seq INTEGER NOT NULL,
-        PRIMARY KEY (user_id, conversation_id)
-    ) WITHOUT ROWID""",
-)
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS imkit_conversations (
+    conversation_id TEXT PRIMARY KEY, last_seq INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS imkit_messages (
+    conversation_id TEXT NOT NULL, seq INTEGER NOT NULL, sender_id TEXT NOT NULL,
+    recv_id TEXT NOT NULL, msg_id TEXT NOT NULL, chat_type INTEGER NOT NULL,
+    m_type INTEGER NOT NULL, content TEXT NOT NULL, send_time INTEGER NOT NULL,
+    PRIMARY KEY (conversation_id, seq));
+CREATE UNIQUE INDEX IF NOT EXISTS imkit_messages_by_msg_id
+    ON imkit_messages (conversation_id, sender_id, msg_id);
+CREATE INDEX IF NOT EXISTS imkit_messages_by_time ON imkit_messages (conversation_id, send_time);
+CREATE TABLE IF NOT EXISTS imkit_members (
+    user_id TEXT NOT NULL, conversation_id TEXT NOT NULL,
+    PRIMARY KEY (user_id, conversation_id)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS imkit_members_by_conversation
+    ON imkit_members (conversation_id, user_id);
+CREATE TABLE IF NOT EXISTS imkit_delivered (
+    user_id TEXT NOT NULL, device_id TEXT NOT NULL, conversation_id TEXT NOT NULL,
+    seq INTEGER NOT NULL, PRIMARY KEY (user_id, device_id, conversation_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS imkit_read (
+    user_id TEXT NOT NULL, conversation_id TEXT NOT NULL, seq INTEGER NOT NULL,
+    PRIMARY KEY (user_id, conversation_id)) WITHOUT ROWID;
+"""
 
 # Primary result codes worth a retry: BUSY, LOCKED, NOMEM, IOERR, FULL, PROTOCOL.
 _RETRYABLE_CODES = frozenset({5, 6, 7, 10, 13, 15})
@@ -135,8 +118,11 @@ def _translate(exc: BaseException) -> ImkitError:
             retry = (code & 0xFF) in _RETRYABLE_CODES
         else:  # Python < 3.11
             retry = any(word in str(exc).lower() for word in _RETRYABLE_WORDS)
-        return (StoreUnavailable if retry else StoreError)(f"sqlite: {exc}")
-    return StoreError(f"unexpected error in the SQLite worker: {exc!r}")
+        error: ImkitError = (StoreUnavailable if retry else StoreError)(f"sqlite: {exc}")
+    else:
+        error = StoreError(f"unexpected error in the SQLite worker: {exc!r}")
+    error.__cause__ = exc
+    return error
 
 
 def _current_waker() -> tuple[object, _Waker]:
@@ -183,17 +169,8 @@ def _set_all(events: list[anyio.Event]) -> None:
 
 
 def _row_to_message(row: Sequence[Any]) -> StoredMessage:
-    return StoredMessage(
-        conversation_id=row[0],
-        seq=row[1],
-        sender_id=row[2],
-        recv_id=row[3],
-        msg_id=row[4],
-        chat_type=row[5],
-        m_type=row[6],
-        content=row[7],
-        send_time=row[8],
-    )
+    # The columns are in the order of StoredMessage's fields.
+    return StoredMessage(*row)
 
 
 class SQLiteStore(StoreLifecycle):
@@ -266,7 +243,8 @@ class SQLiteStore(StoreLifecycle):
                 target=self._serve, args=(jobs, ready), name="imkit-sqlite", daemon=True
             )
             thread.start()
-            await ready.event.wait()
+            with anyio.CancelScope(shield=True):  # never leave a thread without an owner
+                await ready.event.wait()
             if ready.error is not None:
                 await anyio.to_thread.run_sync(thread.join)
                 raise ready.error
@@ -310,7 +288,7 @@ class SQLiteStore(StoreLifecycle):
     def _serve(self, jobs: queue.SimpleQueue[_Job], ready: _Job) -> None:
         try:
             conn = self._connect()
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - handed to open(), never lost
             ready.error = _translate(exc)
             logger.error("cannot open %s: %s", self._path, exc)
             self._wake([ready])
@@ -374,7 +352,7 @@ class SQLiteStore(StoreLifecycle):
                     f"this imkit supports up to {SCHEMA_VERSION}"
                 )
             if version < SCHEMA_VERSION:
-                for statement in _SCHEMA:
+                for statement in filter(str.strip, _SCHEMA.split(";")):
                     conn.execute(statement)
                 conn.execute(
                     "INSERT INTO imkit_schema_version (id, version) VALUES (1, ?)"
@@ -413,11 +391,10 @@ class SQLiteStore(StoreLifecycle):
                     logger.warning("%s: write failed: %r", self._path, exc)
                 conn.execute("RELEASE imkit_job")
             conn.execute("COMMIT")
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - every waiter must get an answer
             logger.warning("%s: write transaction failed: %s", self._path, exc)
-            error = _translate(exc)
-            for job in writes:
-                job.result, job.error = None, error
+            for job in writes:  # one exception object per waiter: each gets raised
+                job.result, job.error = None, _translate(exc)
             try:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
@@ -430,7 +407,7 @@ class SQLiteStore(StoreLifecycle):
     def _run_read(self, conn: sqlite3.Connection, job: _Job) -> None:
         try:
             job.result = job.fn(conn)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - handed to the waiting task
             job.error = _translate(exc)
             try:
                 if conn.in_transaction:
@@ -446,7 +423,7 @@ class SQLiteStore(StoreLifecycle):
             entry[1].append(job.event)
         for waker, events in by_loop.values():
             try:
-                waker(lambda events=events: _set_all(events))  # type: ignore[misc]
+                waker(functools.partial(_set_all, events))
             except RuntimeError:  # the event loop is gone; nobody is waiting any more
                 logger.debug("event loop closed before its SQLite answer arrived")
 
@@ -465,7 +442,7 @@ class SQLiteStore(StoreLifecycle):
         send_time: int,
     ) -> tuple[StoredMessage, bool]:
         """Store a message under the next seq, or return the one stored before."""
-        check_append(
+        draft = draft_message(
             conversation_id=conversation_id,
             sender_id=sender_id,
             recv_id=recv_id,
@@ -494,30 +471,10 @@ class SQLiteStore(StoreLifecycle):
                 " ON CONFLICT (conversation_id) DO UPDATE SET last_seq = excluded.last_seq",
                 (conversation_id, seq),
             )
-            message = StoredMessage(
-                conversation_id=conversation_id,
-                seq=seq,
-                sender_id=sender_id,
-                recv_id=recv_id,
-                msg_id=msg_id,
-                chat_type=chat_type,
-                m_type=m_type,
-                content=content,
-                send_time=send_time,
-            )
+            message = attrs.evolve(draft, seq=seq)
             conn.execute(
                 f"INSERT INTO imkit_messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    conversation_id,
-                    seq,
-                    sender_id,
-                    recv_id,
-                    msg_id,
-                    chat_type,
-                    m_type,
-                    content,
-                    send_time,
-                ),
+                attrs.astuple(message),
             )
             conn.execute(
                 "INSERT OR IGNORE INTO imkit_members (user_id, conversation_id)"
@@ -714,7 +671,8 @@ class SQLiteStore(StoreLifecycle):
         def run(conn: sqlite3.Connection) -> list[ConversationSummary]:
             rows = conn.execute(
                 "SELECT c.conversation_id, c.last_seq, COALESCE(r.seq, 0),"
-                " (SELECT count(*) FROM imkit_messages u WHERE u.conversation_id = c.conversation_id"
+                " (SELECT count(*) FROM imkit_messages u"
+                "   WHERE u.conversation_id = c.conversation_id"
                 "   AND u.seq > COALESCE(r.seq, 0) AND u.sender_id <> mb.user_id),"
                 " COALESCE((SELECT min(o.user_id) FROM imkit_members o"
                 "   WHERE o.conversation_id = c.conversation_id AND o.user_id <> mb.user_id),"

@@ -289,7 +289,7 @@ def check_limit(limit: object) -> int:
     return check_int("limit", limit, minimum=1)
 
 
-def check_append(
+def draft_message(
     *,
     conversation_id: str,
     sender_id: str,
@@ -299,8 +299,8 @@ def check_append(
     m_type: int,
     content: str,
     send_time: int,
-) -> None:
-    """Validate the arguments of :meth:`MessageStore.append`."""
+) -> StoredMessage:
+    """Validate the arguments of :meth:`MessageStore.append`; the message with seq 0."""
     check_text("conversation_id", conversation_id)
     check_text("sender_id", sender_id)
     check_text("recv_id", recv_id)
@@ -311,6 +311,17 @@ def check_append(
         raise TypeError(f"content must be a str, not {type(content).__name__}")
     check_unicode("content", content)
     check_int("send_time", send_time)
+    return StoredMessage(
+        conversation_id=conversation_id,
+        seq=0,
+        sender_id=sender_id,
+        recv_id=recv_id,
+        msg_id=msg_id,
+        chat_type=chat_type,
+        m_type=m_type,
+        content=content,
+        send_time=send_time,
+    )
 
 
 def check_history(

@@ -1,0 +1,295 @@
+"""SQLiteStore beyond the shared contract: threads, locks, processes, durability."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import sys
+from pathlib import Path
+
+import anyio
+import anyio.lowlevel
+import pytest
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+import imkit
+from imkit.chat.sqlite import SQLiteStore
+from imkit.chat.store import StoredMessage
+from imkit.exceptions import StoreError, StoreUnavailable
+
+pytestmark = pytest.mark.anyio
+
+SRC = str(Path(imkit.__file__).resolve().parent.parent)
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    backend: str = request.param
+    return backend
+
+
+async def send(
+    store: SQLiteStore, msg_id: str, content: str = "hi", *, conversation: str = "a_b"
+) -> tuple[StoredMessage, bool]:
+    return await store.append(
+        conversation_id=conversation,
+        sender_id="a",
+        recv_id="b",
+        msg_id=msg_id,
+        chat_type=2,
+        m_type=0,
+        content=content,
+        send_time=1,
+    )
+
+
+def python_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (SRC, env.get("PYTHONPATH")) if p)
+    return env
+
+
+async def test_creates_a_versioned_wal_database(tmp_path: Path) -> None:
+    path = tmp_path / "chat.db"
+    async with SQLiteStore(path) as store:
+        await send(store, "1")
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("SELECT version FROM imkit_schema_version").fetchall() == [(1,)]
+        assert conn.execute("SELECT msg_id FROM imkit_messages").fetchall() == [("1",)]
+    conn.close()
+
+
+async def test_refuses_a_newer_schema(tmp_path: Path) -> None:
+    path = tmp_path / "chat.db"
+    async with SQLiteStore(path):
+        pass
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("UPDATE imkit_schema_version SET version = 99")
+    conn.close()
+    with pytest.raises(StoreError, match="schema version 99"):
+        await SQLiteStore(path).open()
+
+
+async def test_unopenable_path_raises_store_error(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "missing-dir" / "chat.db")
+    with pytest.raises(StoreError):
+        await store.open()
+    with pytest.raises(StoreError):
+        await store.last_seq("a_b")
+
+
+async def test_in_memory_database(tmp_path: Path) -> None:
+    async with SQLiteStore(":memory:") as store:
+        assert (await send(store, "1"))[0].seq == 1
+        assert (await send(store, "2"))[0].seq == 2
+
+
+async def test_event_loop_runs_while_the_worker_waits(tmp_path: Path) -> None:
+    """Deterministic: appends cannot finish while another connection holds the write lock,
+    yet the loop keeps ticking; a store that blocked the loop would never let the
+    heartbeat below reach its count (and would time out on the lock instead)."""
+    path = tmp_path / "chat.db"
+    async with SQLiteStore(path, busy_timeout=30) as store:
+        await send(store, "warm-up")
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        results: list[StoredMessage] = []
+
+        async def writer(i: int) -> None:
+            message, _ = await send(store, f"m{i}", "x" * 65536)
+            results.append(message)
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                for i in range(200):
+                    tg.start_soon(writer, i)
+                for _ in range(2000):  # the heartbeat
+                    await anyio.lowlevel.checkpoint()
+                assert results == []  # all 200 are still waiting for the lock
+                blocker.execute("COMMIT")
+        blocker.close()
+        assert sorted(m.seq for m in results) == list(range(2, 202))
+
+
+async def test_concurrent_appends_share_commits(tmp_path: Path) -> None:
+    path = tmp_path / "chat.db"
+    async with SQLiteStore(path, busy_timeout=30) as store:
+        await send(store, "warm-up")
+        transactions, writes = store.write_transactions, store.writes_committed
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                for i in range(100):
+                    tg.start_soon(send, store, f"m{i}")
+                await anyio.wait_all_tasks_blocked()
+                blocker.execute("COMMIT")
+        blocker.close()
+        # The worker may have taken the first append alone before the others queued;
+        # everything queued behind the lock went out in one transaction.
+        assert store.writes_committed - writes == 100
+        assert store.write_transactions - transactions <= 2
+        stored = await store.read_after("a_b", 0, limit=1000)
+        assert [m.seq for m in stored] == list(range(1, 102))
+
+
+async def test_locked_database_raises_store_unavailable_then_recovers(tmp_path: Path) -> None:
+    path = tmp_path / "chat.db"
+    async with SQLiteStore(path, busy_timeout=0.05) as store:
+        await send(store, "1")
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")
+        try:
+            with pytest.raises(StoreUnavailable, match="locked"):
+                await send(store, "2")
+            with pytest.raises(StoreUnavailable):
+                await store.set_read("b", "a_b", 1)
+            assert await store.last_seq("a_b") == 1  # WAL readers are not blocked
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        message, created = await send(store, "2")
+        assert (message.seq, created) == (2, True)  # the failed attempt burnt no seq
+        assert await store.set_read("b", "a_b", 2) == 2
+
+
+async def test_cancelled_append_leaves_the_store_consistent(tmp_path: Path) -> None:
+    path = tmp_path / "chat.db"
+    async with SQLiteStore(path, busy_timeout=30) as store:
+        blocker = sqlite3.connect(path, isolation_level=None)
+        await send(store, "0")
+        blocker.execute("BEGIN IMMEDIATE")
+        with anyio.move_on_after(0.05) as scope:
+            await send(store, "1")
+        assert scope.cancelled_caught
+        blocker.execute("COMMIT")
+        blocker.close()
+        # "1" may or may not have been stored (its transaction had started); either
+        # way a retry dedupes and the seqs stay gapless.
+        again, _ = await send(store, "1")
+        after, created = await send(store, "2")
+        assert created and after.seq == again.seq + 1
+        stored = await store.read_after("a_b", 0, limit=10)
+        assert [m.seq for m in stored] == list(range(1, len(stored) + 1))
+        assert [m.msg_id for m in stored] == ["0", "1", "2"]
+
+
+async def test_close_finishes_queued_work(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "chat.db")
+    await store.open()
+    results: list[StoredMessage] = []
+
+    async def writer(i: int) -> None:
+        results.append((await send(store, f"m{i}"))[0])
+
+    async with anyio.create_task_group() as tg:
+        for i in range(50):
+            tg.start_soon(writer, i)
+        await anyio.wait_all_tasks_blocked()
+        await store.close()
+    assert len(results) == 50
+    with pytest.raises(StoreError):
+        await send(store, "late")
+
+
+_WRITER = r"""
+import os, sys, anyio
+from imkit.chat.sqlite import SQLiteStore
+
+path, first, go = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+
+async def main():
+    async with SQLiteStore(path, busy_timeout=30) as store:
+        print("ready", flush=True)
+        while not os.path.exists(go):
+            await anyio.sleep(0.002)
+
+        async def one(i):
+            await store.append(conversation_id="a_b", sender_id="a", recv_id="b",
+                               msg_id=f"m{i}", chat_type=2, m_type=0, content=str(i),
+                               send_time=i)
+
+        for start in range(first, first + 300, 30):
+            async with anyio.create_task_group() as tg:
+                for i in range(start, start + 30):
+                    tg.start_soon(one, i)
+
+anyio.run(main)
+"""
+
+
+async def test_two_processes_share_one_file(tmp_path: Path) -> None:
+    path, go = tmp_path / "chat.db", tmp_path / "go"
+    # Process A sends m0..m299, B sends m100..m399: 200 ids overlap (resends across
+    # processes), 400 distinct messages in all.
+    async with (
+        await anyio.open_process(
+            [sys.executable, "-c", _WRITER, str(path), "0", str(go)], env=python_env()
+        ) as proc_a,
+        await anyio.open_process(
+            [sys.executable, "-c", _WRITER, str(path), "100", str(go)], env=python_env()
+        ) as proc_b,
+    ):
+        try:
+            with anyio.fail_after(30):
+                for proc in (proc_a, proc_b):
+                    assert proc.stdout is not None
+                    lines = BufferedByteReceiveStream(proc.stdout)
+                    assert await lines.receive_until(b"\n", 100) == b"ready"
+                go.touch()
+                for proc in (proc_a, proc_b):
+                    assert await proc.wait() == 0
+        finally:
+            for proc in (proc_a, proc_b):
+                if proc.returncode is None:
+                    proc.kill()
+    async with SQLiteStore(path) as store:
+        stored = await store.read_after("a_b", 0, limit=1000)
+    assert [m.seq for m in stored] == list(range(1, 401))
+    assert sorted(int(m.msg_id[1:]) for m in stored) == list(range(400))
+
+
+_KILLED = r"""
+import sys, anyio
+from imkit.chat.sqlite import SQLiteStore
+
+async def main():
+    async with SQLiteStore(sys.argv[1], synchronous=sys.argv[2]) as store:
+        for i in range(100000):
+            message, _ = await store.append(
+                conversation_id="a_b", sender_id="a", recv_id="b", msg_id=f"m{i}",
+                chat_type=2, m_type=0, content=f"payload {i}", send_time=i)
+            print(message.msg_id, message.seq, flush=True)
+
+anyio.run(main)
+"""
+
+
+@pytest.mark.parametrize("synchronous", ["FULL", "NORMAL"])
+async def test_acknowledged_appends_survive_kill_9(tmp_path: Path, synchronous: str) -> None:
+    path = tmp_path / "chat.db"
+    acked: list[tuple[str, int]] = []
+    async with await anyio.open_process(
+        [sys.executable, "-c", _KILLED, str(path), synchronous], env=python_env()
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            lines = BufferedByteReceiveStream(proc.stdout)
+            with anyio.fail_after(30):
+                while len(acked) < 200:
+                    msg_id, seq = (await lines.receive_until(b"\n", 100)).split()
+                    acked.append((msg_id.decode(), int(seq)))
+            proc.send_signal(signal.SIGKILL)
+            assert await proc.wait() == -signal.SIGKILL
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+    async with SQLiteStore(path) as store:
+        stored = await store.read_after("a_b", 0, limit=100000)
+    assert [m.seq for m in stored] == list(range(1, len(stored) + 1))
+    by_id = {m.msg_id: m.seq for m in stored}
+    for msg_id, seq in acked:
+        assert by_id[msg_id] == seq
