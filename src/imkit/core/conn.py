@@ -52,6 +52,7 @@ from imkit.core.events import (
     Event,
     HandshakeRequested,
     HttpRequested,
+    RawMessageReceived,
     Rejected,
 )
 from imkit.core.frames import Frame
@@ -144,18 +145,21 @@ def origin_allowed(origin: str | None, host: str | None, allowed: Sequence[str] 
     origin = origin.strip().lower().rstrip("/")
     if allowed is None:
         parts = urlsplit(origin)
-        return bool(host) and parts.scheme in ("http", "https") and parts.netloc == host.lower()
+        return parts.scheme in ("http", "https") and parts.netloc == (host or "").lower() != ""
     return origin in {o.strip().lower().rstrip("/") for o in allowed}
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
 
 
 def _http_response(
     status: int, body: bytes, headers: Sequence[tuple[str, str]] = (), content_type: str = ""
 ) -> bytes:
-    try:
-        phrase = HTTPStatus(status).phrase
-    except ValueError:
-        phrase = "Error"
-    lines = [f"HTTP/1.1 {status} {phrase}"]
+    lines = [f"HTTP/1.1 {status} {_phrase(status)}"]
     names = {name.lower() for name, _ in headers}
     if "content-type" not in names:
         lines.append(f"Content-Type: {content_type or 'text/plain; charset=utf-8'}")
@@ -178,8 +182,10 @@ class _Conn:
         self._ws = None
         self._out: list[bytes] = []
         self._events: list[Event] = []
+        self.raw = False
         self._parts: list[str] = []
-        self._part_chars = 0
+        self._bin_parts: list[bytes] = []
+        self._part_bytes = 0
         self._fragments = 0
         self._created = now
         self._next_ping: float | None = None
@@ -285,13 +291,27 @@ class _Conn:
         elif self.state is ConnState.HANDSHAKE:
             self._finish(code, reason)
 
+    def send_raw(self, data: str | bytes) -> None:
+        """Raw mode: send ``data`` as one text (``str``) or binary (``bytes``) message.
+
+        Ignored once the connection is closing. Write ``data_to_send()`` afterwards.
+        """
+        if not self.raw:
+            raise LocalProtocolError("send_raw() needs a connection in raw mode")
+        if self.state is not ConnState.OPEN:
+            return
+        if isinstance(data, str):
+            self._send_ws(TextMessage(data=data))
+        else:
+            self._send_ws(BytesMessage(data=bytes(data)))
+
     def _require_peer(self) -> Peer:
         if self.peer is None or self.state is not ConnState.OPEN:
             raise LocalProtocolError(f"cannot send on a connection in state {self.state.value}")
         return self.peer
 
     # ------------------------------------------------------------------ internals
-    def _open(self, peer: Peer, now: float) -> None:
+    def _open(self, peer: Peer | None, now: float) -> None:
         self.peer = peer
         self.state = ConnState.OPEN
         if self.limits.ping_interval is not None:
@@ -364,12 +384,11 @@ class _Conn:
                     continue  # frames after our close frame are ignored
                 chunk = event.data
                 self._parts.append(chunk)
-                self._part_chars += len(chunk)
+                # Count UTF-8 bytes chunk by chunk: linear in the message, whatever its split.
+                self._part_bytes += len(chunk) if chunk.isascii() else len(chunk.encode())
                 if event.frame_finished:
                     self._fragments += 1
-                if self._part_chars * 4 > limits.max_message_size and (
-                    sum(len(p.encode()) for p in self._parts) > limits.max_message_size
-                ):
+                if self._part_bytes > limits.max_message_size:
                     self._fail(CLOSE_MESSAGE_TOO_BIG, "message too big")
                     return
                 if self._fragments > limits.max_fragments:
@@ -378,15 +397,36 @@ class _Conn:
                 if event.message_finished:
                     text = chunk if len(self._parts) == 1 else "".join(self._parts)
                     self._parts.clear()
-                    self._part_chars = 0
+                    self._part_bytes = 0
                     self._fragments = 0
+                    if self.raw:
+                        self._events.append(RawMessageReceived(text))
+                        continue
                     assert self.peer is not None
                     self.peer.receive_text(text, now)
                     self._pump(now)
             elif isinstance(event, BytesMessage):
-                if self.state is ConnState.OPEN:
+                if self.state is not ConnState.OPEN:
+                    continue
+                if not self.raw:
                     self._fail(CLOSE_UNSUPPORTED_DATA, "binary messages are not supported")
                     return
+                self._bin_parts.append(bytes(event.data))
+                self._part_bytes += len(event.data)
+                if event.frame_finished:
+                    self._fragments += 1
+                if self._part_bytes > limits.max_message_size:
+                    self._fail(CLOSE_MESSAGE_TOO_BIG, "message too big")
+                    return
+                if self._fragments > limits.max_fragments:
+                    self._fail(CLOSE_MESSAGE_TOO_BIG, "too many fragments")
+                    return
+                if event.message_finished:
+                    data = b"".join(self._bin_parts)
+                    self._bin_parts.clear()
+                    self._part_bytes = 0
+                    self._fragments = 0
+                    self._events.append(RawMessageReceived(data))
             elif isinstance(event, Ping):
                 self._send_ws(event.response())
             elif isinstance(event, Pong):
@@ -427,6 +467,27 @@ class _Conn:
             return
         ws.receive_data(data)
         self._receive_frames(now)
+        self._check_announced_size()
+
+    def _check_announced_size(self) -> None:
+        """Close with 1009 as soon as a frame header announces a message over the limit.
+
+        wsproto hands out a frame's payload as it arrives, so without this check a frame
+        announcing 2**62 bytes would be read (and buffered) until the byte count passed
+        ``max_message_size``. The header wsproto has parsed for the frame in progress is
+        private (``_proto._frame_decoder.header``), hence the defensive lookups.
+        """
+        if self.state is not ConnState.OPEN:
+            return
+        decoder = getattr(getattr(self._ws, "_proto", None), "_frame_decoder", None)
+        header = getattr(decoder, "header", None)
+        length = getattr(header, "payload_len", None)
+        opcode = getattr(header, "opcode", None)
+        if not isinstance(length, int) or opcode is None or opcode.iscontrol():
+            return
+        remaining = length - int(getattr(decoder, "payload_consumed", 0))
+        if self._part_bytes + remaining > self.limits.max_message_size:
+            self._fail(CLOSE_MESSAGE_TOO_BIG, "message too big")
 
 
 class ServerConn(_Conn):
@@ -434,6 +495,11 @@ class ServerConn(_Conn):
 
     After a :class:`~imkit.core.events.HandshakeRequested` event, call :meth:`accept` or
     :meth:`reject`; after :class:`~imkit.core.events.HttpRequested`, call :meth:`respond`.
+
+    ``raw=True`` makes a plain WebSocket connection with no IM layer (no
+    :class:`~imkit.core.peer.Peer`, no frames, acks, strikes or rate limit): every whole
+    message, text or binary, comes out as a :class:`~imkit.core.events.RawMessageReceived`
+    event and :meth:`send_raw` sends one. The limits of :class:`ConnLimits` still apply.
     """
 
     def __init__(
@@ -444,8 +510,10 @@ class ServerConn(_Conn):
         allowed_origins: Sequence[str] | None = None,
         limits: ConnLimits | None = None,
         remote_addr: str = "",
+        raw: bool = False,
     ) -> None:
         super().__init__(limits or ConnLimits(), now)
+        self.raw = raw
         self.path = path
         self.allowed_origins = allowed_origins
         self.remote_addr = remote_addr
@@ -533,7 +601,9 @@ class ServerConn(_Conn):
         if len(key) != 16:
             self._refuse(400, "missing or malformed Sec-WebSocket-Key")
             return
-        if not origin_allowed(request.header("origin"), request.header("host"), self.allowed_origins):
+        if not origin_allowed(
+            request.header("origin"), request.header("host"), self.allowed_origins
+        ):
             self._refuse(403, "origin not allowed")
             return
         self._deciding = True
@@ -544,17 +614,17 @@ class ServerConn(_Conn):
             return path == self.path
         return self.path.fullmatch(path) is not None
 
-    def _refuse(
-        self, status: int, reason: str, headers: Sequence[tuple[str, str]] = ()
-    ) -> None:
+    def _refuse(self, status: int, reason: str, headers: Sequence[tuple[str, str]] = ()) -> None:
         self._out.append(_http_response(status, reason.encode() + b"\n", headers))
         self._finish(CLOSE_ABNORMAL, f"HTTP {status}: {reason}")
 
-    def reject(self, status: int, reason: str = "", headers: Sequence[tuple[str, str]] = ()) -> None:
+    def reject(
+        self, status: int, reason: str = "", headers: Sequence[tuple[str, str]] = ()
+    ) -> None:
         """Refuse the upgrade with an HTTP ``status`` (401, 403, 429, 503, ...)."""
         if self.state is not ConnState.HANDSHAKE:
             raise LocalProtocolError("the handshake is already decided")
-        self._refuse(status, reason or HTTPStatus(status).phrase, headers)
+        self._refuse(status, reason or _phrase(status), headers)
 
     def respond(
         self,
@@ -599,10 +669,14 @@ class ServerConn(_Conn):
             return
         del request
         self._head.clear()
-        mode = options.ack_mode.value.encode()
-        extra = [(b"imkit-ack-mode", mode)]
+        extra = [] if self.raw else [(b"imkit-ack-mode", options.ack_mode.value.encode())]
         extra.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in headers)
         self._out.append(ws.send(AcceptConnection(extra_headers=extra)))
+        if self.raw:
+            self._open(None, now)
+            self._receive_frames(now)
+            self._check_announced_size()
+            return
         peer = Peer(
             options,
             server=True,
@@ -613,6 +687,7 @@ class ServerConn(_Conn):
         )
         self._open(peer, now)
         self._receive_frames(now)
+        self._check_announced_size()
 
 
 class ClientConn(_Conn):

@@ -25,6 +25,7 @@ __all__ = (
     "HttpRequested",
     "MessageExpired",
     "MessageReceived",
+    "RawMessageReceived",
     "Rejected",
 )
 
@@ -75,6 +76,16 @@ class MessageReceived:
     """
 
     frame: Frame
+
+
+@attrs.frozen(slots=True)
+class RawMessageReceived:
+    """Raw mode (``ServerConn(raw=True)``): one whole WebSocket message, text or binary.
+
+    No IM framing, acks or strikes apply; answer with ``conn.send_raw(data)`` if at all.
+    """
+
+    data: str | bytes
 
 
 @attrs.frozen(slots=True)
@@ -129,6 +140,7 @@ Event = (
     | Connected
     | Rejected
     | MessageReceived
+    | RawMessageReceived
     | Delivered
     | DeliveryFailed
     | MessageExpired
