@@ -1,0 +1,271 @@
+"""Server-level steps of a connection's life that do not depend on the transport.
+
+The anyio session (:mod:`imkit.transport.session`) and the ASGI adapter
+(:mod:`imkit.transport.asgi`) read and write differently, but decide a handshake, announce a
+new connection, run handlers and hooks, and retire a closed connection alike. These
+functions do that against a :class:`~imkit.transport.server.Server` and any session that
+satisfies :class:`Connection`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import TYPE_CHECKING, Any, Protocol, cast
+
+import anyio
+
+from imkit.core.events import Delivered, DeliveryFailed, MessageExpired
+from imkit.core.frames import ErrorCode, Frame
+from imkit.core.interfaces import Binding, Forward, HandshakeRequest, Identity
+from imkit.core.server import HttpResponse, LoginPolicy, ServerAPI, Session
+from imkit.exceptions import AuthenticationFailed, DiscoverError, HandlerError
+
+if TYPE_CHECKING:
+    from imkit.transport.server import Server
+
+__all__ = (
+    "Connection",
+    "HandlerContext",
+    "announce",
+    "as_api",
+    "decide_handshake",
+    "delivery_hooks",
+    "dispatch",
+    "page_response",
+    "path_matches",
+    "retire",
+)
+
+
+class Connection(Session, Protocol):
+    """What the steps need of a server-side session, beyond the core ``Session``."""
+
+    @property
+    def server(self) -> Server:
+        """The server the session belongs to."""
+        ...
+
+    @property
+    def remote_addr(self) -> str:
+        """The client's address (empty when unknown)."""
+        ...
+
+    def send_now(
+        self,
+        method: str,
+        data: Any,
+        *,
+        message_id: str | None = None,
+        form_id: str = "",
+        reply_to: str = "",
+    ) -> Frame:
+        """Send at once with the downstream ack mode."""
+        ...
+
+    def send_error(self, code: str, message: str, frame_id: str = "", **extra: Any) -> None:
+        """Send an ``Err`` frame."""
+        ...
+
+
+def path_matches(pattern: str | re.Pattern[str], path: str) -> bool:
+    """Whether ``path`` is the WebSocket path ``pattern`` (a string or a full-match regex)."""
+    return path == pattern if isinstance(pattern, str) else pattern.fullmatch(path) is not None
+
+
+def as_api(server: Server) -> ServerAPI:
+    """``server`` as the ``ServerAPI`` protocol.
+
+    ``Server.sessions()`` is typed ``list[ServerSession]``, which mypy does not accept for
+    the protocol's ``list[Session]`` (lists are invariant), though it is one at run time.
+    """
+    return cast(ServerAPI, server)
+
+
+async def decide_handshake(server: Server, request: HandshakeRequest) -> Identity | tuple[int, str]:
+    """Admission, authentication and the per-user limit: an identity or (status, reason)."""
+    app = server.app
+    refusal = server.admission(request)
+    if refusal is not None:
+        return refusal
+    try:
+        limit = app.limits.handshake_timeout
+        with anyio.fail_after(limit if limit is not None else math.inf):
+            identity = await app.auth.authenticate(request)
+    except AuthenticationFailed as exc:
+        server.logger.info("handshake from %s refused: %s", request.remote_addr, exc.reason)
+        return exc.status, exc.reason
+    except TimeoutError:
+        return 503, "authentication timed out"
+    except Exception:
+        server.logger.exception("authentication failed with an error")
+        return 500, "authentication error"
+    if (
+        app.login_policy is LoginPolicy.MULTI
+        and server.registry.count(identity.user_id) >= app.max_connections_per_user
+    ):
+        return 429, "too many connections for this user"
+    return identity
+
+
+async def announce(server: Server, session: Connection) -> None:
+    """Bind the user in discovery (kicking its replaced connections on other nodes), run
+    the ``on_connect`` hooks, then release the fan-out held meanwhile."""
+    app = server.app
+    identity = session.identity
+    if not server.single_node:
+        binding = Binding(identity.user_id, server.node_id, session.epoch, identity.device_id)
+        try:
+            others = await app.discover.bind(binding)
+        except DiscoverError as exc:
+            server.logger.warning("could not bind %r in discovery: %s", identity.user_id, exc)
+            others = []
+        for other in others:
+            same_device = other.device_id == identity.device_id
+            if other.node_id != server.node_id and (
+                app.login_policy is LoginPolicy.SINGLE or same_device
+            ):
+                kick = Forward("kick", identity.user_id, server.node_id, epoch=other.epoch)
+                try:
+                    await app.discover.forward(other.node_id, kick)
+                except DiscoverError as exc:
+                    server.logger.warning("could not reach node %r: %s", other.node_id, exc)
+    for hook in app.connect_hooks:
+        try:
+            await hook(session, as_api(server))
+        except Exception:
+            server.logger.exception("an on_connect hook failed for %r", identity.user_id)
+    await session.release()  # a no-op unless fan-out was held
+
+
+async def dispatch(server: Server, session: Connection, frame: Frame) -> None:
+    """Run the route of ``frame`` under the server's handler limit; errors become ``Err``."""
+    route = server.app.router.get(frame.method)
+    if route is None:  # the peer refuses unknown methods before acking; kept for safety
+        session.send_error(ErrorCode.UNKNOWN_METHOD, f"unknown method {frame.method!r}", frame.id)
+        return
+    async with server.handler_limiter:
+        try:
+            await route.handler(HandlerContext(session, frame))
+        except HandlerError as exc:
+            session.send_error(exc.code, exc.message, frame.id, **exc.extra)
+        except Exception:
+            server.logger.exception(
+                "handler for %r failed (user %r, message %r)",
+                frame.method,
+                session.user_id,
+                frame.id,
+            )
+            session.send_error(
+                ErrorCode.HANDLER_ERROR, "the handler failed; see the server log", frame.id
+            )
+
+
+async def delivery_hooks(server: Server, session: Connection, event: Any) -> None:
+    """Run the ``on_delivered`` / ``on_delivery_failed`` hooks for one peer event."""
+    app = server.app
+    try:
+        if isinstance(event, Delivered):
+            for hook in app.delivered_hooks:
+                await hook(session, event.frame)
+        elif isinstance(event, DeliveryFailed):
+            for failed in app.failed_hooks:
+                await failed(session, event.frame, event.reason)
+        elif isinstance(event, MessageExpired):
+            server.logger.info(
+                "message %r of %r expired unconfirmed (RigorAck)", event.frame.id, session.user_id
+            )
+    except Exception:
+        server.logger.exception("a delivery hook failed for %r", session.user_id)
+
+
+async def retire(server: Server, session: Connection, pending: list[Any]) -> None:
+    """Unregister a closed session, then run the hooks of its last events and the
+    ``on_disconnect`` hooks."""
+    identity = session.identity
+    server.ip_closed(session.remote_addr)
+    server.registry.remove(identity.user_id, session.epoch)
+    server.registry.release_receiver(identity, server.clock.now())
+    if not server.single_node:
+        binding = Binding(identity.user_id, server.node_id, session.epoch, identity.device_id)
+        try:
+            with anyio.move_on_after(5):
+                await server.app.discover.unbind(binding)
+        except DiscoverError as exc:
+            server.logger.warning("could not unbind %r: %s", identity.user_id, exc)
+    for event in pending:  # failures of pushes still in flight come before the disconnect
+        await delivery_hooks(server, session, event)
+    for hook in server.app.disconnect_hooks:
+        try:
+            with anyio.move_on_after(10):
+                await hook(session, as_api(server))
+        except Exception:
+            server.logger.exception("an on_disconnect hook failed for %r", identity.user_id)
+
+
+async def page_response(server: Server, request: HandshakeRequest, method: str) -> HttpResponse:
+    """The answer to a plain HTTP request: a page, 426 on the WebSocket path, 404, 405."""
+    app = server.app
+    handler = app.pages.get(request.path)
+    if handler is None:
+        if path_matches(app.path, request.path):
+            return HttpResponse(
+                426, b"this endpoint speaks WebSocket\n", headers=[("Upgrade", "websocket")]
+            )
+        return HttpResponse(404, b"not found\n")
+    if method not in ("GET", "HEAD"):
+        return HttpResponse(405, b"method not allowed\n", headers=[("Allow", "GET, HEAD")])
+    try:
+        return await handler(request)
+    except Exception:
+        server.logger.exception("page handler for %r failed", request.path)
+        return HttpResponse(500, b"internal server error\n")
+
+
+# ---------------------------------------------------------------------- one connection
+class HandlerContext:
+    """The :class:`~imkit.core.server.Context` of one message."""
+
+    __slots__ = ("_frame", "_session")
+
+    def __init__(self, session: Connection, frame: Frame) -> None:
+        self._session = session
+        self._frame = frame
+
+    @property
+    def frame(self) -> Frame:
+        """The message, ``form_id`` set to the authenticated user."""
+        return self._frame
+
+    @property
+    def data(self) -> Any:
+        """The message's payload."""
+        return self._frame.data
+
+    @property
+    def method(self) -> str:
+        """The message's method."""
+        return self._frame.method
+
+    @property
+    def session(self) -> Connection:
+        """The connection the message came on."""
+        return self._session
+
+    @property
+    def user_id(self) -> str:
+        """The authenticated sender."""
+        return self._session.user_id
+
+    @property
+    def server(self) -> ServerAPI:
+        """The running server (an :class:`~imkit.transport.server.Server`)."""
+        return as_api(self._session.server)
+
+    async def reply(self, data: Any) -> Frame:
+        """Answer with a ``Data`` frame whose ``replyTo`` is this message's id."""
+        return self._session.send_now(self._frame.method, data, reply_to=self._frame.id)
+
+    async def error(self, code: str, message: str, **extra: Any) -> None:
+        """Answer with an ``Err`` frame."""
+        self._session.send_error(code, message, self._frame.id, **extra)
