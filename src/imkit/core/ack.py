@@ -48,8 +48,8 @@ __all__ = (
     "Input",
     "Receiver",
     "Role",
-    "Sender",
     "SendFrame",
+    "Sender",
     "State",
 )
 
@@ -308,12 +308,14 @@ class _Machine:
         """When :meth:`handle_timeout` must next be called, or ``None``."""
         heap = self._heap
         while heap:
-            when, token, message_id = heap[0]
+            _when, token, message_id = heap[0]
             entry = self._live.get(message_id)
             if entry is not None and entry.token == token:
                 break
             heapq.heappop(heap)
-        times = [t for t in (heap[0][0] if heap else None, self._memory.next_expiry()) if t]
+        times = [
+            t for t in (heap[0][0] if heap else None, self._memory.next_expiry()) if t is not None
+        ]
         return min(times) if times else None
 
     def handle_timeout(self, now: float) -> list[Effect]:
@@ -392,6 +394,7 @@ class Sender(_Machine):
     def __init__(self, mode: AckMode, timers: AckTimers | None = None) -> None:
         super().__init__(mode, timers or AckTimers())
         self._backlog: deque[Frame] = deque()
+        self._backlog_ids: set[str] = set()
 
     @property
     def backlog(self) -> int:
@@ -401,15 +404,21 @@ class Sender(_Machine):
     def send(self, frame: Frame, now: float) -> list[Effect]:
         """Send a new ``Data`` frame; its id must not be in flight or remembered."""
         if self.mode is not AckMode.NONE:
-            if frame.id in self._live or frame.id in self._memory:
-                raise LocalProtocolError(f"message id {frame.id!r} is already in use")
-            if not frame.id:
+            message_id = frame.id
+            if message_id in self._live or message_id in self._memory:
+                raise LocalProtocolError(f"message id {message_id!r} is already in use")
+            if message_id in self._backlog_ids:
+                raise LocalProtocolError(f"message id {message_id!r} is already queued")
+            if not message_id:
                 raise LocalProtocolError("an acked message needs a non-empty id")
             if self._backlog or len(self._live) >= self.timers.window:
                 self._backlog.append(frame)
+                self._backlog_ids.add(message_id)
                 return []
         effects: list[Effect] = []
-        self._apply(_Entry(frame, State.NEW, now + self.timers.ack_timeout), Input.SEND, now, effects)
+        self._apply(
+            _Entry(frame, State.NEW, now + self.timers.ack_timeout), Input.SEND, now, effects
+        )
         return effects
 
     def on_ack(self, message_id: str, now: float) -> list[Effect]:
@@ -438,12 +447,14 @@ class Sender(_Machine):
         """Remove and return the messages that never left the backlog."""
         frames = list(self._backlog)
         self._backlog.clear()
+        self._backlog_ids.clear()
         return frames
 
     def _drain(self, now: float, effects: list[Effect]) -> None:
         backlog = self._backlog
         while backlog and len(self._live) < self.timers.window:
             frame = backlog.popleft()
+            self._backlog_ids.discard(frame.id)
             entry = _Entry(frame, State.NEW, now + self.timers.ack_timeout)
             self._apply(entry, Input.SEND, now, effects)
 

@@ -11,12 +11,14 @@ clients never see it.
 
 Decoding never raises: :func:`decode_frame` returns either a :class:`Frame` or a
 :class:`DecodeError` that names a machine-readable :class:`ErrorCode` and, where it could be
-read, the id of the offending frame.
+read, the id of the offending frame. Only strict JSON is accepted: ``NaN``/``Infinity`` and
+lone UTF-16 surrogates (``"\\ud800"``), which no UTF-8 text can carry on, are ``bad_json``.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from enum import IntEnum
 from typing import Any
 
@@ -116,7 +118,8 @@ def encode_frame(frame: Frame) -> str:
     }
     if frame.reply_to:
         obj["replyTo"] = frame.reply_to
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    # allow_nan=False: NaN and Infinity are not JSON; no other client could read them.
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 
 def _field(obj: dict[str, Any], name: str, kind: type, default: Any) -> Any:
@@ -136,16 +139,43 @@ class _BadField(Exception):
         self.kind = kind
 
 
-def decode_frame(text: str | bytes) -> Frame | DecodeError:
-    """Decode one text message. Never raises: bad input gives a :class:`DecodeError`."""
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+# "\ud800".."\udfff": a UTF-16 surrogate escape; paired ones decode to one code point.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _encodable(value: Any) -> bool:
+    """Whether ``value`` re-encodes as UTF-8 JSON (no lone surrogate anywhere in it)."""
     try:
-        obj = json.loads(text)
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def decode_frame(text: str | bytes) -> Frame | DecodeError:
+    """Decode one text message (``bytes`` must be UTF-8). Never raises: bad input gives a
+    :class:`DecodeError`.
+    """
+    try:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+        obj = json.loads(text, parse_constant=_no_constants)
     except (ValueError, RecursionError) as exc:
         return DecodeError(ErrorCode.BAD_JSON, f"message is not valid JSON: {exc}")
     if not isinstance(obj, dict):
         return DecodeError(ErrorCode.BAD_JSON, "message is not a JSON object")
     raw_id = obj.get("id", "")
     frame_id = raw_id if isinstance(raw_id, str) else ""
+    if _SURROGATE_ESCAPE.search(text) is not None and not _encodable(obj):
+        return DecodeError(
+            ErrorCode.BAD_JSON,
+            "message contains a lone UTF-16 surrogate",
+            frame_id if _encodable(frame_id) else "",
+        )
     try:
         frame_type = _field(obj, "frameType", int, 0)
         message_id = _field(obj, "id", str, "")

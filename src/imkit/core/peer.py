@@ -32,14 +32,14 @@ from imkit.core.ack import (
     SendFrame,
 )
 from imkit.core.events import (
+    Delivered as DeliveredEvent,
+)
+from imkit.core.events import (
     DeliveryFailed,
     ErrorReceived,
     Event,
     MessageExpired,
     MessageReceived,
-)
-from imkit.core.events import (
-    Delivered as DeliveredEvent,
 )
 from imkit.core.frames import (
     DecodeError,
@@ -196,7 +196,9 @@ class Peer:
         elif kind is FrameType.ERR:
             self._events.append(ErrorReceived(frame))
         elif self.server:  # TRANSPOND from a client
-            self._reject(ErrorCode.FORBIDDEN, "clients may not send Transpond frames", frame.id, now)
+            self._reject(
+                ErrorCode.FORBIDDEN, "clients may not send Transpond frames", frame.id, now
+            )
 
     def _receive_data(self, frame: Frame, now: float) -> None:
         if self.server:
@@ -223,15 +225,17 @@ class Peer:
             if frame.form_id != self.user_id:
                 frame = attrs.evolve(frame, form_id=self.user_id)
         acked = frame.frame_type is FrameType.DATA
+        if acked and not frame.id and self.receiver.mode is not AckMode.NONE:
+            # Nothing could ack it, and two such messages would be taken for one.
+            self._reject(ErrorCode.BAD_FRAME, "an acked Data frame needs an id", "", now)
+            return
         self._effects(self.receiver.on_data(frame, now, acked=acked), now)
 
     def _take_token(self, now: float) -> bool:
         rate = self.options.rate_limit
         if rate is None:
             return True
-        tokens = min(
-            float(self.options.rate_burst), self._tokens + (now - self._tokens_at) * rate
-        )
+        tokens = min(float(self.options.rate_burst), self._tokens + (now - self._tokens_at) * rate)
         self._tokens_at = now
         if tokens < 1.0:
             self._tokens = tokens
@@ -271,6 +275,10 @@ class Peer:
         Returns the frame sent; its ``id`` identifies the later ``Delivered`` or
         ``DeliveryFailed`` event. Over ``max_backlog`` waiting messages the connection is
         closed with 1008 and the message fails with reason ``"overflow"``.
+
+        Raises ``TypeError`` or ``ValueError`` (and sends nothing) when ``data`` cannot be
+        encoded as strict JSON in UTF-8, and
+        :class:`~imkit.exceptions.LocalProtocolError` for an id that is still in use.
         """
         frame = Frame(
             FrameType.DATA if acked else FrameType.NO_ACK,
@@ -283,14 +291,19 @@ class Peer:
         if self.closed:
             self._events.append(DeliveryFailed(frame, "closed"))
             return frame
+        # Encode first: data that cannot go on the wire fails here, before the ack machine
+        # holds a frame that every later resend would fail to encode.
+        text = encode_frame(frame)
+        if not text.isascii():
+            text.encode("utf-8")  # a lone surrogate raises UnicodeEncodeError (a ValueError)
         if not acked:
-            self._out.append(encode_frame(frame))
+            self._out.append(text)
             return frame
         if self.sender.backlog >= self.options.max_backlog:
             self._events.append(DeliveryFailed(frame, "overflow"))
             self.request_close(CLOSE_POLICY, "send queue full: the client is not reading")
             return frame
-        self._effects(self.sender.send(frame, now), now)
+        self._effects(self.sender.send(frame, now), now, (frame, text))
         return frame
 
     def send_frame(self, frame: Frame) -> None:
@@ -328,12 +341,17 @@ class Peer:
         self.sender = Sender(self.sender.mode, self.sender.timers)
 
     # ------------------------------------------------------------------ effects
-    def _effects(self, effects: list[Effect], now: float) -> None:
+    def _effects(
+        self, effects: list[Effect], now: float, encoded: tuple[Frame, str] | None = None
+    ) -> None:
         out = self._out
         events = self._events
         for effect in effects:
             if isinstance(effect, SendFrame):
-                out.append(encode_frame(effect.frame))
+                if encoded is not None and effect.frame is encoded[0]:
+                    out.append(encoded[1])
+                else:
+                    out.append(encode_frame(effect.frame))
             elif isinstance(effect, Dispatch):
                 events.append(MessageReceived(effect.frame))
             elif isinstance(effect, Delivered):
@@ -351,4 +369,3 @@ class Peer:
                         )
                     )
                 )
-
