@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from imkit.transport.server import Server
 
 __all__ = (
+    "HOOK_TIMEOUT",
+    "UNBIND_TIMEOUT",
     "Connection",
     "HandlerContext",
     "announce",
@@ -36,6 +38,12 @@ __all__ = (
     "path_matches",
     "retire",
 )
+
+
+HOOK_TIMEOUT = 10.0
+"""Longest an ``on_disconnect`` hook may run (and an ``on_connect`` hook may delay it)."""
+UNBIND_TIMEOUT = 5.0
+"""Longest a discovery ``unbind`` may take when a connection closes."""
 
 
 class Connection(Session, Protocol):
@@ -179,25 +187,21 @@ async def delivery_hooks(server: Server, session: Connection, event: Any) -> Non
         server.logger.exception("a delivery hook failed for %r", session.user_id)
 
 
-async def retire(server: Server, session: Connection, pending: list[Any]) -> None:
-    """Unregister a closed session, then run the hooks of its last events and the
-    ``on_disconnect`` hooks."""
+async def retire(server: Server, session: Connection) -> None:
+    """The tail of a closed session, once it has left the registry and its last delivery
+    hooks have run: forget its address, unbind it in discovery, run ``on_disconnect``."""
     identity = session.identity
     server.ip_closed(session.remote_addr)
-    server.registry.remove(identity.user_id, session.epoch)
-    server.registry.release_receiver(identity, server.clock.now())
     if not server.single_node:
         binding = Binding(identity.user_id, server.node_id, session.epoch, identity.device_id)
         try:
-            with anyio.move_on_after(5):
+            with anyio.move_on_after(UNBIND_TIMEOUT):
                 await server.app.discover.unbind(binding)
         except DiscoverError as exc:
             server.logger.warning("could not unbind %r: %s", identity.user_id, exc)
-    for event in pending:  # failures of pushes still in flight come before the disconnect
-        await delivery_hooks(server, session, event)
     for hook in server.app.disconnect_hooks:
         try:
-            with anyio.move_on_after(10):
+            with anyio.move_on_after(HOOK_TIMEOUT):
                 await hook(session, as_api(server))
         except Exception:
             server.logger.exception("an on_disconnect hook failed for %r", identity.user_id)

@@ -16,12 +16,12 @@ registers its :class:`ASGISession` objects in ``server.registry``, so the login 
 fan-out (``send_to_users``), forwards from other nodes, admission (503 while stopping,
 429 per address), the handler limit and the hooks behave as under :func:`imkit.serve`.
 
-Per connection, three tasks in one task group: the **reader** feeds messages to the peer
-and hands the ones to handle to the **worker** through a bounded queue (the reader stops
-reading when the worker falls behind, and the ASGI server stops reading the socket); the
-worker runs this connection's handlers in order under the server-wide limit; the
-**pump** sends what the peer produced and sleeps until the peer's next deadline or until
-woken. Nothing polls.
+Each accepted connection is an :class:`~imkit.transport.asgi_session.ASGISession` with four
+tasks (reader, worker, writer, timer; see that module). The reader stops calling
+``receive()`` while the worker is behind, so the ASGI server stops reading the socket; the
+timer sleeps until the peer's next deadline. Nothing polls. The steps that do not depend
+on the transport (deciding a handshake, running handlers and hooks, pages) are
+:mod:`imkit.transport._lifecycle`, which the anyio session runs too.
 
 What ASGI imposes (see ``docs/asgi.md``):
 
@@ -40,46 +40,19 @@ What ASGI imposes (see ``docs/asgi.md``):
 from __future__ import annotations
 
 import logging
-import math
-import secrets
-import time
-from collections import deque
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import MutableMapping
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qsl
 
 import anyio
-import anyio.abc
 import anyio.lowlevel
 
-from imkit.core.conn import (
-    ACK_MODE_HEADER,
-    CLOSE_GOING_AWAY,
-    CLOSE_MESSAGE_TOO_BIG,
-    CLOSE_UNSUPPORTED_DATA,
-    origin_allowed,
-)
-from imkit.core.events import (
-    Closed,
-    Delivered,
-    DeliveryFailed,
-    ErrorReceived,
-    MessageExpired,
-    MessageReceived,
-)
-from imkit.core.frames import Frame, FrameType
+from imkit.core.conn import origin_allowed
 from imkit.core.interfaces import HandshakeRequest, Identity
-from imkit.core.peer import CLOSE_POLICY, Peer
+from imkit.core.peer import CLOSE_POLICY
 from imkit.core.server import App, HttpResponse
-from imkit.transport._lifecycle import (
-    announce,
-    decide_handshake,
-    delivery_hooks,
-    dispatch,
-    page_response,
-    path_matches,
-    retire,
-)
+from imkit.transport._lifecycle import decide_handshake, page_response, path_matches
+from imkit.transport.asgi_session import ASGISession, Receive, Send, close_reason
 from imkit.transport.clock import Clock
 from imkit.transport.server import (
     DEFAULT_MAX_QUEUED_MESSAGES,
@@ -91,21 +64,15 @@ from imkit.transport.server import (
 if TYPE_CHECKING:
     from imkit.transport.session import ServerSession
 
-__all__ = ("CLOSE_REFUSED", "ASGIApp", "ASGISession")
+__all__ = ("CLOSE_REFUSED", "ASGIApp", "ASGISession", "handshake_request", "route_path")
 
 Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 CLOSE_REFUSED = CLOSE_POLICY
 """Close code of a refused handshake on a server without ``websocket.http.response``."""
 
-_CLOSE_ABNORMAL = 1006
-_CLOSE_NO_STATUS = 1005
 _HTTP_RESPONSE_EXTENSION = "websocket.http.response"
 _REFUSAL_LINGER = 1.0  # seconds to wait for the server's disconnect after a refusal
-_MAX_REASON_BYTES = 123  # RFC 6455 §5.5: a close frame's payload is at most 125 bytes
 
 
 # ---------------------------------------------------------------------- the request
@@ -138,385 +105,6 @@ def handshake_request(scope: Scope) -> HandshakeRequest:
         remote_addr=str(client[0]) if client else "",
         subprotocols=[str(p) for p in scope.get("subprotocols") or ()],
     )
-
-
-def _close_reason(reason: str) -> str:
-    """``reason`` cut to what fits in a close frame, on a character boundary."""
-    data = reason.encode()[:_MAX_REASON_BYTES]
-    return data.decode("utf-8", "ignore")
-
-
-# ---------------------------------------------------------------------- one connection
-class ASGISession:
-    """One accepted WebSocket of an ASGI server, as handlers and hooks see it.
-
-    It offers what :class:`~imkit.transport.session.ServerSession` offers (a core
-    ``Session`` plus ``send_now``, ``deliver``, ``wait_for_room``...), so the server's
-    fan-out and hooks treat both alike. :class:`ASGIApp` creates it after the handshake.
-    """
-
-    def __init__(
-        self, server: Server, request: HandshakeRequest, identity: Identity, send: Send
-    ) -> None:
-        app = server.app
-        self.server = server
-        self.app = app
-        self.clock = server.clock
-        self.request = request
-        self.remote_addr = request.remote_addr
-        self.epoch = f"{server.node_id}:{secrets.token_hex(8)}"
-        self._identity = identity
-        now = self.clock.now()
-        receiver = server.registry.receiver(identity, app.ack_mode, app.options.timers, now)
-        self.peer = Peer(
-            app.options,
-            server=True,
-            now=now,
-            user_id=identity.user_id,
-            receiver=receiver,
-            accepts_method=app.router.__contains__,
-        )
-        self._expires_at: float | None = None
-        if identity.expires_at is not None:
-            self._expires_at = now + (identity.expires_at - time.time())
-        self._send = send
-        self._out: deque[str] = deque()
-        self._out_size = 0
-        self._woken = False
-        self._sleep_scope: anyio.CancelScope | None = None
-        self._send_scope: anyio.CancelScope | None = None
-        self._closing: tuple[int, str] | None = None
-        self._aborted = False
-        self.closed_with: Closed | None = None
-        """How the connection ended (``None`` while it is open or closing)."""
-        self._held: list[Frame] | None = []
-        self._queue_in, self._queue_out = anyio.create_memory_object_stream[tuple[str, Any]](
-            math.inf
-        )
-        self._slots = anyio.Semaphore(server.max_queued_messages)
-        self._room = anyio.Event()
-        self._finished = anyio.Event()
-        self._tg: anyio.abc.TaskGroup | None = None
-
-    # ------------------------------------------------------------------ Session API
-    @property
-    def identity(self) -> Identity:
-        """Who is connected."""
-        return self._identity
-
-    @property
-    def user_id(self) -> str:
-        """The authenticated user id."""
-        return self._identity.user_id
-
-    @property
-    def device_id(self) -> str:
-        """The device id (may be empty)."""
-        return self._identity.device_id
-
-    @property
-    def is_open(self) -> bool:
-        """Whether messages can still be sent on this connection."""
-        return self.closed_with is None and self._closing is None
-
-    @property
-    def held(self) -> bool:
-        """Whether fan-out pushes are being held (until :meth:`release`)."""
-        return self._held is not None
-
-    async def push(
-        self,
-        method: str,
-        data: Any,
-        *,
-        message_id: str | None = None,
-        form_id: str = "",
-        wait: bool = True,
-    ) -> Frame:
-        """Send a message with the downstream ack mode, even while fan-out is held.
-
-        With ``wait`` (the default) it first waits until the ack window has room.
-        """
-        if wait:
-            await self.wait_for_room()
-        return self.send_now(method, data, message_id=message_id, form_id=form_id)
-
-    async def wait_for_room(self) -> None:
-        """Wait until the ack window has room (or the connection is closed)."""
-        while self.is_open:
-            sender = self.peer.sender
-            if sender.backlog == 0 and sender.in_flight < sender.timers.window:
-                return
-            await self._room.wait()
-
-    def send_now(
-        self,
-        method: str,
-        data: Any,
-        *,
-        message_id: str | None = None,
-        form_id: str = "",
-        reply_to: str = "",
-    ) -> Frame:
-        """Send without waiting (fan-out, replies); over the backlog limit the client is
-        cut off with 1008. On a closed connection the message fails with ``"closed"``."""
-        if not self.is_open:
-            frame = Frame(FrameType.DATA, id=message_id or "", method=method, data=data)
-            try:
-                self._queue_in.send_nowait(("event", DeliveryFailed(frame, "closed")))
-            except anyio.ClosedResourceError:  # cleaned up: no hook will run any more
-                self.server.logger.info("push %r to a closed session of %r", method, self.user_id)
-            return frame
-        frame = self.peer.send(
-            method,
-            data,
-            self.clock.now(),
-            message_id=message_id,
-            form_id=form_id,
-            reply_to=reply_to,
-        )
-        self._collect()
-        return frame
-
-    def deliver(self, method: str, data: Any, *, form_id: str = "") -> None:
-        """Fan-out delivery: queued while the session is held, else sent at once."""
-        if self._held is not None:
-            self._held.append(
-                Frame(
-                    FrameType.DATA,
-                    id=self.peer.new_id(),
-                    method=method,
-                    form_id=form_id,
-                    data=data,
-                )
-            )
-            return
-        self.send_now(method, data, form_id=form_id)
-
-    def hold(self) -> None:
-        """Queue fan-out pushes until :meth:`release`."""
-        if self._held is None:
-            self._held = []
-
-    async def release(self, keep: Callable[[Frame], bool] | None = None) -> None:
-        """Send the held pushes that ``keep`` accepts (all by default), stop holding."""
-        held, self._held = self._held, None
-        for frame in held or ():
-            if keep is None or keep(frame):
-                self.send_now(frame.method, frame.data, message_id=frame.id, form_id=frame.form_id)
-
-    def send_error(self, code: str, message: str, frame_id: str = "", **extra: Any) -> None:
-        """Send an ``Err`` frame (ignored once the connection is closing)."""
-        if self.is_open:
-            self.peer.send_error(code, message, frame_id, **extra)
-            self._collect()
-
-    async def close(self, code: int = 1000, reason: str = "") -> None:
-        """Close this connection with ``code``."""
-        self.close_nowait(code, reason)
-
-    def close_nowait(self, code: int = 1000, reason: str = "") -> None:
-        """Close with ``code`` once what is already queued is sent; awaits nothing."""
-        if not self.is_open:
-            return
-        self._closing = (code, _close_reason(reason))
-        self._signal_room()
-        self._wake()
-
-    async def wait_closed(self) -> None:
-        """Wait until the connection is closed and cleaned up (hooks included)."""
-        await self._finished.wait()
-
-    # ------------------------------------------------------------------ driving
-    async def run(self, receive: Receive) -> None:
-        """Accept, serve the connection until it closes, and clean up whatever happens."""
-        try:
-            mode = self.app.ack_mode.value.encode()
-            accept = {"type": "websocket.accept", "headers": [(ACK_MODE_HEADER.encode(), mode)]}
-            if await self._write(accept):
-                async with anyio.create_task_group() as tg:
-                    self._tg = tg
-                    tg.start_soon(self._pump)
-                    tg.start_soon(self._worker)
-                    tg.start_soon(announce, self.server, self)
-                    await self._read(receive)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self._cleanup()
-
-    def _wake(self) -> None:
-        self._woken = True
-        if self._sleep_scope is not None:
-            self._sleep_scope.cancel()
-
-    def _signal_room(self) -> None:
-        self._room.set()
-        self._room = anyio.Event()
-
-    def _collect(self) -> list[Frame]:
-        """Move the peer's output to the send queue; return the messages to handle."""
-        peer = self.peer
-        texts = peer.outgoing()
-        if texts and self.closed_with is None:
-            self._out.extend(texts)
-            self._out_size += sum(map(len, texts))
-            if self._out_size > self.server.max_write_buffer and not self._aborted:
-                self._abort("send buffer full: the client is not reading")
-            self._wake()
-        messages: list[Frame] = []
-        room = False
-        for event in peer.events():
-            if isinstance(event, MessageReceived):
-                messages.append(event.frame)
-            elif isinstance(event, Delivered):
-                room = True
-                if self.app.delivered_hooks:
-                    self._queue_in.send_nowait(("event", event))
-            elif isinstance(event, (DeliveryFailed, MessageExpired)):
-                room = True
-                self._queue_in.send_nowait(("event", event))
-            elif isinstance(event, ErrorReceived):
-                self.server.logger.debug("client %s sent an Err frame", self.user_id)
-        if room:
-            self._signal_room()
-        request = peer.close_request
-        if request is not None:
-            self.close_nowait(*request)
-        return messages
-
-    def _abort(self, reason: str) -> None:
-        """Cut a client that does not read: drop its queue and close with 1008."""
-        self._aborted = True
-        self._out.clear()
-        self._out_size = 0
-        self.server.logger.info("closing a connection of %r: %s", self.user_id, reason)
-        self._closing = None
-        self.close_nowait(CLOSE_POLICY, reason)
-        if self._send_scope is not None:
-            self._send_scope.cancel()
-
-    def _finish(self, code: int, reason: str, *, by_peer: bool) -> None:
-        """The connection is over: fail what is in flight and stop the tasks."""
-        if self.closed_with is not None:
-            return
-        self.closed_with = Closed(code, reason, by_peer)
-        self._out.clear()
-        self._out_size = 0
-        if self._send_scope is not None:  # a write blocked on a gone client never returns
-            self._send_scope.cancel()
-        self.peer.connection_lost()
-        self._collect()
-        self._signal_room()
-        self._wake()
-
-    async def _write(self, message: Message) -> bool:
-        """Send one ASGI message; ``False`` (and the connection is over) if it failed."""
-        with anyio.CancelScope() as scope:
-            self._send_scope = scope
-            try:
-                await self._send(message)
-            except OSError:  # ASGI: send() on a closed connection raises an OSError
-                self._finish(_CLOSE_ABNORMAL, "connection lost", by_peer=True)
-        self._send_scope = None
-        return self.closed_with is None and not scope.cancelled_caught
-
-    async def _read(self, receive: Receive) -> None:
-        limit = self.app.limits.max_message_size
-        while self.closed_with is None:
-            try:
-                message = await receive()
-            except OSError:
-                message = {"type": "websocket.disconnect", "code": _CLOSE_ABNORMAL}
-            kind = message.get("type")
-            if kind == "websocket.disconnect":
-                code = int(message.get("code") or _CLOSE_NO_STATUS)
-                self._finish(code, str(message.get("reason") or ""), by_peer=True)
-                return
-            if kind != "websocket.receive" or self._closing is not None:
-                continue  # after our close, messages are ignored (as ServerConn does)
-            text = message.get("text")
-            if text is None:
-                self.close_nowait(CLOSE_UNSUPPORTED_DATA, "binary messages are not supported")
-                continue
-            size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
-            if size > limit:
-                self.close_nowait(CLOSE_MESSAGE_TOO_BIG, "message too big")
-                continue
-            self.peer.receive_text(text, self.clock.now())
-            for frame in self._collect():
-                await self._slots.acquire()
-                self._queue_in.send_nowait(("message", frame))
-
-    def _deadline(self) -> float:
-        deadline = self.peer.next_deadline()
-        expires = self._expires_at
-        if expires is not None:
-            deadline = expires if deadline is None else min(deadline, expires)
-        return math.inf if deadline is None else deadline
-
-    async def _pump(self) -> None:
-        clock = self.clock
-        while True:
-            if self._out:
-                text = self._out.popleft()
-                self._out_size -= len(text)
-                await self._write({"type": "websocket.send", "text": text})
-                continue
-            if self.closed_with is not None:
-                break
-            if self._closing is not None:
-                code, reason = self._closing
-                with anyio.move_on_after(self.app.limits.close_timeout):
-                    await self._write({"type": "websocket.close", "code": code, "reason": reason})
-                self._finish(code, reason, by_peer=False)
-                break
-            if self._woken:
-                self._woken = False
-                continue
-            deadline = self._deadline()
-            with anyio.CancelScope() as scope:
-                self._sleep_scope = scope
-                await clock.sleep_until(deadline)
-            self._sleep_scope = None
-            now = clock.now()
-            if self._expires_at is not None and now >= self._expires_at:
-                self._expires_at = None
-                self.close_nowait(CLOSE_POLICY, "credential expired")
-            elif now >= deadline:
-                self.peer.handle_timeout(now)
-                for frame in self._collect():  # timers only resend; dispatch is not expected
-                    self._queue_in.send_nowait(("message-unslotted", frame))
-        assert self._tg is not None
-        self._tg.cancel_scope.cancel()
-
-    async def _worker(self) -> None:
-        async for kind, item in self._queue_out:
-            if kind == "event":
-                await delivery_hooks(self.server, self, item)
-                continue
-            try:
-                await dispatch(self.server, self, item)
-            finally:
-                if kind == "message":
-                    self._slots.release()
-
-    async def _cleanup(self) -> None:
-        if self.closed_with is None:
-            self._finish(_CLOSE_ABNORMAL, "connection lost", by_peer=True)
-        self._queue_in.close()
-        pending: list[Any] = []
-        while True:
-            try:
-                kind, item = self._queue_out.receive_nowait()
-            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
-                break
-            if kind == "event":
-                pending.append(item)
-        self._queue_out.close()
-        try:
-            await retire(self.server, self, pending)
-        finally:
-            self._finished.set()
 
 
 # ---------------------------------------------------------------------- the ASGI app
@@ -596,7 +184,7 @@ class ASGIApp:
         server.stopping = True
         sessions = list(self._sessions)
         for session in sessions:
-            session.close_nowait(CLOSE_GOING_AWAY, "server shutting down")
+            session.shutdown_nowait()
         with anyio.move_on_after(server.shutdown_timeout):
             for session in sessions:
                 await session.wait_closed()
@@ -677,6 +265,8 @@ class ASGIApp:
             decision = 503, "server not started"
         else:
             decision = await decide_handshake(self.server, request)
+            if isinstance(decision, Identity) and self.server.stopping:
+                decision = 503, "server shutting down"  # the shutdown began meanwhile
         if not isinstance(decision, Identity):
             await self._refuse(scope, receive, send, *decision)
             return
@@ -719,7 +309,7 @@ class ASGIApp:
                     {
                         "type": "websocket.close",
                         "code": CLOSE_REFUSED,
-                        "reason": _close_reason(f"HTTP {status}: {reason}"),
+                        "reason": close_reason(f"HTTP {status}: {reason}"),
                     }
                 )
         except OSError:

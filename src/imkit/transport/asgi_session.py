@@ -1,0 +1,581 @@
+"""One accepted WebSocket under an ASGI server: the session :class:`~imkit.transport.asgi.ASGIApp`
+runs for it.
+
+It drives the core's :class:`~imkit.core.peer.Peer` with the whole messages ASGI hands over
+and registers in the :class:`~imkit.transport.server.Server`'s registry like the anyio
+:class:`~imkit.transport.session.ServerSession`, whose life cycle it follows: four tasks
+(reader, worker, writer, timer), the registry left as soon as the connection ends, the
+messages already acknowledged still handled, then the hooks.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.lowlevel
+
+from imkit.core.conn import (
+    ACK_MODE_HEADER,
+    CLOSE_GOING_AWAY,
+    CLOSE_MESSAGE_TOO_BIG,
+    CLOSE_UNSUPPORTED_DATA,
+)
+from imkit.core.events import (
+    Closed,
+    Delivered,
+    DeliveryFailed,
+    ErrorReceived,
+    MessageExpired,
+    MessageReceived,
+)
+from imkit.core.frames import Frame, FrameType
+from imkit.core.interfaces import HandshakeRequest, Identity
+from imkit.core.peer import CLOSE_POLICY, Peer
+from imkit.transport._lifecycle import (
+    HOOK_TIMEOUT,
+    announce,
+    delivery_hooks,
+    dispatch,
+    retire,
+)
+
+if TYPE_CHECKING:
+    from imkit.transport.server import Server
+
+__all__ = ("ASGISession", "Message", "Receive", "Send", "close_reason")
+
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+_CLOSE_ABNORMAL = 1006
+_CLOSE_NO_STATUS = 1005
+_MAX_REASON_BYTES = 123  # RFC 6455 §5.5: a close frame's payload is at most 125 bytes
+
+
+def close_reason(reason: str) -> str:
+    """``reason`` cut to what fits in a close frame, on a character boundary."""
+    data = reason.encode()[:_MAX_REASON_BYTES]
+    return data.decode("utf-8", "ignore")
+
+
+class _Stop:
+    """Queue marker: the reader is done, no message follows."""
+
+
+_STOP = _Stop()
+_Item = Frame | Delivered | DeliveryFailed | MessageExpired | _Stop
+
+
+class ASGISession:
+    """One accepted WebSocket of an ASGI server, as handlers and hooks see it.
+
+    It offers what :class:`~imkit.transport.session.ServerSession` offers (a core
+    ``Session`` plus ``send_now``, ``deliver``, ``wait_for_room``...), so the server's
+    fan-out and hooks treat both alike. :class:`ASGIApp` creates and registers it once the
+    handshake is decided.
+
+    Four tasks serve it: the reader, the worker (handlers in order, then the hooks), the
+    writer (ASGI ``send``; pushers never wait for it) and the timer (the peer's deadlines
+    and the credential's expiry, apart from the writer so that a client that stops
+    reading still meets its ack timeouts). When the connection ends the session leaves the
+    registry at once; the worker finishes the messages already acknowledged (within the
+    server's ``shutdown_timeout``), runs the hooks of pushes that failed, then
+    ``on_disconnect``.
+    """
+
+    def __init__(
+        self, server: Server, request: HandshakeRequest, identity: Identity, send: Send
+    ) -> None:
+        app = server.app
+        self.server = server
+        self.app = app
+        self.clock = server.clock
+        self.request = request
+        self.remote_addr = request.remote_addr
+        self.epoch = f"{server.node_id}:{secrets.token_hex(8)}"
+        """This connection's unique id (also its binding epoch in discovery)."""
+        self._identity = identity
+        now = self.clock.now()
+        receiver = server.registry.receiver(identity, app.ack_mode, app.options.timers, now)
+        self.peer = Peer(
+            app.options,
+            server=True,
+            now=now,
+            user_id=identity.user_id,
+            receiver=receiver,
+            accepts_method=app.router.__contains__,
+        )
+        self.closed_with: Closed | None = None
+        """How the connection ended (``None`` while it is open or closing)."""
+        self._closing: tuple[int, str] | None = None
+        self._send = send
+        # writer
+        self._out: deque[str] = deque()
+        self._out_size = 0
+        self._write_event: anyio.Event | None = None
+        self._send_scope: anyio.CancelScope | None = None
+        self._aborted = False
+        # timer
+        self._timer_scope: anyio.CancelScope | None = None
+        self._timer_at = math.inf
+        self._expires_at: float | None = None
+        if identity.expires_at is not None:
+            self._expires_at = now + (identity.expires_at - time.time())
+        # reader and worker
+        self._read_scope = anyio.CancelScope()
+        self._queue_in, self._queue_out = anyio.create_memory_object_stream[_Item](math.inf)
+        self._slots = anyio.Semaphore(server.max_queued_messages)
+        self._worker_done = anyio.Event()
+        # pushes
+        self._room = anyio.Event()
+        self._room_waiters = 0
+        self._held: list[Frame] | None = []
+        # life cycle
+        self._connected_done = anyio.Event()
+        self._disconnected = False
+        self._finished = anyio.Event()
+
+    # ------------------------------------------------------------------ Session API
+    @property
+    def identity(self) -> Identity:
+        """Who is connected."""
+        return self._identity
+
+    @property
+    def user_id(self) -> str:
+        """The authenticated user id."""
+        return self._identity.user_id
+
+    @property
+    def device_id(self) -> str:
+        """The device id (may be empty)."""
+        return self._identity.device_id
+
+    @property
+    def is_open(self) -> bool:
+        """Whether messages can still be sent on this connection."""
+        return self.closed_with is None and self._closing is None
+
+    async def push(
+        self,
+        method: str,
+        data: Any,
+        *,
+        message_id: str | None = None,
+        form_id: str = "",
+        wait: bool = True,
+    ) -> Frame:
+        """Send a message with the downstream ack mode, even while fan-out is held.
+
+        With ``wait`` (the default) it first waits until the ack window has room and the
+        unsent messages are under half of ``max_write_buffer``. On a closed connection the
+        message fails at once (``on_delivery_failed`` with reason ``"closed"``).
+        """
+        if wait:
+            await self.wait_for_room()
+        return self.send_now(method, data, message_id=message_id, form_id=form_id)
+
+    async def wait_for_room(self) -> None:
+        """Wait until the ack window and the send queue have room (or the connection is
+        closed)."""
+        limit = self.server.max_write_buffer // 2
+        while self.is_open:
+            sender = self.peer.sender
+            if (
+                sender.backlog == 0
+                and sender.in_flight < sender.timers.window
+                and self._out_size < limit
+            ):
+                return
+            room = self._room
+            self._room_waiters += 1
+            try:
+                await room.wait()
+            finally:
+                self._room_waiters -= 1
+
+    def send_now(
+        self,
+        method: str,
+        data: Any,
+        *,
+        message_id: str | None = None,
+        form_id: str = "",
+        reply_to: str = "",
+    ) -> Frame:
+        """Send without waiting (fan-out, replies). Past the backlog limit the client is
+        closed with 1008, and past ``max_write_buffer`` too.
+
+        Raises ``TypeError``/``ValueError`` for ``data`` that is not JSON.
+        """
+        if not self.is_open:
+            frame = Frame(
+                FrameType.DATA,
+                id=message_id if message_id is not None else self.peer.new_id(),
+                method=method,
+                form_id=form_id,
+                data=data,
+                reply_to=reply_to,
+            )
+            self._post(DeliveryFailed(frame, "closed"))
+            return frame
+        frame = self.peer.send(
+            method,
+            data,
+            self.clock.now(),
+            message_id=message_id,
+            form_id=form_id,
+            reply_to=reply_to,
+        )
+        self._collect()
+        return frame
+
+    def deliver(self, method: str, data: Any, *, form_id: str = "") -> None:
+        """Fan-out delivery: queued while the session is held, else sent at once."""
+        if self._held is not None:
+            frame_id = self.peer.new_id()
+            self._held.append(
+                Frame(FrameType.DATA, id=frame_id, method=method, form_id=form_id, data=data)
+            )
+            return
+        self.send_now(method, data, form_id=form_id)
+
+    def hold(self) -> None:
+        """Queue fan-out pushes until :meth:`release`."""
+        if self._held is None:
+            self._held = []
+
+    async def release(self, keep: Callable[[Frame], bool] | None = None) -> None:
+        """Send the held pushes that ``keep`` accepts (all by default), stop holding."""
+        held, self._held = self._held, None
+        for frame in held or ():
+            if keep is None or keep(frame):
+                self.send_now(frame.method, frame.data, message_id=frame.id, form_id=frame.form_id)
+
+    def send_error(self, code: str, message: str, frame_id: str = "", **extra: Any) -> None:
+        """Send an ``Err`` frame (ignored once the connection is closing)."""
+        if self.is_open:
+            self.peer.send_error(code, message, frame_id, **extra)
+            self._collect()
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """Close this connection with ``code``."""
+        self.close_nowait(code, reason)
+
+    def close_nowait(self, code: int = 1000, reason: str = "") -> None:
+        """Close with ``code`` once what is already queued is sent; awaits nothing."""
+        if not self.is_open:
+            return
+        self._closing = (code, close_reason(reason))
+        self._signal_room()
+        self._wake_writer()
+        self._wake_timer()
+
+    def shutdown_nowait(self) -> None:
+        """Server shutdown: close with 1001."""
+        self.close_nowait(CLOSE_GOING_AWAY, "server shutting down")
+
+    async def wait_closed(self) -> None:
+        """Wait until the connection is closed and cleaned up (hooks included)."""
+        await self._finished.wait()
+
+    # ------------------------------------------------------------------ driving
+    async def run(self, receive: Receive) -> None:
+        """Accept, serve the connection until it closes, and clean up whatever happens."""
+        try:
+            mode = self.app.ack_mode.value.encode()
+            accept = {"type": "websocket.accept", "headers": [(ACK_MODE_HEADER.encode(), mode)]}
+            await self._write(accept)
+            if self.closed_with is not None:
+                return
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._writer)
+                tg.start_soon(self._timer)
+                tg.start_soon(self._worker)
+                tg.start_soon(self._connected)
+                with self._read_scope:
+                    await self._read(receive)
+                grace = self.server.shutdown_timeout
+                with anyio.move_on_after(grace):
+                    await self._worker_done.wait()
+                if not self._worker_done.is_set():
+                    self.server.logger.warning(
+                        "handlers of %r still running %.1f s after the connection closed; "
+                        "cancelling them",
+                        self.user_id,
+                        grace,
+                    )
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._cleanup()
+
+    def _post(self, event: Delivered | DeliveryFailed | MessageExpired) -> None:
+        """Hand a delivery event to the worker (its hooks run there, in order)."""
+        if self._worker_done.is_set():
+            self.server.logger.debug(
+                "dropping %s for %r: its session has ended", type(event).__name__, self.user_id
+            )
+            return
+        self._queue_in.send_nowait(event)
+
+    def _wake_writer(self) -> None:
+        event = self._write_event
+        if event is not None:
+            self._write_event = None
+            event.set()
+
+    def _wake_timer(self) -> None:
+        scope = self._timer_scope
+        if scope is not None:
+            self._timer_scope = None
+            scope.cancel()
+
+    def _signal_room(self) -> None:
+        self._room.set()
+        self._room = anyio.Event()
+
+    def _deadline(self) -> float | None:
+        """When the timer must wake next: the peer's deadline or the credential's expiry."""
+        deadline = self.peer.next_deadline()
+        expires = self._expires_at
+        if expires is not None and (deadline is None or expires < deadline):
+            return expires
+        return deadline
+
+    def _collect(self) -> list[Frame]:
+        """Move the peer's output to the send queue; act on its events; return the
+        messages to dispatch."""
+        peer = self.peer
+        texts = peer.outgoing()
+        if texts and self.closed_with is None and not self._aborted:
+            self._out.extend(texts)
+            self._out_size += sum(map(len, texts))
+            if self._out_size > self.server.max_write_buffer:
+                self._abort("send buffer full: the client is not reading")
+                return []
+            self._wake_writer()
+        messages: list[Frame] = []
+        room = False
+        for event in peer.events():
+            if isinstance(event, MessageReceived):
+                messages.append(event.frame)
+            elif isinstance(event, Delivered):
+                room = True
+                if self.app.delivered_hooks:
+                    self._post(event)
+            elif isinstance(event, (DeliveryFailed, MessageExpired)):
+                room = True
+                self._post(event)
+            elif isinstance(event, ErrorReceived):
+                self.server.logger.debug("client %r sent an Err frame", self.user_id)
+        if room and self._room_waiters:
+            self._signal_room()
+        request = peer.close_request
+        if request is not None:
+            self.close_nowait(*request)
+        deadline = self._deadline()
+        if deadline is not None and deadline < self._timer_at:
+            self._wake_timer()
+        return messages
+
+    def _abort(self, reason: str) -> None:
+        """Give up on a client that does not read: drop what it has not read, close 1008.
+
+        ASGI cannot reset a socket; the close is bounded by ``close_timeout``, after which
+        the adapter returns and the ASGI server drops the connection.
+        """
+        self._aborted = True
+        self._out.clear()
+        self._out_size = 0
+        self.server.logger.warning("cutting off a connection of %r: %s", self.user_id, reason)
+        if self.closed_with is None:
+            self._closing = (CLOSE_POLICY, reason)
+        if self._send_scope is not None:
+            self._send_scope.cancel()
+        self._signal_room()
+        self._wake_writer()
+
+    def _finish(self, code: int, reason: str, *, by_peer: bool) -> None:
+        """The connection is over: leave the registry, fail what is in flight, stop reading."""
+        if self.closed_with is not None:
+            return
+        self.closed_with = Closed(code, reason, by_peer)
+        identity = self._identity
+        self.server.registry.remove(identity.user_id, self.epoch)
+        self.server.registry.release_receiver(identity, self.clock.now())
+        self._out.clear()
+        self._out_size = 0
+        if self._send_scope is not None:  # a write blocked on a gone client never returns
+            self._send_scope.cancel()
+        self.peer.connection_lost()
+        self._collect()
+        self._signal_room()
+        self._wake_writer()
+        self._wake_timer()
+        self._read_scope.cancel()
+
+    async def _write(self, message: Message) -> None:
+        """Send one ASGI message; a failed send ends the connection."""
+        with anyio.CancelScope() as scope:
+            self._send_scope = scope
+            try:
+                await self._send(message)
+            except OSError:  # ASGI: send() on a closed connection raises an OSError
+                self._finish(_CLOSE_ABNORMAL, "connection lost", by_peer=True)
+        self._send_scope = None
+
+    # ------------------------------------------------------------------ tasks
+    async def _read(self, receive: Receive) -> None:
+        limit = self.app.limits.max_message_size
+        messages: list[Frame] = []
+        handed = 0
+        try:
+            while self.closed_with is None:
+                try:
+                    message = await receive()
+                except OSError:
+                    message = {"type": "websocket.disconnect", "code": _CLOSE_ABNORMAL}
+                kind = message.get("type")
+                if kind == "websocket.disconnect":
+                    code = int(message.get("code") or _CLOSE_NO_STATUS)
+                    self._finish(code, str(message.get("reason") or ""), by_peer=True)
+                    return
+                if kind != "websocket.receive" or self._closing is not None:
+                    continue  # after our close, messages are ignored (as ServerConn does)
+                text = message.get("text")
+                if text is None:
+                    self.close_nowait(CLOSE_UNSUPPORTED_DATA, "binary messages are not supported")
+                    continue
+                size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+                if size > limit:
+                    self.close_nowait(CLOSE_MESSAGE_TOO_BIG, "message too big")
+                    continue
+                self.peer.receive_text(text, self.clock.now())
+                messages = self._collect()
+                handed = 0
+                while handed < len(messages):
+                    await self._slots.acquire()
+                    self._queue_in.send_nowait(messages[handed])
+                    handed += 1
+        finally:
+            # Cancelled while the worker was behind: the messages already acknowledged
+            # are still handled; nothing follows the stop marker.
+            for frame in messages[handed:]:
+                self._queue_in.send_nowait(frame)
+            self._queue_in.send_nowait(_STOP)
+
+    async def _writer(self) -> None:
+        while True:
+            if self._out:
+                text = self._out.popleft()
+                self._out_size -= len(text)
+                await self._write({"type": "websocket.send", "text": text})
+                if self._room_waiters and self._out_size < self.server.max_write_buffer // 2:
+                    self._signal_room()
+                continue
+            if self.closed_with is not None:
+                return
+            if self._closing is not None:
+                code, reason = self._closing
+                with anyio.move_on_after(self.app.limits.close_timeout):
+                    await self._write({"type": "websocket.close", "code": code, "reason": reason})
+                self._finish(code, reason, by_peer=False)
+                return
+            event = self._write_event = anyio.Event()
+            await event.wait()
+
+    async def _timer(self) -> None:
+        clock = self.clock
+        while self.is_open:
+            deadline = self._deadline()
+            expires = self._expires_at
+            target = math.inf if deadline is None else deadline
+            with anyio.CancelScope() as scope:
+                self._timer_at = target
+                self._timer_scope = scope
+                await clock.sleep_until(target)
+            self._timer_scope = None
+            self._timer_at = math.inf
+            if not self.is_open:
+                return
+            now = clock.now()
+            if expires is not None and now >= expires:
+                self._expires_at = None
+                self.close_nowait(CLOSE_POLICY, "credential expired")
+            elif deadline is not None and now >= deadline:
+                self.peer.handle_timeout(now)
+                for frame in self._collect():  # pragma: no cover - timeouts never dispatch
+                    self._queue_in.send_nowait(frame)
+            await anyio.lowlevel.checkpoint()
+
+    async def _connected(self) -> None:
+        try:
+            await announce(self.server, self)
+        finally:
+            self._connected_done.set()
+            if self._held is not None:
+                await self.release()
+
+    async def _worker(self) -> None:
+        try:
+            while True:
+                item = await self._queue_out.receive()
+                if isinstance(item, _Stop):
+                    break
+                await self._handle(item)
+            await self._disconnect()
+        finally:
+            self._worker_done.set()
+
+    async def _handle(self, item: _Item) -> None:
+        if isinstance(item, Frame):
+            try:
+                await dispatch(self.server, self, item)
+            finally:
+                self._slots.release()
+        elif not isinstance(item, _Stop):
+            await delivery_hooks(self.server, self, item)
+
+    async def _disconnect(self, *, handlers: bool = True) -> None:
+        """Run what is still queued (with ``handlers=False``, only the delivery hooks),
+        then :func:`retire` the session (once)."""
+        if self._disconnected:
+            return
+        self._disconnected = True
+        with anyio.move_on_after(HOOK_TIMEOUT):
+            await self._connected_done.wait()  # on_connect hooks end before on_disconnect
+        while True:
+            try:
+                item = self._queue_out.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                break
+            if handlers or not isinstance(item, Frame):
+                await self._handle(item)
+        await retire(self.server, self)
+
+    async def _cleanup(self) -> None:
+        """Runs shielded when the session ends, even when it was cancelled."""
+        if self.closed_with is None:
+            if self._closing is None and not self._aborted:
+                # Cancelled from outside (the ASGI server stopped hard): say goodbye.
+                with anyio.move_on_after(1):
+                    goodbye = "server shutting down"
+                    message = {"type": "websocket.close", "code": CLOSE_GOING_AWAY}
+                    await self._write({**message, "reason": goodbye})
+            self._finish(_CLOSE_ABNORMAL, "connection lost", by_peer=True)
+        if not self._disconnected:
+            # The worker was cancelled: no handler runs any more, but the hooks still do.
+            self._connected_done.set()
+            await self._disconnect(handlers=False)
+        self._worker_done.set()
+        self._queue_in.close()
+        self._queue_out.close()
+        self._finished.set()
