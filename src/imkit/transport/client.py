@@ -20,7 +20,7 @@ import math
 import random
 import ssl as ssl_module
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -52,7 +52,10 @@ from imkit.exceptions import (
 )
 from imkit.transport.clock import AnyioClock, Clock
 
-__all__ = ("DEFAULT_KEEPALIVE", "Client", "connect")
+__all__ = ("DEFAULT_KEEPALIVE", "Client", "StreamFactory", "connect")
+
+StreamFactory = Callable[[], Awaitable[anyio.abc.ByteStream]]
+"""Opens the byte stream a :class:`Client` speaks WebSocket over (instead of TCP)."""
 
 DEFAULT_KEEPALIVE = 30.0
 """Seconds between application ``Ping`` frames, which keep the server's idle timer quiet."""
@@ -113,7 +116,16 @@ class Client:
     ``reconnect`` retries with exponential backoff and jitter between
     ``reconnect_delay`` and ``max_reconnect_delay`` seconds, at most
     ``max_reconnect_attempts`` times in a row (``None``: forever); a server that refuses
-    the handshake (401/403/404) or closes for a policy reason is not retried.
+    the handshake (400/401/403/404) or closes for a policy reason (1002, 1003, 1007, 1008,
+    1009, 4000) is not retried.
+
+    ``stream_factory`` replaces the TCP (or TLS) connection with any anyio byte stream
+    (:func:`imkit.testing.MemoryServer.connect` uses it); the URL still gives the
+    ``Host`` header and the request target. ``clock`` drives the ack timers, keepalive
+    and reconnect backoff (tests pass an :class:`imkit.testing.FakeClock`).
+
+    Pushes wait in a queue of ``max_pushes``; when it is full the client stops reading
+    from the server until :meth:`receive` takes one.
     """
 
     def __init__(
@@ -134,6 +146,7 @@ class Client:
         max_pushes: int = 1024,
         ssl: ssl_module.SSLContext | None = None,
         clock: Clock | None = None,
+        stream_factory: StreamFactory | None = None,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("ws", "wss"):
@@ -160,6 +173,7 @@ class Client:
         self._connect_timeout = connect_timeout
         self._keepalive = keepalive
         self._ssl = ssl
+        self._stream_factory = stream_factory
         self.clock: Clock = clock or AnyioClock()
         self._sender: Sender | None = None
         self._receiver: Receiver | None = None
@@ -171,6 +185,7 @@ class Client:
         self._replies: dict[str, _Waiter] = {}
         self._push_in, self._push_out = anyio.create_memory_object_stream[Frame](max_pushes)
         self._connected = anyio.Event()
+        self._conn_done = anyio.Event()
         self._first = _Waiter()
         self._done = False
         self._final_error: BaseException | None = None
@@ -178,6 +193,7 @@ class Client:
         self.connections = 0
         """How many times a connection was established (1 + reconnects)."""
         self.last_close: Closed | None = None
+        """How the last connection closed (``None`` before the first one closes)."""
 
     # ------------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> Client:
@@ -209,8 +225,7 @@ class Client:
             conn.close(code, reason, self.clock.now())
             self._flush()
             with anyio.move_on_after(self._limits.close_timeout):
-                while not conn.closed:
-                    await anyio.sleep(0.01)
+                await self._conn_done.wait()
         tg, self._tg = self._tg, None
         tg.cancel_scope.cancel()
         await tg.__aexit__(None, None, None)
@@ -243,9 +258,18 @@ class Client:
         return await waiter.wait()  # type: ignore[no-any-return]
 
     async def request(
-        self, method: str, data: Any, *, message_id: str | None = None, timeout: float = 30.0
+        self,
+        method: str,
+        data: Any,
+        *,
+        message_id: str | None = None,
+        timeout: float = 30.0,  # noqa: ASYNC109 - a reply may never come; bound it by default
     ) -> Any:
-        """Send a message and return the ``data`` of the server's reply to it."""
+        """Send a message and return the ``data`` of the server's reply to it.
+
+        Raises :class:`~imkit.exceptions.RequestFailed` when the server answers with an
+        ``Err`` frame, and ``TimeoutError`` when no reply comes within ``timeout`` seconds.
+        """
         frame_id = message_id or self.new_id()
         reply = self._replies.setdefault(frame_id, _Waiter())
         try:
@@ -269,7 +293,7 @@ class Client:
         if conn is not None and conn.state.value == "open":
             conn.send(method, data, now, message_id=frame_id, acked=acked)
             self._flush()
-        elif self._sender is not None and acked:
+        elif self._sender is not None and acked and self._sender.mode is not AckMode.NONE:
             # Offline: track it now; it goes out when the connection is back.
             frame = Frame(FrameType.DATA, id=frame_id, method=method, data=data)
             self._sender.send(frame, now)
@@ -342,7 +366,8 @@ class Client:
                 self._finish(ConnectionClosed(1006, "gave up reconnecting"))
                 return
             delay = min(self._max_delay, self._delay * 2 ** (attempts - 1))
-            await anyio.sleep(delay * random.uniform(0.5, 1.0))
+            delay *= random.uniform(0.5, 1.0)
+            await self.clock.sleep_until(self.clock.now() + delay)
 
     def _finish(self, error: BaseException) -> None:
         self._final_error = error
@@ -358,15 +383,8 @@ class Client:
     async def _connect_once(self) -> Closed | BaseException | None:
         try:
             with anyio.fail_after(self._connect_timeout):
-                stream: anyio.abc.ByteStream = await anyio.connect_tcp(self._host, self._port)
-                if self._tls:
-                    from anyio.streams.tls import TLSStream
-
-                    context = self._ssl or ssl_module.create_default_context()
-                    stream = await TLSStream.wrap(
-                        stream, hostname=self._host, ssl_context=context, standard_compatible=False
-                    )
-        except (OSError, TimeoutError) as exc:
+                stream = await self._open_stream()
+        except (OSError, TimeoutError, anyio.BrokenResourceError) as exc:
             return ConnectionClosed(1006, f"cannot connect: {exc}")
         conn = ClientConn(
             host=self._host_header,
@@ -380,6 +398,7 @@ class Client:
             receiver_factory=self._receiver_for,
         )
         self._conn = conn
+        self._conn_done = anyio.Event()
         self._buffer = bytearray()
         self._rejection: Rejected | None = None
         self._flush()  # the upgrade request
@@ -390,12 +409,29 @@ class Client:
         finally:
             self._conn = None
             self._connected = anyio.Event()
+            self._conn_done.set()
             await anyio.aclose_forcefully(stream)
         if self._rejection is not None:
             rejection = self._rejection
             return HandshakeRejected(rejection.status, rejection.body)
-        self.last_close = conn_closed = self._closed_event
-        return conn_closed
+        return self._closed_event
+
+    async def _open_stream(self) -> anyio.abc.ByteStream:
+        if self._stream_factory is not None:
+            return await self._stream_factory()
+        stream: anyio.abc.ByteStream = await anyio.connect_tcp(self._host, self._port)
+        if self._tls:
+            from anyio.streams.tls import TLSStream
+
+            context = self._ssl or ssl_module.create_default_context()
+            try:
+                stream = await TLSStream.wrap(
+                    stream, hostname=self._host, ssl_context=context, standard_compatible=False
+                )
+            except BaseException:
+                await anyio.aclose_forcefully(stream)
+                raise
+        return stream
 
     def _flush(self) -> None:
         conn = self._conn
@@ -404,9 +440,12 @@ class Client:
         data = conn.data_to_send()
         if data:
             self._buffer += data
-            self._woken = True
-            if self._sleep_scope is not None:
-                self._sleep_scope.cancel()
+            self._wake_pump()
+
+    def _wake_pump(self) -> None:
+        self._woken = True
+        if self._sleep_scope is not None:
+            self._sleep_scope.cancel()
 
     async def _read(self, stream: anyio.abc.ByteStream, conn: ClientConn) -> None:
         self._closed_event: Closed | None = None
@@ -418,6 +457,7 @@ class Client:
             conn.receive_data(data, self.clock.now())
             self._flush()
             await self._handle_events(conn)
+        self._wake_pump()  # closed: the pump flushes what is left, then ends
 
     async def _handle_events(self, conn: ClientConn) -> None:
         for event in conn.events():
@@ -451,6 +491,8 @@ class Client:
                 self._rejection = event
             elif isinstance(event, Closed):
                 self._closed_event = event
+                if self._rejection is None:
+                    self.last_close = event
             elif isinstance(event, MessageExpired):
                 pass  # the server will resend; nothing was dispatched
 

@@ -2,11 +2,17 @@
 
 :class:`AnyioClock` is the real one. :class:`imkit.testing.FakeClock` implements the same
 protocol so tests can move time forward instead of waiting for it.
+
+Two kinds of time are read: :meth:`Clock.now` is monotonic and drives every deadline of the
+sans-IO core (resends, ack timeouts, keepalive, idle timeout); :meth:`Clock.wall` is the
+wall clock, used only to turn a credential's ``expires_at`` (seconds since the epoch) into
+a deadline on the monotonic clock.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from typing import Protocol
 
 import anyio
@@ -15,10 +21,14 @@ __all__ = ("AnyioClock", "Clock")
 
 
 class Clock(Protocol):
-    """A monotonic clock the transport sleeps on."""
+    """A monotonic clock the transport sleeps on, and the wall clock beside it."""
 
     def now(self) -> float:
-        """The current time, in seconds."""
+        """The current monotonic time, in seconds."""
+        ...
+
+    def wall(self) -> float:
+        """The current wall-clock time, in seconds since the epoch."""
         ...
 
     async def sleep_until(self, deadline: float) -> None:
@@ -27,11 +37,16 @@ class Clock(Protocol):
 
 
 class AnyioClock:
-    """The event loop's own monotonic clock (:func:`anyio.current_time`)."""
+    """The event loop's own monotonic clock (:func:`anyio.current_time`) and
+    :func:`time.time`."""
 
     def now(self) -> float:
         """The event loop's time."""
         return anyio.current_time()
+
+    def wall(self) -> float:
+        """Seconds since the epoch (:func:`time.time`)."""
+        return time.time()
 
     async def sleep_until(self, deadline: float) -> None:
         """Sleep until ``deadline`` on the event loop's clock."""

@@ -8,6 +8,7 @@ trio.
 from __future__ import annotations
 
 import errno
+import importlib.util
 import logging
 import math
 import signal
@@ -21,7 +22,7 @@ from anyio.abc import SocketAttribute, TaskStatus
 
 from imkit.core.frames import Frame, FrameType
 from imkit.core.interfaces import Forward, HandshakeRequest, SingleNode
-from imkit.core.server import App, Registry
+from imkit.core.server import App, Registry, Session
 from imkit.exceptions import DiscoverError
 from imkit.transport.clock import AnyioClock, Clock
 from imkit.transport.session import ServerSession
@@ -82,7 +83,6 @@ class Server:
         self.stopping = False
         self._per_ip: Counter[str] = Counter()
         self._sessions: set[ServerSession] = set()
-        self._tg: anyio.abc.TaskGroup | None = None
         self._stop = anyio.Event()
         self._started = False
 
@@ -92,9 +92,9 @@ class Server:
         """This node's id (from the discovery backend)."""
         return self.app.discover.node_id
 
-    def sessions(self, user_id: str) -> list[ServerSession]:
+    def sessions(self, user_id: str) -> list[Session]:
         """The user's live connections on this node."""
-        return self.registry.connections(user_id)
+        return list(self.registry.connections(user_id))
 
     async def send_to_users(
         self, user_ids: Sequence[str], method: str, data: Any, *, form_id: str = ""
@@ -196,12 +196,25 @@ class Server:
         except DiscoverError as exc:
             self.logger.warning("discovery did not stop cleanly: %s", exc)
 
+    @property
+    def connection_count(self) -> int:
+        """How many sockets this server is serving (handshakes in progress included)."""
+        return len(self._sessions)
+
     async def handle_stream(self, stream: anyio.abc.ByteStream, remote_addr: str = "") -> None:
-        """Serve one connection over ``stream`` until it closes."""
+        """Serve one connection over ``stream`` (any anyio byte stream: a socket, TLS, or
+        :class:`imkit.testing.MemoryByteStream`) until it closes. ``remote_addr`` is the
+        client's IP address, for the per-address limit and the logs.
+
+        It never raises for what the client does; a bug is logged ("connection handler
+        failed") and ends only this connection.
+        """
         session = ServerSession(self, stream, remote_addr)
         self._sessions.add(session)
         try:
             await session.run()
+        except Exception:
+            self.logger.exception("connection handler failed (%s)", remote_addr or "-")
         finally:
             self._sessions.discard(session)
 
@@ -213,36 +226,41 @@ class Server:
         ssl: Any = None,
         task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Listen on ``host:port`` until cancelled or :meth:`shutdown`; reports the bound
-        port through ``task_status``. Ends with a graceful shutdown."""
+        """Listen on ``host:port`` until :meth:`shutdown` (or cancelled); reports the bound
+        port through ``task_status``.
+
+        After :meth:`shutdown` it stops listening (new connections are refused), closes
+        every connection with 1001 (a handshake in progress gets HTTP 503), waits up to
+        ``shutdown_timeout`` for them, runs the shutdown hooks and returns. Cancelled from
+        outside, it closes the connections with 1001 as best it can, without waiting.
+        """
         listener: anyio.abc.Listener[Any] = await anyio.create_tcp_listener(
             local_host=host, local_port=port
         )
         sockets = getattr(listener, "listeners", [listener])
         self.port = sockets[0].extra(SocketAttribute.local_port)
-        if ssl is not None:
-            from anyio.streams.tls import TLSListener
-
-            listener = TLSListener(listener, ssl, standard_compatible=False)
-        await self.startup()
         try:
-            async with anyio.create_task_group() as tg:
-                self._tg = tg
-                for sock in sockets:
-                    tg.start_soon(self._accept_loop, sock, ssl)
-                task_status.started(self.port)
-                await self._stop.wait()
-                tg.cancel_scope.cancel()
+            await self.startup()
+            async with anyio.create_task_group() as connections:
+                async with anyio.create_task_group() as accepting:
+                    for sock in sockets:
+                        accepting.start_soon(self._accept_loop, sock, ssl, connections)
+                    task_status.started(self.port)
+                    await self._stop.wait()
+                    accepting.cancel_scope.cancel()
+                await listener.aclose()
+                await self.drain()
+                connections.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
+                self.stopping = True
                 await listener.aclose()
-                await self._drain()
                 await self.cleanup()
 
-    async def _accept_loop(self, listener: anyio.abc.SocketListener, ssl: Any) -> None:
-        assert self._tg is not None
+    async def _accept_loop(
+        self, listener: anyio.abc.SocketListener, ssl: Any, connections: anyio.abc.TaskGroup
+    ) -> None:
         backoff = 0.01
-        connections = self._tg
         while True:
             try:
                 stream: anyio.abc.ByteStream = await listener.accept()
@@ -261,8 +279,6 @@ class Server:
             except anyio.TypedAttributeLookupError:
                 pass
             if ssl is not None:
-                from anyio.streams.tls import TLSStream
-
                 connections.start_soon(self._tls_then_handle, stream, ssl, remote)
             else:
                 connections.start_soon(self.handle_stream, stream, remote)
@@ -286,12 +302,13 @@ class Server:
         self.stopping = True
         self._stop.set()
 
-    async def _drain(self) -> None:
-        """Close every session with 1001 and wait for them, up to ``shutdown_timeout``."""
+    async def drain(self) -> None:
+        """Refuse new handshakes (503), close every connection with 1001 and wait for them
+        to finish, up to ``shutdown_timeout``."""
         self.stopping = True
         sessions = list(self._sessions)
         for session in sessions:
-            session.close_nowait(1001, "server shutting down")
+            session.shutdown_nowait()
         with anyio.move_on_after(self.shutdown_timeout):
             for session in sessions:
                 await session.wait_closed()
@@ -328,33 +345,25 @@ def run(
 
     async def main() -> None:
         server = Server(app, **options)
+
+        async def on_signals() -> None:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    server.logger.info("received signal %s, shutting down", signum)
+                    server.shutdown()
+                    return
+
         async with anyio.create_task_group() as tg:
 
-            async def on_signals() -> None:
-                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                    async for signum in signals:
-                        server.logger.info("received signal %s, shutting down", signum)
-                        server.shutdown()
-                        return
+            async def serve_until_shutdown(*, task_status: TaskStatus[int]) -> None:
+                await server.serve(host, port, ssl=ssl, task_status=task_status)
+                tg.cancel_scope.cancel()  # the graceful shutdown is over: stop listening too
 
             tg.start_soon(on_signals)
-            bound = await tg.start(_serve_server, server, host, port, ssl)
+            bound = await tg.start(serve_until_shutdown)
             server.logger.info("imkit serving on %s:%s", host, bound)
-            await server._stop.wait()
-            tg.cancel_scope.cancel()
 
     backend_options: dict[str, Any] = {}
-    if backend == "asyncio":
-        try:
-            import uvloop  # noqa: F401
-        except ImportError:
-            pass
-        else:
-            backend_options["use_uvloop"] = True
+    if backend == "asyncio" and importlib.util.find_spec("uvloop") is not None:
+        backend_options["use_uvloop"] = True
     anyio.run(main, backend=backend, backend_options=backend_options)
-
-
-async def _serve_server(
-    server: Server, host: str, port: int, ssl: Any, *, task_status: TaskStatus[int]
-) -> None:
-    await server.serve(host, port, ssl=ssl, task_status=task_status)

@@ -1,46 +1,72 @@
 """One client connection on the server: a core :class:`~imkit.core.conn.ServerConn` driven
 over an anyio byte stream.
 
-Three tasks per connection, all in one task group so that no failure goes unseen:
+Four tasks per connection, all in one task group so that no failure goes unseen:
 
 * the **reader** reads bytes, feeds the core, and hands messages to the worker through a
   bounded queue: when the worker falls behind, the reader stops reading and TCP pushes
   back on the client;
 * the **worker** runs the route handlers of this connection in order (under the
-  server-wide handler limit) and the delivery hooks;
-* the **pump** writes what the core produced and sleeps until the core's next deadline
-  or until woken. Writes never block a pusher: bytes go to a buffer that the pump drains,
-  and a client whose buffer passes ``max_write_buffer`` is cut off (close 1008).
+  server-wide handler limit), the delivery hooks, and at the end the disconnect hooks;
+* the **writer** writes what the core produced. Writes never block a pusher: bytes go to
+  a buffer that the writer drains, and a client whose unsent bytes pass
+  ``max_write_buffer`` is cut off at once (a TCP abort: it sees no close frame);
+* the **timer** sleeps until the core's next deadline (resends, keepalive, idle and close
+  timeouts, credential expiry) and fires it. It is separate from the writer so that a
+  client that stops reading still meets its ping timeout (1011) and close timeout.
+
+How a connection ends: when the core reports ``Closed`` the session leaves the registry at
+once (so no push goes to it and a newer connection of the user is never touched); the
+writer flushes what is left (the close frame, an HTTP answer) within ``close_timeout``,
+half-closes, waits up to ``close_timeout`` for the client's end of stream and closes the
+socket. The worker finishes the messages already acknowledged (within the server's
+``shutdown_timeout``), runs the hooks of pushes that failed, then ``on_disconnect``.
 """
 
 from __future__ import annotations
 
 import math
 import secrets
-import time
+import socket
+import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
+from anyio.abc import SocketAttribute
 
-from imkit.core.conn import ServerConn
-from imkit.core.peer import CLOSE_POLICY
+from imkit.core.conn import (
+    CLOSE_GOING_AWAY,
+    CLOSE_SESSION_REPLACED,
+    ConnState,
+    ServerConn,
+)
 from imkit.core.events import (
     Closed,
     Delivered,
     DeliveryFailed,
     ErrorReceived,
+    Event,
     HandshakeRequested,
     HttpRequested,
     MessageExpired,
     MessageReceived,
     RawMessageReceived,
 )
-from imkit.core.frames import ErrorCode, Frame, FrameType
-from imkit.core.interfaces import Binding, Forward, HandshakeRequest, Identity
-from imkit.core.server import HttpResponse, LoginPolicy
-from imkit.exceptions import AuthenticationFailed, DiscoverError, HandlerError
+from imkit.core.frames import Frame, FrameType
+from imkit.core.interfaces import Binding, HandshakeRequest, Identity
+from imkit.core.peer import CLOSE_POLICY
+from imkit.exceptions import DiscoverError
+from imkit.transport._lifecycle import (
+    announce,
+    as_api,
+    decide_handshake,
+    delivery_hooks,
+    dispatch,
+    page_response,
+)
 
 if TYPE_CHECKING:
     from imkit.transport.server import Server
@@ -52,61 +78,27 @@ _STREAM_ERRORS = (
     anyio.EndOfStream,
     anyio.BrokenResourceError,
     anyio.ClosedResourceError,
-    ConnectionError,
     OSError,
 )
+_HOOK_TIMEOUT = 10.0
+_UNBIND_TIMEOUT = 5.0
 
 
-class _Context:
-    """The :class:`~imkit.core.server.Context` of one message."""
+class _Stop:
+    """Queue marker: the reader is done, no message follows."""
 
-    __slots__ = ("_frame", "_session")
 
-    def __init__(self, session: ServerSession, frame: Frame) -> None:
-        self._session = session
-        self._frame = frame
-
-    @property
-    def frame(self) -> Frame:
-        """The message, ``form_id`` set to the authenticated user."""
-        return self._frame
-
-    @property
-    def data(self) -> Any:
-        """The message's payload."""
-        return self._frame.data
-
-    @property
-    def method(self) -> str:
-        """The message's method."""
-        return self._frame.method
-
-    @property
-    def session(self) -> ServerSession:
-        """The connection the message came on."""
-        return self._session
-
-    @property
-    def user_id(self) -> str:
-        """The authenticated sender."""
-        return self._session.user_id
-
-    @property
-    def server(self) -> Server:
-        """The running server."""
-        return self._session.server
-
-    async def reply(self, data: Any) -> Frame:
-        """Answer with a ``Data`` frame whose ``replyTo`` is this message's id."""
-        return self._session.send_now(self._frame.method, data, reply_to=self._frame.id)
-
-    async def error(self, code: str, message: str, **extra: Any) -> None:
-        """Answer with an ``Err`` frame."""
-        self._session.send_error(code, message, self._frame.id, **extra)
+_STOP = _Stop()
+_Message = Frame | RawMessageReceived
+_Item = Frame | Event | _Stop  # a message, a delivery event, or the end
 
 
 class ServerSession:
-    """A connection on the server, as handlers and hooks see it (a core ``Session``)."""
+    """A connection on the server, as handlers and hooks see it (a core ``Session``).
+
+    Created and run by :meth:`imkit.Server.handle_stream`; applications get one through
+    ``ctx.session``, ``server.sessions(user_id)`` and the hooks.
+    """
 
     def __init__(self, server: Server, stream: anyio.abc.ByteStream, remote_addr: str = "") -> None:
         app = server.app
@@ -115,6 +107,7 @@ class ServerSession:
         self.clock = server.clock
         self.remote_addr = remote_addr
         self.epoch = f"{server.node_id}:{secrets.token_hex(8)}"
+        """This connection's unique id (also its binding epoch in discovery)."""
         self.conn = ServerConn(
             now=self.clock.now(),
             path=app.path,
@@ -123,24 +116,40 @@ class ServerSession:
             remote_addr=remote_addr,
             raw=server.raw_handler is not None,
         )
-        self._stream = stream
-        self._buffer = bytearray()
-        self._woken = False
-        self._sleep_scope: anyio.CancelScope | None = None
-        self._send_scope: anyio.CancelScope | None = None
-        self._queue_in, self._queue_out = anyio.create_memory_object_stream[tuple[str, Any]](
-            math.inf
-        )
-        self._slots = anyio.Semaphore(server.max_queued_messages)
-        self._room = anyio.Event()
-        self._held: list[Frame] | None = []
-        self._identity: Identity | None = None
-        self._expires_at: float | None = None
-        self._registered = False
-        self._finished = anyio.Event()
-        self._aborted = False
         self.closed_with: Closed | None = None
-        self._handshakes: list[tuple[str, HandshakeRequest, str]] = []
+        """How the connection closed (``None`` while it is open)."""
+        self._stream = stream
+        self._close_timeout = app.limits.close_timeout
+        # writer
+        self._buffer = bytearray()
+        self._write_event: anyio.Event | None = None
+        self._send_scope: anyio.CancelScope | None = None
+        self._flush_deadline = math.inf
+        self._aborted = False
+        self._broken = False
+        self._stream_closed = False
+        # timer
+        self._timer_scope: anyio.CancelScope | None = None
+        self._timer_at = math.inf
+        self._expires_at: float | None = None
+        # reader and worker
+        self._read_scope = anyio.CancelScope()
+        self._read_done = anyio.Event()
+        self._queue_in, self._queue_out = anyio.create_memory_object_stream[_Item](math.inf)
+        self._slots = anyio.Semaphore(server.max_queued_messages)
+        self._worker_done = anyio.Event()
+        self._handshakes: list[tuple[HandshakeRequest, str | None]] = []
+        # pushes
+        self._room = anyio.Event()
+        self._room_waiters = 0
+        self._held: list[Frame] | None = []
+        # life cycle
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._identity: Identity | None = None
+        self._registered = False
+        self._connected_done = anyio.Event()
+        self._disconnected = False
+        self._finished = anyio.Event()
 
     # ------------------------------------------------------------------ Session API
     @property
@@ -162,7 +171,12 @@ class ServerSession:
     @property
     def is_open(self) -> bool:
         """Whether messages can still be sent on this connection."""
-        return self.conn.peer is not None and self.conn.state.value == "open"
+        return self.conn.state is ConnState.OPEN
+
+    def send_raw(self, data: str | bytes) -> None:
+        """Raw mode (``Server(raw_handler=...)``): send one text or binary message."""
+        self.conn.send_raw(data)
+        self._collect()
 
     async def push(
         self,
@@ -175,22 +189,36 @@ class ServerSession:
     ) -> Frame:
         """Send a message with the downstream ack mode, even while fan-out is held.
 
-        With ``wait`` (the default) it first waits until the ack window has room, so a
-        long catch-up cannot overflow the send queue.
+        With ``wait`` (the default) it first waits until the ack window has room and the
+        unsent bytes are under half of ``max_write_buffer``, so a long catch-up neither
+        overflows the send queue nor gets the client cut off. On a closed connection the
+        message fails at once (``on_delivery_failed`` with reason ``"closed"``).
         """
         if wait:
             await self.wait_for_room()
         return self.send_now(method, data, message_id=message_id, form_id=form_id)
 
     async def wait_for_room(self) -> None:
-        """Wait until the ack window has room (or the connection is closed)."""
+        """Wait until the ack window and the write buffer have room (or the connection
+        is closed)."""
+        limit = self.server.max_write_buffer // 2
         while self.is_open:
-            assert self.conn.peer is not None
-            sender = self.conn.peer.sender
-            if sender.backlog == 0 and sender.in_flight < sender.timers.window:
+            peer = self.conn.peer
+            if peer is None:  # raw mode: only the write buffer counts
+                if len(self._buffer) < limit:
+                    return
+            elif (
+                peer.sender.backlog == 0
+                and peer.sender.in_flight < peer.sender.timers.window
+                and len(self._buffer) < limit
+            ):
                 return
             room = self._room
-            await room.wait()
+            self._room_waiters += 1
+            try:
+                await room.wait()
+            finally:
+                self._room_waiters -= 1
 
     def send_now(
         self,
@@ -201,11 +229,21 @@ class ServerSession:
         form_id: str = "",
         reply_to: str = "",
     ) -> Frame:
-        """Send without waiting (fan-out, replies); over the backlog limit the client is
-        cut off with 1008."""
-        if not self.is_open:
-            frame = Frame(FrameType.DATA, id=message_id or "", method=method, data=data)
-            self._queue_in.send_nowait(("event", DeliveryFailed(frame, "closed")))
+        """Send without waiting (fan-out, replies). Past the backlog limit the client is
+        closed with 1008; past ``max_write_buffer`` it is cut off.
+
+        Raises ``TypeError``/``ValueError`` for ``data`` that is not JSON.
+        """
+        if not self.is_open or self.conn.peer is None:
+            frame = Frame(
+                FrameType.DATA,
+                id=message_id if message_id is not None else self._new_id(),
+                method=method,
+                form_id=form_id,
+                data=data,
+                reply_to=reply_to,
+            )
+            self._post(DeliveryFailed(frame, "closed"))
             return frame
         frame = self.conn.send(
             method,
@@ -221,10 +259,8 @@ class ServerSession:
     def deliver(self, method: str, data: Any, *, form_id: str = "") -> None:
         """Fan-out delivery: queued while the session is held, else sent at once."""
         if self._held is not None:
-            peer = self.conn.peer
-            message_id = peer.new_id() if peer is not None else ""
             self._held.append(
-                Frame(FrameType.DATA, id=message_id, method=method, form_id=form_id, data=data)
+                Frame(FrameType.DATA, id=self._new_id(), method=method, form_id=form_id, data=data)
             )
             return
         self.send_now(method, data, form_id=form_id)
@@ -241,19 +277,9 @@ class ServerSession:
             if keep is None or keep(frame):
                 self.send_now(frame.method, frame.data, message_id=frame.id, form_id=frame.form_id)
 
-    def send_raw(self, data: str | bytes) -> None:
-        """Raw mode (``Server(raw_handler=...)``): send one text or binary message.
-
-        Ignored once the connection is closing; a client that does not read is cut off
-        like any other (``max_write_buffer``).
-        """
-        if self.conn.raw and self.conn.state.value == "open":
-            self.conn.send_raw(data)
-            self._collect()
-
     def send_error(self, code: str, message: str, frame_id: str = "", **extra: Any) -> None:
         """Send an ``Err`` frame (ignored once the connection is closed)."""
-        if self.is_open:
+        if self.is_open and self.conn.peer is not None:
             self.conn.send_error(code, message, frame_id, self.clock.now(), **extra)
             self._collect()
 
@@ -266,9 +292,31 @@ class ServerSession:
         self.conn.close(code, reason, self.clock.now())
         self._collect()
 
+    def shutdown_nowait(self) -> None:
+        """Server shutdown: close with 1001, or answer a pending handshake with 503."""
+        conn = self.conn
+        if conn.state is ConnState.HANDSHAKE and conn.request is not None:
+            conn.reject(503, "server shutting down")
+            self._collect()
+        else:
+            self.close_nowait(CLOSE_GOING_AWAY, "server shutting down")
+
     async def wait_closed(self) -> None:
         """Wait until the connection is fully closed and cleaned up."""
         await self._finished.wait()
+
+    def _new_id(self) -> str:
+        peer = self.conn.peer
+        return peer.new_id() if peer is not None else secrets.token_hex(8)
+
+    def _post(self, event: Event) -> None:
+        """Hand a delivery event to the worker (its hooks run there, in order)."""
+        if self._worker_done.is_set():
+            self.server.logger.debug(
+                "dropping %s for %r: its session has ended", type(event).__name__, self.user_id
+            )
+            return
+        self._queue_in.send_nowait(event)
 
     # ------------------------------------------------------------------ driving
     async def run(self) -> None:
@@ -276,30 +324,42 @@ class ServerSession:
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
-                tg.start_soon(self._pump)
+                tg.start_soon(self._writer)
+                tg.start_soon(self._timer)
                 tg.start_soon(self._worker)
-                await self._read()
-                self._queue_in.close()
+                with self._read_scope:
+                    await self._read()
+                self._lost()
+                grace = self.server.shutdown_timeout
+                with anyio.move_on_after(grace):
+                    await self._worker_done.wait()
+                if not self._worker_done.is_set():
+                    self.server.logger.warning(
+                        "handlers of %r still running %.1f s after the connection closed; "
+                        "cancelling them",
+                        self.user_id,
+                        grace,
+                    )
+                    tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
                 await self._cleanup()
 
-    def _wake(self) -> None:
-        self._woken = True
-        if self._sleep_scope is not None:
-            self._sleep_scope.cancel()
-
-    def _collect(self) -> list[Frame | RawMessageReceived]:
-        """Move the core's output to the write buffer and queue; return frames to handle."""
+    def _collect(self) -> list[_Message]:
+        """Move the core's output to the write buffer; act on its events; return the
+        messages to dispatch."""
         conn = self.conn
         data = conn.data_to_send()
-        if data:
+        if data and not self._aborted:
             self._buffer += data
-            if len(self._buffer) > self.server.max_write_buffer and not self._aborted:
+            if len(self._buffer) > self.server.max_write_buffer:
                 self._abort("send buffer full: the client is not reading")
                 return []
-            self._wake()
-        messages: list[Frame | RawMessageReceived] = []
+            wake = self._write_event
+            if wake is not None:
+                self._write_event = None
+                wake.set()
+        messages: list[_Message] = []
         room = False
         for event in conn.events():
             if isinstance(event, MessageReceived):
@@ -309,27 +369,66 @@ class ServerSession:
             elif isinstance(event, Delivered):
                 room = True
                 if self.app.delivered_hooks:
-                    self._queue_in.send_nowait(("event", event))
+                    self._post(event)
             elif isinstance(event, (DeliveryFailed, MessageExpired)):
                 room = True
-                self._queue_in.send_nowait(("event", event))
+                self._post(event)
             elif isinstance(event, ErrorReceived):
-                self.server.logger.debug("client %s sent an Err frame", self.user_id)
+                self.server.logger.debug("client %r sent an Err frame", self.user_id)
             elif isinstance(event, Closed):
-                self.closed_with = event
                 room = True
-                self._wake()
+                self._on_closed(event)
             elif isinstance(event, HandshakeRequested):
-                self._handshakes.append(("ws", event.request, "GET"))
+                self._handshakes.append((event.request, None))
             elif isinstance(event, HttpRequested):
-                self._handshakes.append(("http", event.request, event.method))
-        if room:
-            self._room.set()
-            self._room = anyio.Event()
+                self._handshakes.append((event.request, event.method))
+        if room and self._room_waiters:
+            self._signal_room()
+        scope = self._timer_scope
+        if scope is not None:
+            deadline = self._deadline()
+            if self.closed_with is not None or (deadline is not None and deadline < self._timer_at):
+                self._timer_scope = None
+                scope.cancel()
         return messages
 
+    def _deadline(self) -> float | None:
+        """When the timer must wake next: the core's deadline or the credential's expiry."""
+        deadline = self.conn.next_deadline()
+        expires = self._expires_at
+        if expires is not None and (deadline is None or expires < deadline):
+            return expires
+        return deadline
+
+    def _signal_room(self) -> None:
+        self._room.set()
+        self._room = anyio.Event()
+
+    def _on_closed(self, event: Closed) -> None:
+        if self.closed_with is not None:
+            return
+        self.closed_with = event
+        self._flush_deadline = anyio.current_time() + self._close_timeout
+        if self._send_scope is not None:
+            self._send_scope.deadline = min(self._send_scope.deadline, self._flush_deadline)
+        write_event = self._write_event
+        if write_event is not None:
+            self._write_event = None
+            write_event.set()
+        identity = self._identity
+        if identity is not None and self._registered:
+            self.server.registry.remove(identity.user_id, self.epoch)
+            self.server.registry.release_receiver(identity, self.clock.now())
+
+    def _lost(self) -> None:
+        """The socket is gone: end the core connection if it is not closed yet."""
+        if not self.conn.closed:
+            self.conn.receive_data(None, self.clock.now())
+            self._collect()
+
     def _abort(self, reason: str) -> None:
-        """Cut the client off at once (slow consumer): close 1008 and drop the socket."""
+        """Cut the client off at once (slow consumer): drop its unsent bytes, close with
+        1008 on our side and abort the socket."""
         self._aborted = True
         self._buffer.clear()
         now = self.clock.now()
@@ -338,284 +437,290 @@ class ServerSession:
         self.conn.data_to_send()
         if self._send_scope is not None:
             self._send_scope.cancel()
-        self.server.logger.info("closing a connection of %r: %s", self.user_id, reason)
+        self.server.logger.warning("cutting off a connection of %r: %s", self.user_id, reason)
         self._collect()
 
+    # ------------------------------------------------------------------ reader
     async def _read(self) -> None:
         stream = self._stream
         conn = self.conn
-        while self.closed_with is None:
-            try:
-                data: bytes | None = await stream.receive(_READ_SIZE)
-            except _STREAM_ERRORS:
-                data = None
-            if self.closed_with is not None:
-                return
-            conn.receive_data(data, self.clock.now())
-            for frame in self._collect():
-                await self._slots.acquire()
-                self._queue_in.send_nowait(("message", frame))
-            while self._handshakes:
-                kind, request, method = self._handshakes.pop(0)
-                if kind == "ws":
-                    await self._handshake(request)
-                else:
-                    await self._page(request, method)
-
-    async def _pump(self) -> None:
-        stream = self._stream
         clock = self.clock
-        while True:
-            if self._buffer and not self._aborted:
-                data = bytes(self._buffer)
-                self._buffer.clear()
-                with anyio.CancelScope() as scope:
-                    self._send_scope = scope
-                    try:
-                        await stream.send(data)
-                    except _STREAM_ERRORS:
-                        self.conn.receive_data(None, clock.now())
-                        self._collect()
-                self._send_scope = None
+        messages: list[_Message] = []
+        handed = 0
+        try:
+            while True:
+                try:
+                    data: bytes | None = await stream.receive(_READ_SIZE)
+                except _STREAM_ERRORS:
+                    data = None
+                conn.receive_data(data, clock.now())
+                messages = self._collect()
+                handed = 0
+                while handed < len(messages):
+                    await self._slots.acquire()
+                    self._queue_in.send_nowait(messages[handed])
+                    handed += 1
+                while self._handshakes:
+                    request, method = self._handshakes.pop(0)
+                    if method is None:
+                        messages = await self._handshake(request)
+                    else:
+                        await self._page(request, method)
+                        messages = []
+                    handed = 0
+                    while handed < len(messages):
+                        await self._slots.acquire()
+                        self._queue_in.send_nowait(messages[handed])
+                        handed += 1
+                if data is None:
+                    return
+        finally:
+            # Cancelled while the worker was behind: the messages already acknowledged
+            # are still handled; nothing follows the stop marker.
+            for message in messages[handed:]:
+                self._queue_in.send_nowait(message)
+            self._queue_in.send_nowait(_STOP)
+            self._read_done.set()
+
+    # ------------------------------------------------------------------ writer
+    async def _writer(self) -> None:
+        while not (self._broken or self._aborted):
+            if self._buffer:
+                await self._send_buffer()
                 continue
             if self.closed_with is not None:
                 break
-            if self._woken:
-                self._woken = False
-                continue
-            deadline = self.conn.next_deadline()
-            if self._expires_at is not None:
-                deadline = self._expires_at if deadline is None else min(deadline, self._expires_at)
+            event = self._write_event = anyio.Event()
+            await event.wait()
+        await self._close_stream()
+
+    async def _send_buffer(self) -> None:
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        with anyio.CancelScope(deadline=self._flush_deadline) as scope:
+            self._send_scope = scope
+            try:
+                await self._stream.send(data)
+            except _STREAM_ERRORS:
+                self._broken = True
+        self._send_scope = None
+        if scope.cancelled_caught:
+            self._broken = True  # a write cut short leaves the stream unusable
+        if self._broken:
+            self._buffer.clear()
+            self._lost()
+        elif self._room_waiters and len(self._buffer) < self.server.max_write_buffer // 2:
+            self._signal_room()
+
+    async def _close_stream(self) -> None:
+        stream = self._stream
+        self._stream_closed = True
+        if self._aborted or self._broken:
+            await _abort_stream(stream)
+        else:
+            # Half-close, then give the client close_timeout to read everything and close
+            # its end: closing first with unread input would reset the connection.
+            with anyio.move_on_after(self._close_timeout):
+                try:
+                    await stream.send_eof()
+                except (NotImplementedError, *_STREAM_ERRORS):
+                    pass
+                await self._read_done.wait()
+            await anyio.aclose_forcefully(stream)
+        self._read_scope.cancel()
+
+    # ------------------------------------------------------------------ timer
+    async def _timer(self) -> None:
+        conn = self.conn
+        clock = self.clock
+        while self.closed_with is None:
+            deadline = self._deadline()
+            expires = self._expires_at
+            target = math.inf if deadline is None else deadline
             with anyio.CancelScope() as scope:
-                self._sleep_scope = scope
-                await clock.sleep_until(math.inf if deadline is None else deadline)
-            self._sleep_scope = None
+                self._timer_at = target
+                self._timer_scope = scope
+                await clock.sleep_until(target)
+            self._timer_scope = None
+            self._timer_at = math.inf
+            if self.closed_with is not None:
+                return
             now = clock.now()
-            if self._expires_at is not None and now >= self._expires_at:
+            if expires is not None and now >= expires:
                 self._expires_at = None
                 self.close_nowait(CLOSE_POLICY, "credential expired")
             elif deadline is not None and now >= deadline:
-                self.conn.handle_timeout(now)
-                for frame in self._collect():
-                    self._queue_in.send_nowait(("message", frame))  # pragma: no cover
-        await anyio.aclose_forcefully(stream) if self._aborted else await self._close_stream()
-        self._tg.cancel_scope.cancel()
+                conn.handle_timeout(now)
+                for message in self._collect():  # pragma: no cover - timeouts never dispatch
+                    self._queue_in.send_nowait(message)
+            await anyio.lowlevel.checkpoint()
 
-    async def _close_stream(self) -> None:
-        try:
-            with anyio.move_on_after(1):
-                await self._stream.aclose()
-        except _STREAM_ERRORS:
-            pass
-        await anyio.aclose_forcefully(self._stream)
-
+    # ------------------------------------------------------------------ worker
     async def _worker(self) -> None:
-        async with self._queue_out:
-            async for kind, item in self._queue_out:
-                if kind == "message":
-                    try:
-                        if isinstance(item, RawMessageReceived):
-                            await self._dispatch_raw(item.data)
-                        else:
-                            await self._dispatch(item)
-                    finally:
-                        self._slots.release()
-                else:
-                    await self._hooks(item)
+        receive = self._queue_out
+        try:
+            while True:
+                item = await receive.receive()
+                if item is _STOP:
+                    break
+                await self._handle(item)
+            await self._disconnect()
+        finally:
+            self._worker_done.set()
 
-    async def _dispatch(self, frame: Frame) -> None:
-        route = self.app.router.get(frame.method)
-        if route is None:  # refused by the core before it was acked; kept for safety
-            self.send_error(ErrorCode.UNKNOWN_METHOD, f"unknown method {frame.method!r}", frame.id)
-            return
-        async with self.server.handler_limiter:
+    async def _handle(self, item: _Item) -> None:
+        if isinstance(item, Frame):
             try:
-                await route.handler(_Context(self, frame))
-            except HandlerError as exc:
-                self.send_error(exc.code, exc.message, frame.id, **exc.extra)
-            except Exception:
-                self.server.logger.exception(
-                    "handler for %r failed (user %r, message %r)",
-                    frame.method,
-                    self.user_id,
-                    frame.id,
-                )
-                self.send_error(
-                    ErrorCode.HANDLER_ERROR, "the handler failed; see the server log", frame.id
-                )
+                await dispatch(self.server, self, item)
+            finally:
+                self._slots.release()
+        elif isinstance(item, RawMessageReceived):
+            try:
+                await self._raw(item.data)
+            finally:
+                self._slots.release()
+        elif not isinstance(item, _Stop):
+            await delivery_hooks(self.server, self, item)
 
-    async def _dispatch_raw(self, data: str | bytes) -> None:
+    async def _raw(self, data: str | bytes) -> None:
         handler = self.server.raw_handler
         assert handler is not None
-        async with self.server.handler_limiter:
-            try:
-                await handler(self, data)
-            except Exception:
-                self.server.logger.exception("raw handler failed (user %r)", self.user_id)
-                self.close_nowait(1011, "handler error")
-
-    async def _hooks(self, event: Any) -> None:
-        app = self.app
         try:
-            if isinstance(event, Delivered):
-                for hook in app.delivered_hooks:
-                    await hook(self, event.frame)
-            elif isinstance(event, DeliveryFailed):
-                for failed in app.failed_hooks:
-                    await failed(self, event.frame, event.reason)
-            elif isinstance(event, MessageExpired):
-                self.server.logger.info(
-                    "message %r of %r expired unconfirmed (RigorAck)", event.frame.id, self.user_id
-                )
+            await handler(self, data)
         except Exception:
-            self.server.logger.exception("a delivery hook failed for %r", self.user_id)
+            self.server.logger.exception("raw handler failed (user %r)", self.user_id)
+            self.close_nowait(1011, "internal error")
 
     # ------------------------------------------------------------------ handshake
-    async def _handshake(self, request: HandshakeRequest) -> None:
+    def _refuse(self, status: int, reason: str) -> None:
+        if self.conn.state is ConnState.HANDSHAKE:
+            self.conn.reject(status, reason)
+            self._collect()
+
+    async def _handshake(self, request: HandshakeRequest) -> list[_Message]:
         server = self.server
         conn = self.conn
-        refusal = server.admission(request)
-        if refusal is not None:
-            conn.reject(*refusal)
-            self._collect()
-            return
-        try:
-            limit = self.app.limits.handshake_timeout
-            with anyio.fail_after(limit if limit is not None else math.inf):
-                identity = await self.app.auth.authenticate(request)
-        except AuthenticationFailed as exc:
-            server.logger.info("handshake from %s refused: %s", self.remote_addr, exc.reason)
-            conn.reject(exc.status, exc.reason)
-            self._collect()
-            return
-        except TimeoutError:
-            conn.reject(503, "authentication timed out")
-            self._collect()
-            return
-        except Exception:
-            server.logger.exception("authentication failed with an error")
-            conn.reject(500, "authentication error")
-            self._collect()
-            return
-        if (
-            self.app.login_policy is LoginPolicy.MULTI
-            and server.registry.count(identity.user_id) >= self.app.max_connections_per_user
-        ):
-            conn.reject(429, "too many connections for this user")
-            self._collect()
-            return
+        decision = await decide_handshake(server, request)
+        if conn.state is not ConnState.HANDSHAKE:
+            return []  # the handshake timed out, or the server began shutting down
+        if isinstance(decision, Identity) and server.stopping:
+            decision = (503, "server shutting down")
+        if not isinstance(decision, Identity):
+            self._refuse(*decision)
+            return []
+        identity = decision
         now = self.clock.now()
-        receiver = server.registry.receiver(
-            identity, self.app.ack_mode, self.app.options.timers, now
-        )
+        app = self.app
+        receiver = server.registry.receiver(identity, app.ack_mode, app.options.timers, now)
         conn.accept(
             identity,
             now,
-            options=self.app.options,
+            options=app.options,
             receiver=receiver,
-            accepts_method=self.app.router.__contains__,
+            accepts_method=app.router.__contains__,
         )
         self._identity = identity
         if identity.expires_at is not None:
-            self._expires_at = now + (identity.expires_at - time.time())
+            self._expires_at = now + (identity.expires_at - self.clock.wall())
         displaced = server.registry.add(identity, self.epoch, self)
         self._registered = True
-        for old in displaced:
-            old.close_nowait(4000, "session replaced: the user logged in again")
         server.ip_opened(self.remote_addr)
-        messages = self._collect()
-        for frame in messages:
-            await self._slots.acquire()
-            self._queue_in.send_nowait(("message", frame))
-        self._tg.start_soon(self._connected, identity)
+        for old in displaced:
+            old.close_nowait(CLOSE_SESSION_REPLACED, "session replaced: the user logged in again")
+        assert self._tg is not None
+        self._tg.start_soon(self._connected)
+        return self._collect()
 
-    async def _connected(self, identity: Identity) -> None:
-        server = self.server
-        binding = Binding(identity.user_id, server.node_id, self.epoch, identity.device_id)
-        if not server.single_node:
-            try:
-                others = await server.app.discover.bind(binding)
-            except DiscoverError as exc:
-                server.logger.warning("could not bind %r in discovery: %s", identity.user_id, exc)
-                others = []
-            for other in others:
-                same_device = other.device_id == identity.device_id
-                if other.node_id != server.node_id and (
-                    self.app.login_policy is LoginPolicy.SINGLE or same_device
-                ):
-                    kick = Forward("kick", identity.user_id, server.node_id, epoch=other.epoch)
-                    try:
-                        await server.app.discover.forward(other.node_id, kick)
-                    except DiscoverError as exc:
-                        server.logger.warning("could not reach node %r: %s", other.node_id, exc)
-        for hook in self.app.connect_hooks:
-            try:
-                await hook(self, server)
-            except Exception:
-                server.logger.exception("an on_connect hook failed for %r", identity.user_id)
-        if self._held is not None:
-            await self.release()
+    async def _connected(self) -> None:
+        try:
+            await announce(self.server, self)
+        finally:
+            self._connected_done.set()
+            if self._held is not None:
+                await self.release()
 
     async def _page(self, request: HandshakeRequest, method: str) -> None:
-        handler = self.app.pages.get(request.path)
-        if handler is None or method not in ("GET", "HEAD"):
-            path = self.app.path
-            is_ws_path = (
-                request.path == path
-                if isinstance(path, str)
-                else bool(path.fullmatch(request.path))
-            )
-            if handler is None and is_ws_path:
-                self.conn.respond(
-                    426, b"this endpoint speaks WebSocket\n", [("Upgrade", "websocket")]
-                )
-            elif handler is None:
-                self.conn.respond(404, b"not found\n")
-            else:
-                self.conn.respond(405, b"method not allowed\n", [("Allow", "GET, HEAD")])
-            self._collect()
+        response = await page_response(self.server, request, method)
+        if self.conn.state is not ConnState.HANDSHAKE:
             return
-        try:
-            response = await handler(request)
-        except Exception:
-            self.server.logger.exception("page handler for %r failed", request.path)
-            response = HttpResponse(500, b"internal server error\n")
         body = b"" if method == "HEAD" else response.body
         self.conn.respond(
             response.status, body, response.headers, content_type=response.content_type
         )
         self._collect()
 
-    async def _cleanup(self) -> None:
+    # ------------------------------------------------------------------ the end
+    async def _disconnect(self, *, handlers: bool = True) -> None:
+        """Release the user in discovery and run ``on_disconnect`` (once); before that,
+        what is still queued (with ``handlers=False``, only the delivery hooks)."""
+        if self._disconnected:
+            return
+        self._disconnected = True
         server = self.server
+        with anyio.move_on_after(_HOOK_TIMEOUT):
+            await self._connected_done.wait()  # on_connect hooks end before on_disconnect
+        # Pushes that failed (the connection ended with them in flight) reach their hooks
+        # before on_disconnect; so do the messages the last handlers left queued.
+        while True:
+            try:
+                item = self._queue_out.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                break
+            if isinstance(item, (Frame, RawMessageReceived)):
+                if handlers:
+                    await self._handle(item)
+            elif not isinstance(item, _Stop):
+                await delivery_hooks(server, self, item)
         identity = self._identity
-        if not self.conn.closed:
-            self.conn.receive_data(None, self.clock.now())
+        if identity is None or not self._registered:
+            return
+        server.ip_closed(self.remote_addr)
+        if not server.single_node:
+            binding = Binding(identity.user_id, server.node_id, self.epoch, identity.device_id)
+            try:
+                with anyio.move_on_after(_UNBIND_TIMEOUT):
+                    await server.app.discover.unbind(binding)
+            except DiscoverError as exc:
+                server.logger.warning("could not unbind %r: %s", identity.user_id, exc)
+        for hook in self.app.disconnect_hooks:
+            try:
+                with anyio.move_on_after(_HOOK_TIMEOUT):
+                    await hook(self, as_api(server))
+            except Exception:
+                server.logger.exception("an on_disconnect hook failed for %r", identity.user_id)
+
+    async def _cleanup(self) -> None:
+        """Runs shielded when the session ends, even when it was cancelled."""
+        conn = self.conn
+        if conn.state is ConnState.OPEN and not (self._aborted or self._broken):
+            # Cancelled from outside (the server stopped hard): say goodbye if we can.
+            conn.close(CLOSE_GOING_AWAY, "server shutting down", self.clock.now())
             self._collect()
-        await anyio.aclose_forcefully(self._stream)
-        if identity is not None and self._registered:
-            server.ip_closed(self.remote_addr)
-            server.registry.remove(identity.user_id, self.epoch)
-            server.registry.release_receiver(identity, self.clock.now())
-            if not server.single_node:
-                binding = Binding(identity.user_id, server.node_id, self.epoch, identity.device_id)
+            with anyio.move_on_after(1):
                 try:
-                    with anyio.move_on_after(5):
-                        await server.app.discover.unbind(binding)
-                except DiscoverError as exc:
-                    server.logger.warning("could not unbind %r: %s", identity.user_id, exc)
-            # Failures of pushes still in flight reach the hooks before the disconnect.
-            while True:
-                try:
-                    kind, item = self._queue_out.receive_nowait()
-                except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
-                    break
-                if kind == "event":
-                    await self._hooks(item)
-            for hook in self.app.disconnect_hooks:
-                try:
-                    with anyio.move_on_after(10):
-                        await hook(self, server)
-                except Exception:
-                    server.logger.exception("an on_disconnect hook failed for %r", identity.user_id)
+                    await self._stream.send(bytes(self._buffer))
+                except _STREAM_ERRORS:
+                    pass
+        self._buffer.clear()
+        self._lost()
+        if not self._stream_closed:
+            await _abort_stream(self._stream)
+        if not self._disconnected:
+            # The worker was cancelled: no handler runs any more, but the hooks still do.
+            self._connected_done.set()
+            await self._disconnect(handlers=False)
+        self._worker_done.set()
+        self._queue_in.close()
+        self._queue_out.close()
         self._finished.set()
+
+
+async def _abort_stream(stream: anyio.abc.ByteStream) -> None:
+    """Close ``stream`` at once, dropping unsent data (a TCP reset where possible)."""
+    sock = stream.extra(SocketAttribute.raw_socket, None)
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+    await anyio.aclose_forcefully(stream)
