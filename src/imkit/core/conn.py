@@ -475,11 +475,12 @@ class _Conn:
         wsproto hands out a frame's payload as it arrives, so without this check a frame
         announcing 2**62 bytes would be read (and buffered) until the byte count passed
         ``max_message_size``. The header wsproto has parsed for the frame in progress is
-        private (``_proto._frame_decoder.header``), hence the defensive lookups.
+        private (``connection._proto._frame_decoder.header``), hence the defensive lookups.
         """
         if self.state is not ConnState.OPEN:
             return
-        decoder = getattr(getattr(self._ws, "_proto", None), "_frame_decoder", None)
+        proto = getattr(getattr(self._ws, "connection", None), "_proto", None)
+        decoder = getattr(proto, "_frame_decoder", None)
         header = getattr(decoder, "header", None)
         length = getattr(header, "payload_len", None)
         opcode = getattr(header, "opcode", None)
