@@ -189,6 +189,17 @@ class Wire:
             if opcode == OP_CLOSE:
                 return close_code(payload)
 
+    async def finish_close(self) -> int | None:
+        """Read the server's close frame, answer it as a client must, and wait for the
+        server to close TCP; return the server's close code."""
+        code = await self.read_close()
+        try:
+            await self.send_frame(OP_CLOSE, struct.pack("!H", code) if code else b"")
+        except (anyio.BrokenResourceError, ConnectionError, OSError):
+            pass
+        assert await self.at_eof()
+        return code
+
     async def at_eof(self) -> bool:
         """Whether the server closed the TCP connection (after reading what is left)."""
         try:
