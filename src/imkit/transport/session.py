@@ -128,6 +128,7 @@ class ServerSession:
         self._aborted = False
         self._broken = False
         self._stream_closed = False
+        self._linger = False
         # timer
         self._timer_scope: anyio.CancelScope | None = None
         self._timer_at = math.inf
@@ -377,7 +378,7 @@ class ServerSession:
                 self.server.logger.debug("client %r sent an Err frame", self.user_id)
             elif isinstance(event, Closed):
                 room = True
-                self._on_closed(event)
+                self._on_closed(event, linger=bool(data))
             elif isinstance(event, HandshakeRequested):
                 self._handshakes.append((event.request, None))
             elif isinstance(event, HttpRequested):
@@ -404,10 +405,11 @@ class ServerSession:
         self._room.set()
         self._room = anyio.Event()
 
-    def _on_closed(self, event: Closed) -> None:
+    def _on_closed(self, event: Closed, *, linger: bool) -> None:
         if self.closed_with is not None:
             return
         self.closed_with = event
+        self._linger = linger
         self._flush_deadline = anyio.current_time() + self._close_timeout
         if self._send_scope is not None:
             self._send_scope.deadline = min(self._send_scope.deadline, self._flush_deadline)
@@ -517,6 +519,10 @@ class ServerSession:
         self._stream_closed = True
         if self._aborted or self._broken:
             await _abort_stream(stream)
+        elif not self._linger:
+            # Nothing the client still has to read (a handshake that timed out, a closing
+            # handshake the client already answered): close at once.
+            await anyio.aclose_forcefully(stream)
         else:
             # Half-close, then give the client close_timeout to read everything and close
             # its end: closing first with unread input would reset the connection.
