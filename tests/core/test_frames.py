@@ -1,0 +1,202 @@
+"""The wire codec: byte-compatible with easy-chat clients, strict about what it accepts."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from imkit.core.frames import (
+    DecodeError,
+    ErrorCode,
+    Frame,
+    FrameType,
+    decode_frame,
+    encode_frame,
+    error_frame,
+)
+
+EASY_CHAT_FIELDS = ["frameType", "id", "ackSeq", "method", "formId", "transpondUid", "data"]
+
+
+def decoded(obj: Any) -> Frame:
+    result = decode_frame(json.dumps(obj))
+    assert isinstance(result, Frame), result
+    return result
+
+
+def failed(text: str | bytes) -> DecodeError:
+    result = decode_frame(text)
+    assert isinstance(result, DecodeError), result
+    return result
+
+
+def test_frame_types_have_easy_chats_numbers() -> None:
+    assert {t.name: int(t) for t in FrameType} == {
+        "DATA": 0,
+        "PING": 1,
+        "ACK": 2,
+        "NO_ACK": 3,
+        "TRANSPOND": 6,
+        "ERR": 9,
+    }
+
+
+def test_encode_writes_every_easy_chat_field_in_order() -> None:
+    text = encode_frame(
+        Frame(FrameType.DATA, id="m1", method="conversation.chat", form_id="u1", data={"a": 1})
+    )
+    obj = json.loads(text)
+    assert list(obj) == EASY_CHAT_FIELDS
+    assert obj == {
+        "frameType": 0,
+        "id": "m1",
+        "ackSeq": 0,
+        "method": "conversation.chat",
+        "formId": "u1",
+        "transpondUid": "",
+        "data": {"a": 1},
+    }
+    # Compact separators, UTF-8 kept as is (what a Go client's encoding/json expects).
+    assert text.startswith('{"frameType":0,"id":"m1"')
+    assert "你好" in encode_frame(Frame(data="你好"))
+
+
+def test_reply_to_is_written_only_when_set() -> None:
+    assert "replyTo" not in encode_frame(Frame(id="a"))
+    obj = json.loads(encode_frame(Frame(id="b", reply_to="a")))
+    assert obj["replyTo"] == "a" and list(obj)[:7] == EASY_CHAT_FIELDS
+
+
+def test_round_trip() -> None:
+    frame = Frame(FrameType.TRANSPOND, "x", 2, "m", "f", "t", [1, {"k": None}], "r")
+    assert decode_frame(encode_frame(frame)) == frame
+    assert decode_frame(encode_frame(frame).encode()) == frame  # UTF-8 bytes work too
+
+
+def test_absent_fields_take_defaults_and_unknown_fields_are_ignored() -> None:
+    assert decoded({}) == Frame()
+    frame = decoded({"id": "a", "extra": [1, 2], "frameType": 3, "Method": "ignored"})
+    assert frame == Frame(FrameType.NO_ACK, id="a")
+    # null is "absent" for every field (Go's encoding/json writes null for nil).
+    assert decoded({"id": None, "ackSeq": None, "data": None}) == Frame()
+
+
+@pytest.mark.parametrize(
+    ("obj", "field"),
+    [
+        ({"id": 5}, "id"),
+        ({"frameType": "0"}, "frameType"),
+        ({"frameType": 0.0}, "frameType"),
+        ({"ackSeq": 1.5}, "ackSeq"),
+        ({"ackSeq": True}, "ackSeq"),  # bool is not an int on the wire
+        ({"frameType": False}, "frameType"),
+        ({"method": ["x"]}, "method"),
+        ({"formId": {}}, "formId"),
+        ({"transpondUid": 1}, "transpondUid"),
+        ({"replyTo": 1}, "replyTo"),
+    ],
+)
+def test_wrong_types_are_bad_frames(obj: dict[str, Any], field: str) -> None:
+    error = failed(json.dumps({"id": "m7", **obj}))
+    assert error.code == ErrorCode.BAD_FRAME
+    assert repr(field) in error.message
+    assert error.id == ("" if field == "id" else "m7")  # the id, where it was readable
+
+
+def test_unknown_frame_type_and_negative_ack_seq() -> None:
+    error = failed('{"frameType": 4, "id": "q"}')
+    assert (error.code, error.id) == (ErrorCode.UNKNOWN_FRAME_TYPE, "q")
+    assert "4" in error.message
+    error = failed('{"ackSeq": -1, "id": "q"}')
+    assert (error.code, error.id) == (ErrorCode.BAD_FRAME, "q")
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "not json", "[1, 2]", '"a string"', "42", "null", '{"id": "a"', b"\xff\xfe{}"],
+)
+def test_non_objects_are_bad_json(text: str | bytes) -> None:
+    assert failed(text).code == ErrorCode.BAD_JSON
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_are_not_json(constant: str) -> None:
+    # Python's json accepts them; no other client could read them back.
+    error = failed(f'{{"id": "a", "data": {constant}}}')
+    assert error.code == ErrorCode.BAD_JSON and constant.lstrip("-") in error.message
+    with pytest.raises(ValueError):
+        encode_frame(Frame(data=float(constant)))
+
+
+def test_huge_numbers() -> None:
+    assert failed('{"ackSeq": 1e400}').code == ErrorCode.BAD_FRAME  # float inf, not an int
+    assert failed('{"ackSeq": ' + "9" * 5000 + "}").code == ErrorCode.BAD_JSON
+    assert decoded({"ackSeq": 2**70}).ack_seq == 2**70
+
+
+def test_deep_nesting_is_bad_json_not_a_crash() -> None:
+    assert failed("[" * 100_000 + "]" * 100_000).code == ErrorCode.BAD_JSON
+    assert failed('{"data": ' + "[" * 100_000 + "]" * 100_000 + "}").code == ErrorCode.BAD_JSON
+
+
+def test_lone_surrogates_are_bad_json() -> None:
+    # Bug found: '{"id": "\\ud800"}' decoded, and the Ack echoing that id then crashed
+    # the connection with UnicodeEncodeError (no UTF-8 text can carry a lone surrogate).
+    error = failed('{"id": "\\ud800", "frameType": 0}')
+    assert (error.code, error.id) == (ErrorCode.BAD_JSON, "")
+    error = failed('{"id": "ok", "data": {"k": ["\\udc00"]}}')
+    assert (error.code, error.id) == (ErrorCode.BAD_JSON, "ok")
+    # A proper surrogate pair (an escaped emoji) is one code point and is fine.
+    assert decoded({"data": "\U0001f600"}).data == "\U0001f600"
+    assert decode_frame('{"data": "\\ud83d\\ude00"}') == Frame(data="\U0001f600")
+    # An escaped backslash followed by "ud800" is plain text.
+    assert decode_frame('{"data": "\\\\ud800"}') == Frame(data="\\ud800")
+
+
+def test_error_frame_shape() -> None:
+    frame = error_frame(ErrorCode.RATE_LIMITED, "slow down", "m1", retryAfter=0.5)
+    assert frame == Frame(
+        FrameType.ERR,
+        id="m1",
+        data={"code": "rate_limited", "message": "slow down", "retryAfter": 0.5},
+    )
+    assert json.loads(encode_frame(frame))["data"]["code"] == "rate_limited"
+
+
+def test_error_codes_are_distinct_strings() -> None:
+    codes = {v for k, v in vars(ErrorCode).items() if k.isupper()}
+    assert len(codes) == 12 and all(isinstance(c, str) and c == c.lower() for c in codes)
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=10,
+)
+
+
+@given(
+    obj=st.dictionaries(
+        st.sampled_from([*EASY_CHAT_FIELDS, "replyTo", "x"]), json_values, max_size=8
+    )
+)
+def test_decode_never_raises_and_round_trips_what_it_accepts(obj: dict[str, Any]) -> None:
+    result = decode_frame(json.dumps(obj))
+    if isinstance(result, Frame):
+        assert decode_frame(encode_frame(result)) == result
+    else:
+        assert result.code in (ErrorCode.BAD_FRAME, ErrorCode.UNKNOWN_FRAME_TYPE)
+
+
+@given(st.binary(max_size=64) | st.text(max_size=64))
+def test_decode_never_raises_on_garbage(text: str | bytes) -> None:
+    result = decode_frame(text)
+    assert isinstance(result, (Frame, DecodeError))
