@@ -674,3 +674,34 @@ async def test_a_client_that_does_not_read_is_cut_off() -> None:
     assert seen.of("disconnect") == ["alice"]
     assert failed and set(failed) == {"closed"}
     assert asgi.server.sessions("alice") == []
+
+
+async def test_mounted_in_starlette() -> None:
+    pytest.importorskip("starlette")
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Mount, Route
+
+    app, seen = make_app("only")
+    asgi = ASGIApp(app)
+
+    async def home(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("home")
+
+    @asynccontextmanager
+    async def lifespan(_: Any) -> AsyncIterator[None]:
+        await asgi.startup()  # Starlette does not forward lifespan events to mounts
+        yield
+        await asgi.shutdown()
+
+    site = Starlette(routes=[Route("/", home), Mount("/chat", app=asgi)], lifespan=lifespan)
+    with anyio.fail_after(TIMEOUT):
+        async with serving(site) as port:
+            async with imkit.connect(f"ws://127.0.0.1:{port}/chat/ws?user=alice") as alice:
+                assert await alice.request("echo", "mounted") == "mounted"
+            with pytest.raises(websockets.InvalidStatus) as info:
+                async with ws_connect(f"ws://127.0.0.1:{port}/chat/ws"):
+                    pass
+            assert info.value.response.status_code == 401
+            assert seen.of("startup") == ["local"]
+    assert seen.of("shutdown") == ["local"]
