@@ -27,6 +27,7 @@ import imkit
 from imkit.core.ack import AckTimers
 from imkit.core.conn import ConnLimits
 from imkit.core.peer import PeerOptions
+from imkit.testing import FakeClock
 from imkit.transport.asgi import CLOSE_REFUSED, ASGIApp
 
 pytestmark = pytest.mark.anyio
@@ -705,3 +706,54 @@ async def test_mounted_in_starlette() -> None:
             assert info.value.response.status_code == 401
             assert seen.of("startup") == ["local"]
     assert seen.of("shutdown") == ["local"]
+
+
+class ExpiringAuth:
+    """``?user=NAME``, with a credential valid for ``ttl`` seconds of ``clock``'s wall time."""
+
+    def __init__(self, clock: FakeClock, ttl: float) -> None:
+        self.clock = clock
+        self.ttl = ttl
+
+    async def authenticate(self, request: imkit.HandshakeRequest) -> imkit.Identity:
+        user = request.query.get("user", "")
+        return imkit.Identity(user, expires_at=self.clock.wall() + self.ttl)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_expiry_and_idle_timeout_follow_the_clock() -> None:
+    clock = FakeClock()
+    app = imkit.App(
+        auth=ExpiringAuth(clock, ttl=60), ack_mode="none", options=PeerOptions(idle_timeout=30)
+    )
+
+    @app.route("echo")
+    async def echo(ctx: imkit.Context) -> None:
+        await ctx.reply(ctx.data)
+
+    asgi = ASGIApp(app, clock=clock)
+    with anyio.fail_after(TIMEOUT):
+        for messages_every, code, reason in (
+            (None, 1000, "idle timeout"),
+            (20, 1008, "credential expired"),
+        ):
+            io = FakeASGI()
+            io.feed({"type": "websocket.connect"})
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(asgi, ws_scope("user=alice"), io.receive, io.send)
+                assert (await io.out.receive())["type"] == "websocket.accept"
+                start = clock.now()
+                if messages_every is None:
+                    await clock.advance_by(31)  # no message for 30 s
+                else:
+                    for n in range(4):  # busy, but the credential runs out at 60 s
+                        await clock.advance_by(messages_every)
+                        io.feed({"type": "websocket.receive", "text": data(f"m{n}", "echo", n)})
+                        if clock.now() - start < 60:
+                            assert (await io.next_text())["data"] == n
+                close = await io.out.receive()
+                assert (close["type"], close["code"], close["reason"]) == (
+                    "websocket.close",
+                    code,
+                    reason,
+                )

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import secrets
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
@@ -127,7 +126,7 @@ class ASGISession:
         self._timer_at = math.inf
         self._expires_at: float | None = None
         if identity.expires_at is not None:
-            self._expires_at = now + (identity.expires_at - time.time())
+            self._expires_at = now + (identity.expires_at - self.clock.wall())
         # reader and worker
         self._read_scope = anyio.CancelScope()
         self._queue_in, self._queue_out = anyio.create_memory_object_stream[_Item](math.inf)
