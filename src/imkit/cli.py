@@ -48,7 +48,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.postgres:
         from imkit.integrations.postgres import PostgresStore
 
-        store = PostgresStore(args.postgres)
+        store = PostgresStore(args.postgres, schema=args.postgres_schema)
     else:
         from imkit.chat.sqlite import SQLiteStore
 
@@ -57,7 +57,9 @@ def _serve(args: argparse.Namespace) -> int:
     if args.redis:
         from imkit.integrations.redis import RedisDiscover
 
-        discover = RedisDiscover(args.redis, node_id=args.node_id)
+        discover = RedisDiscover(
+            args.redis, node_id=args.node_id, lease_seconds=args.lease, key_prefix=args.redis_prefix
+        )
     app, _service = create_chat_app(
         store,
         auth=auth,
@@ -143,7 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--login", choices=("single", "multi"), default="single")
     serve.add_argument("--redis", help="Redis URL for multi-node discovery")
     serve.add_argument("--postgres", help="PostgreSQL DSN (instead of SQLite)")
+    serve.add_argument("--postgres-schema", default="public", help="PostgreSQL schema")
     serve.add_argument("--node-id", help="this node's id in a cluster (default: random)")
+    serve.add_argument(
+        "--lease",
+        type=float,
+        default=10.0,
+        help="seconds a dead node's users stay bound in Redis (default: 10)",
+    )
+    serve.add_argument("--redis-prefix", default="imkit", help="Redis key prefix (default: imkit)")
     serve.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
     serve.add_argument("-v", "--verbose", action="store_true")
     serve.set_defaults(func=_serve)

@@ -87,7 +87,11 @@ def _translate(exc: BaseException) -> ImkitError | None:
         return StoreUnavailable(f"postgres unreachable: {exc!r}")
     if isinstance(exc, asyncpg.InterfaceError):
         return StoreUnavailable(f"postgres: {exc}")
-    if isinstance(exc, (asyncpg.InternalClientError, asyncpg.ClientConfigurationError)):
+    if isinstance(exc, asyncpg.InternalClientError):
+        # What asyncpg raises on a connection the server terminated under it ("cannot
+        # switch to state N; another operation is in progress"): a new connection helps.
+        return StoreUnavailable(f"postgres: {exc}")
+    if isinstance(exc, asyncpg.ClientConfigurationError):
         return StoreError(f"postgres: {exc}")
     return None
 

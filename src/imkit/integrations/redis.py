@@ -20,6 +20,7 @@ that re-checks the lease, so that a node coming back never loses a binding it re
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -139,8 +140,9 @@ class RedisDiscover:
     A node is alive while its lease (``lease_seconds``) is renewed, every ``renew_interval``
     seconds (default: a third of the lease).
 
-    :meth:`start` and :meth:`stop` must be called from the same task: the background tasks
-    (lease renewal, forward reader) run in a task group entered by :meth:`start`. Failing
+    The background tasks (lease renewal, forward reader) run in an asyncio task of their
+    own (redis-py is asyncio-only), so :meth:`start` and :meth:`stop` may be called from
+    any task and inside any cancel scopes, e.g. :meth:`stop` from a shielded cleanup. Failing
     Redis operations raise :class:`~imkit.exceptions.DiscoverError`; the background tasks
     survive Redis restarts and killed connections, and re-register the lease, resubscribe
     and re-write this node's bindings once Redis is back.
@@ -183,7 +185,8 @@ class RedisDiscover:
         self._unbound: dict[tuple[str, str], Binding] = {}  # unbinds Redis has not confirmed
         self._write_lock = anyio.Lock()  # orders binding writes against a full re-write
         self._on_forward: ForwardHandler = _drop
-        self._tg: anyio.abc.TaskGroup | None = None
+        self._runner: asyncio.Task[None] | None = None  # hosts the background tasks
+        self._first_pubsub: PubSub | None = None  # until the reader task takes it over
         self._renew_scope: anyio.CancelScope | None = None  # set by the background tasks
         self._reader_scope: anyio.CancelScope | None = None
         self._reregister = False
@@ -224,27 +227,42 @@ class RedisDiscover:
 
         Returns once the lease is written and Redis has confirmed the subscription.
         """
-        if self._tg is not None:
+        if self._runner is not None:
             raise RuntimeError("RedisDiscover is already started")
         self._on_forward = on_forward
         await self._register()
-        pubsub = await self._open_pubsub()
-        tg = anyio.create_task_group()
-        await tg.__aenter__()
-        self._tg = tg
-        tg.start_soon(self._renew_loop, name=f"imkit-redis-lease-{self._node_id}")
-        tg.start_soon(self._reader_loop, pubsub, name=f"imkit-redis-reader-{self._node_id}")
+        self._first_pubsub = await self._open_pubsub()
+        runner = asyncio.get_running_loop().create_task(
+            self._background(), name=f"imkit-redis-{self._node_id}"
+        )
+        runner.add_done_callback(self._background_done)
+        self._runner = runner
         self._logger.info("node %s registered (lease %.3g s)", self._node_id, self._lease_seconds)
+
+    async def _background(self) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._renew_loop, name=f"imkit-redis-lease-{self._node_id}")
+            tg.start_soon(self._reader_loop, name=f"imkit-redis-reader-{self._node_id}")
+
+    def _background_done(self, runner: asyncio.Task[None]) -> None:
+        if not runner.cancelled() and runner.exception() is not None:
+            self._logger.error(
+                "node %s: background tasks failed", self._node_id, exc_info=runner.exception()
+            )
 
     async def stop(self) -> None:
         """Stop the background tasks, delete the lease and release this node's users.
 
         Never raises for Redis failures: they are logged, and the lease expires by itself.
         """
-        tg, self._tg = self._tg, None
-        if tg is not None:
-            tg.cancel_scope.cancel()
-            await tg.__aexit__(None, None, None)
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            runner.cancel()
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait({runner})
+        pubsub, self._first_pubsub = self._first_pubsub, None
+        if pubsub is not None:  # cancelled before the reader task ever ran
+            await self._close_pubsub(pubsub)
         with anyio.move_on_after(max(self._lease_seconds, 1.0), shield=True) as scope:
             try:
                 await self._goodbye()
@@ -370,8 +388,8 @@ class RedisDiscover:
             except (RedisError, OSError) as exc:
                 self._logger.debug("closing the pub/sub connection failed: %s", exc)
 
-    async def _reader_loop(self, first: PubSub) -> None:
-        pubsub: PubSub | None = first
+    async def _reader_loop(self) -> None:
+        pubsub, self._first_pubsub = self._first_pubsub, None
         failures = 0
         with anyio.CancelScope() as self._reader_scope:
             while True:
