@@ -188,6 +188,7 @@ class Client:
         self._conn_done = anyio.Event()
         self._first = _Waiter()
         self._done = False
+        self._closing = False
         self._final_error: BaseException | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self.connections = 0
@@ -197,13 +198,16 @@ class Client:
 
     # ------------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> Client:
-        self._tg = anyio.create_task_group()
-        await self._tg.__aenter__()
-        self._tg.start_soon(self._manage)
+        if self._tg is not None:
+            raise RuntimeError("this Client is already open")
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        self._tg = tg
+        tg.start_soon(self._manage)
         try:
             await self._first.wait()
         except BaseException:
-            await self.aclose()
+            await self._exit_tasks()
             raise
         return self
 
@@ -213,24 +217,38 @@ class Client:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.aclose()
+        try:
+            await self.aclose()
+        finally:
+            await self._exit_tasks()
 
     async def aclose(self, code: int = 1000, reason: str = "") -> None:
-        """Close the connection (with ``code``) and stop reconnecting."""
-        if self._tg is None:
+        """Close the connection (with ``code``, after the closing handshake, waiting at
+        most ``close_timeout``) and stop reconnecting. Pending sends and requests fail
+        with :class:`~imkit.exceptions.ConnectionClosed`; :meth:`receive` raises it.
+
+        It may be called from any task; the client's tasks end when its ``async with``
+        block does.
+        """
+        if self._closing:
             return
-        self._done = True
+        self._closing = self._done = True
         conn = self._conn
         if conn is not None and not conn.closed:
             conn.close(code, reason, self.clock.now())
             self._flush()
             with anyio.move_on_after(self._limits.close_timeout):
                 await self._conn_done.wait()
-        tg, self._tg = self._tg, None
-        tg.cancel_scope.cancel()
-        await tg.__aexit__(None, None, None)
+        if self._tg is not None:
+            self._tg.cancel_scope.cancel()
         self._fail_all(ConnectionClosed(code, reason or "client closed"))
         self._push_in.close()
+
+    async def _exit_tasks(self) -> None:
+        tg, self._tg = self._tg, None
+        if tg is not None:
+            tg.cancel_scope.cancel()
+            await tg.__aexit__(None, None, None)
 
     @property
     def connected(self) -> bool:

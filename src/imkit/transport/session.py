@@ -663,8 +663,9 @@ class ServerSession:
             return
         self._disconnected = True
         server = self.server
-        with anyio.move_on_after(_HOOK_TIMEOUT):
-            await self._connected_done.wait()  # on_connect hooks end before on_disconnect
+        if self._registered:
+            with anyio.move_on_after(_HOOK_TIMEOUT):
+                await self._connected_done.wait()  # on_connect hooks end before on_disconnect
         # Pushes that failed (the connection ended with them in flight) reach their hooks
         # before on_disconnect; so do the messages the last handlers left queued.
         while True:

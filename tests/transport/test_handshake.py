@@ -1,0 +1,177 @@
+"""Refused handshakes: the client sees an HTTP status (``HandshakeRejected.status``), raw
+sockets see the same status line, and nothing reaches the application."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+from tests.transport.helpers import (
+    SECRET,
+    RawWS,
+    http_status,
+    make_app,
+    serve_tcp,
+    upgrade_request,
+    ws_url,
+)
+
+import imkit
+from imkit.testing import MemoryServer
+
+pytestmark = pytest.mark.anyio
+
+ORIGIN = "https://chat.example.com"
+
+
+class CountingAuth(imkit.TokenAuth):
+    """TokenAuth that counts the handshakes it was asked to decide."""
+
+    calls = 0
+
+    async def authenticate(self, request: imkit.HandshakeRequest) -> imkit.Identity:
+        CountingAuth.calls += 1
+        return await super().authenticate(request)
+
+
+def token_app(**options: object) -> tuple[imkit.App, list[str]]:
+    CountingAuth.calls = 0
+    app, _seen = make_app(auth=CountingAuth(SECRET), allowed_origins=[ORIGIN], **options)
+    connected: list[str] = []
+
+    @app.on_connect
+    async def on_connect(session: imkit.Session, server: imkit.ServerAPI) -> None:
+        connected.append(session.user_id)
+
+    return app, connected
+
+
+def good_token(user: str = "alice") -> str:
+    return imkit.mint_token(SECRET, user)
+
+
+CASES = [
+    # (what is wrong, query, path, origin header, expected status)
+    ("no token", "", "/ws", ORIGIN, 401),
+    ("forged token", "token=" + good_token()[:-3] + "abc", "/ws", ORIGIN, 401),
+    ("expired token", "token=" + imkit.mint_token(SECRET, "alice", ttl=-1), "/ws", ORIGIN, 401),
+    ("foreign origin", "token=" + good_token(), "/ws", "https://chat.example.com.evil.net", 403),
+    ("no origin with an allowlist", "token=" + good_token(), "/ws", None, 403),
+    ("wrong path", "token=" + good_token(), "/socket", ORIGIN, 404),
+]
+
+
+@pytest.mark.parametrize(("what", "query", "path", "origin", "status"), CASES)
+async def test_client_sees_the_status(
+    what: str, query: str, path: str, origin: str | None, status: int
+) -> None:
+    app, connected = token_app()
+    headers = [("Origin", origin)] if origin else []
+    with anyio.fail_after(10):
+        async with serve_tcp(app) as server:
+            url = f"ws://127.0.0.1:{server.port}{path}" + (f"?{query}" if query else "")
+            with pytest.raises(imkit.HandshakeRejected) as refused:
+                async with imkit.connect(url, headers=headers):
+                    pass
+            assert refused.value.status == status, what
+            # The same over a raw socket: the status line, and no upgrade.
+            extra = f"Origin: {origin}\r\n" if origin else ""
+            raw_status, answer = await http_status(
+                server.port,
+                upgrade_request(path + (f"?{query}" if query else ""), extra=extra),
+            )
+            assert raw_status == status, answer
+            assert b"101" not in answer.split(b"\r\n", 1)[0]
+    assert connected == []
+    if status in (403, 404):
+        assert CountingAuth.calls == 0  # decided before authentication
+
+
+async def test_valid_token_and_origin_is_accepted() -> None:
+    app, connected = token_app()
+    with anyio.fail_after(10):
+        async with serve_tcp(app) as server:
+            url = ws_url(server, f"token={good_token('carol')}")
+            async with imkit.connect(url, headers=[("Origin", ORIGIN)]) as client:
+                assert await client.request("echo", "hi") == "hi"
+    assert connected == ["carol"]
+
+
+async def test_refusals_in_memory() -> None:
+    """The same statuses through imkit.testing (no socket)."""
+    app, connected = token_app()
+    with anyio.fail_after(10):
+        async with MemoryServer(app) as server:
+            for token, headers, path, status in [
+                (None, [("Origin", ORIGIN)], None, 401),
+                (good_token(), [("Origin", "http://evil.test")], None, 403),
+                (good_token(), [("Origin", ORIGIN)], "/nope", 404),
+            ]:
+                with pytest.raises(imkit.HandshakeRejected) as refused:
+                    async with server.connect(token=token, headers=headers, path=path):
+                        pass
+                assert refused.value.status == status
+                assert b"\n" in refused.value.body  # the reason, as plain text
+    assert connected == []
+
+
+async def test_per_ip_limit_gives_429_and_frees_up() -> None:
+    app, _seen = make_app(max_connections_per_ip=2)
+    with anyio.fail_after(10):
+        async with serve_tcp(app) as server:
+            async with (
+                imkit.connect(ws_url(server, "userId=u1")) as first,
+                imkit.connect(ws_url(server, "userId=u2")),
+            ):
+                with pytest.raises(imkit.HandshakeRejected) as refused:
+                    async with imkit.connect(ws_url(server, "userId=u3")):
+                        pass
+                assert refused.value.status == 429
+                status, _ = await http_status(server.port, upgrade_request("/ws?userId=u4"))
+                assert status == 429
+                # Existing sessions are untouched.
+                assert await first.request("echo", 1) == 1
+                session = server.sessions("u1")[0]
+                await first.aclose()
+                await session.wait_closed()  # type: ignore[attr-defined]
+                async with imkit.connect(ws_url(server, "userId=u5")) as fifth:
+                    assert await fifth.request("echo", 5) == 5
+
+
+async def test_per_ip_limit_in_memory_counts_per_address() -> None:
+    app, _seen = make_app(max_connections_per_ip=1)
+    with anyio.fail_after(10):
+        async with MemoryServer(app) as server:
+            async with server.connect(user_id="a", remote_addr="10.0.0.1"):
+                with pytest.raises(imkit.HandshakeRejected) as refused:
+                    async with server.connect(user_id="b", remote_addr="10.0.0.1"):
+                        pass
+                assert refused.value.status == 429
+                async with server.connect(user_id="c", remote_addr="10.0.0.2") as other:
+                    assert await other.request("echo", "ok") == "ok"
+
+
+async def test_plain_http_on_the_ws_path_gets_426() -> None:
+    app, _seen = make_app()
+    with anyio.fail_after(10):
+        async with serve_tcp(app) as server:
+            status, answer = await http_status(
+                server.port, b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+            )
+            assert status == 426 and b"Upgrade: websocket" in answer
+            status, _ = await http_status(server.port, b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+            assert status == 404
+
+
+async def test_raw_handshake_then_frames_in_memory() -> None:
+    """A raw wsproto client opens a connection through imkit.testing and talks JSON."""
+    app, _seen = make_app()
+    with anyio.fail_after(10):
+        async with MemoryServer(app) as server:
+            raw = RawWS(server.open_stream())
+            assert await raw.handshake("/ws?userId=zed") == 101
+            await raw.send_json({"frameType": 0, "id": "e1", "method": "echo", "data": "x"})
+            ack = await raw.recv_json()
+            reply = await raw.recv_json()
+            assert ack is not None and (ack["frameType"], ack["id"], ack["ackSeq"]) == (2, "e1", 1)
+            assert reply is not None and reply["replyTo"] == "e1" and reply["data"] == "x"
+            await raw.close()
