@@ -448,10 +448,9 @@ class _Conn:
         elif ws.state is ConnectionState.CLOSED:
             # The peer answered our close frame.
             self._finish(self._close_code, self._close_reason)
-        elif code == CLOSE_ABNORMAL:
-            self._finish(code, "connection lost", by_peer=True)
         else:
             # wsproto found a protocol violation (1002, 1007, ...): fail the connection.
+            # (Its 1006 event comes only from receive_data(None), which is never called.)
             self._fail(code, reason)
 
     def _feed_ws(self, data: bytes | None, now: float) -> None:
@@ -661,8 +660,12 @@ class ServerConn(_Conn):
         self.identity = identity
         ws = WSConnection(ConnectionType.SERVER)
         self._ws = ws
+        # wsproto drops whatever follows the request head: keep it and feed it after the
+        # 101, so frames sent without waiting for the answer are not lost silently.
+        end = self._head.find(b"\r\n\r\n") + 4
+        early = bytes(self._head[end:])
         try:
-            ws.receive_data(bytes(self._head))
+            ws.receive_data(bytes(self._head[:end]))
             request = next(e for e in ws.events() if isinstance(e, Request))
         except (WSRemoteProtocolError, StopIteration):
             self._ws = None
@@ -673,6 +676,8 @@ class ServerConn(_Conn):
         extra = [] if self.raw else [(b"imkit-ack-mode", options.ack_mode.value.encode())]
         extra.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in headers)
         self._out.append(ws.send(AcceptConnection(extra_headers=extra)))
+        if early:
+            ws.receive_data(early)
         if self.raw:
             self._open(None, now)
             self._receive_frames(now)
@@ -745,6 +750,9 @@ class ClientConn(_Conn):
         ws = self._ws
         assert ws is not None
         if data is None:
+            if self._reject is not None:  # a refusal whose body ends with the connection
+                self._rejected()
+                return
             self._finish(CLOSE_ABNORMAL, "connection lost during the handshake", by_peer=True)
             return
         try:
