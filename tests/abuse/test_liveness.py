@@ -45,7 +45,7 @@ async def test_d28_peer_that_stops_answering_pings_is_closed_1011_in_time() -> N
                 assert opcode == OP_PING  # ... which it never answers
                 assert await dead.read_close() == 1011
                 elapsed = time.monotonic() - started
-                assert interval + timeout - 0.05 <= elapsed < interval + timeout + 0.5
+                assert interval + timeout - 0.05 <= elapsed < interval + timeout + 1.0
                 assert await dead.at_eof()
                 assert not server.registry.is_online("alice")  # no ghost session
                 # websockets answers pings: it is still connected well past the timeout.

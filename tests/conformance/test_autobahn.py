@@ -7,7 +7,7 @@ because imkit negotiates no extension.
 
 Every case must pass (OK, NON-STRICT or INFORMATIONAL) except the deviations in
 ``DEVIATIONS``, each excluded by name with its reason and listed in docs/security.md.
-Runtime: about 25 s on two cores (the 9.* performance cases dominate).
+Runtime: 10-20 s on two cores (the 9.* performance cases dominate).
 """
 
 from __future__ import annotations
