@@ -324,3 +324,36 @@ def test_send_raw_needs_raw_mode() -> None:
     with pytest.raises(LocalProtocolError, match="raw mode"):
         conn.send_raw("x")
     assert status_of(b"HTTP/1.1 101 x") == 101
+
+
+def test_a_frame_split_across_reads_is_put_together() -> None:
+    conn, client = open_server(limits=ConnLimits(max_message_size=200, ping_interval=None))
+    wire = client.frame(data("split", payload="x" * 50))
+    conn.receive_data(wire[:20], 0.0)  # the header announces an allowed size: keep reading
+    assert conn.events() == [] and not conn.closed
+    conn.receive_data(wire[20:], 0.0)
+    assert kinds(conn.events()) == ["MessageReceived"]
+
+
+def test_after_our_close_pings_go_unanswered_and_faults_end_at_once() -> None:
+    conn, client = open_server()
+    conn.close(1000, "bye", 0.0)
+    client.read(conn.data_to_send())
+    conn.receive_data(client.ping(b"x"), 0.0)  # we may not send a pong any more
+    assert conn.data_to_send() == b"" and not conn.closed
+    conn.receive_data(masked(0x83, b""), 0.0)  # a protocol fault while closing
+    assert conn.events() == [Closed(1002, "Invalid opcode 0x3")]
+    assert conn.data_to_send() == b""  # our close frame was already sent
+
+
+def test_raw_mode_keepalive_and_split_frames() -> None:
+    conn, client = open_raw(ConnLimits(ping_interval=5.0, ping_timeout=5.0))
+    assert conn.next_deadline() == 5.0
+    conn.handle_timeout(5.0)
+    assert [f.opcode for f in client.read(conn.data_to_send())] == [Opcode.PING]
+    wire = client.proto.send_data(b"abcdef", True)
+    conn.receive_data(wire[:8], 6.0)
+    conn.receive_data(wire[8:], 6.0)
+    assert conn.events() == [RawMessageReceived(b"abcdef")]
+    conn.handle_timeout(10.0)
+    closed_with(conn, CLOSE_INTERNAL_ERROR)

@@ -341,7 +341,7 @@ class _Conn:
         self._finish(code, reason)
 
     def _finish(self, code: int, reason: str, *, by_peer: bool = False) -> None:
-        if self.state is ConnState.CLOSED:
+        if self.state is ConnState.CLOSED:  # pragma: no cover - every caller checks first
             return
         self.state = ConnState.CLOSED
         if self.peer is not None:
@@ -363,8 +363,7 @@ class _Conn:
 
     def _pump(self, now: float) -> None:
         peer = self.peer
-        if peer is None:
-            return
+        assert peer is not None
         self._flush_peer()
         request = peer.close_request
         if request is not None and self.state is ConnState.OPEN:
@@ -376,9 +375,8 @@ class _Conn:
         ws = self._ws
         assert ws is not None
         limits = self.limits
+        # Every branch that ends the connection returns at once.
         for event in ws.events():
-            if self.state is ConnState.CLOSED:
-                return
             if isinstance(event, TextMessage):
                 if self.state is not ConnState.OPEN:
                     continue  # frames after our close frame are ignored
@@ -433,7 +431,8 @@ class _Conn:
                 self._pong_due = None
                 if self.limits.ping_interval is not None and self.state is ConnState.OPEN:
                     self._next_ping = now + self.limits.ping_interval
-            elif isinstance(event, CloseConnection):
+            else:
+                assert isinstance(event, CloseConnection)  # wsproto's only other event
                 self._on_close(event)
                 return
 
@@ -462,8 +461,7 @@ class _Conn:
             else:
                 self._finish(CLOSE_ABNORMAL, "connection lost", by_peer=True)
             return
-        if ws.state is ConnectionState.CLOSED:
-            return
+        # wsproto is CLOSED only once this connection is (both ends of a close handshake).
         ws.receive_data(data)
         self._receive_frames(now)
         self._check_announced_size()
@@ -781,7 +779,8 @@ class ClientConn(_Conn):
                 if not event.has_body:
                     self._rejected()
                     return
-            elif isinstance(event, RejectData):
+            else:
+                assert isinstance(event, RejectData)  # a client handshake's only other event
                 self._reject_body += event.data
                 if event.body_finished:
                     self._rejected()
