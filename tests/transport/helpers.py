@@ -194,7 +194,7 @@ class RawWS:
                     self._collect(event)
                 elif isinstance(event, Ping):
                     self.pings += 1
-                    if self.answer_pings:
+                    if self.answer_pings and self.ws.state is ConnectionState.OPEN:
                         await self.stream.send(self.ws.send(event.response()))
                 elif isinstance(event, CloseConnection):
                     self.closed = event

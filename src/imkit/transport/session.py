@@ -313,8 +313,10 @@ class ServerSession:
     def _post(self, event: Event) -> None:
         """Hand a delivery event to the worker (its hooks run there, in order)."""
         if self._worker_done.is_set():
-            self.server.logger.debug(
-                "dropping %s for %r: its session has ended", type(event).__name__, self.user_id
+            self.server.logger.info(
+                "%s for %r not reported to the hooks: its session has ended",
+                type(event).__name__,
+                self.user_id,
             )
             return
         self._queue_in.send_nowait(event)

@@ -1,0 +1,132 @@
+"""Time-driven closes on a FakeClock, with no real waiting: credential expiry (1008),
+idle timeout (1000), keepalive ping timeout (1011)."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+from tests.transport.helpers import SECRET, RawWS, make_app
+
+import imkit
+from imkit.testing import FakeClock, MemoryServer
+
+pytestmark = pytest.mark.anyio
+
+
+class ExpiringAuth:
+    """Admits everyone with a credential that expires ``ttl`` seconds from now (wall)."""
+
+    def __init__(self, clock: FakeClock, ttl: float) -> None:
+        self.clock = clock
+        self.ttl = ttl
+
+    async def authenticate(self, request: imkit.HandshakeRequest) -> imkit.Identity:
+        user = request.query.get("userId", "anon")
+        return imkit.Identity(user, expires_at=self.clock.wall() + self.ttl)
+
+
+async def test_token_expiry_closes_1008_credential_expired() -> None:
+    clock = FakeClock()
+    app, _seen = make_app(auth=imkit.TokenAuth(SECRET, clock=clock.wall))
+    token = imkit.mint_token(SECRET, "alice", ttl=60, now=clock.wall())
+    with anyio.fail_after(10):
+        async with MemoryServer(app, clock=clock) as server:
+            async with server.connect(token=token) as client:
+                await clock.advance_by(59)
+                assert await client.request("echo", "t=59") == "t=59"
+                await clock.advance_by(2)
+                with pytest.raises(imkit.ConnectionClosed) as closed:
+                    await client.receive()
+                assert (closed.value.code, closed.value.reason) == (1008, "credential expired")
+                assert client.connections == 1  # 1008: the client does not reconnect
+            # The same token is refused at the handshake now: 401, not an upgrade.
+            with pytest.raises(imkit.HandshakeRejected) as refused:
+                async with server.connect(token=token):
+                    pass
+            assert refused.value.status == 401
+
+
+@pytest.mark.parametrize("ttl", [-1.0, 0.0])
+async def test_identity_already_expired_closes_at_once(ttl: float) -> None:
+    clock = FakeClock()
+    app, seen = make_app(auth=ExpiringAuth(clock, ttl))
+    with anyio.fail_after(10):
+        async with MemoryServer(app, clock=clock) as server:
+            raw = RawWS(server.open_stream())
+            assert await raw.handshake("/ws?userId=late") == 101
+            closed = await raw.wait_closed()
+            assert (closed.code, closed.reason) == (1008, "credential expired")
+    assert not seen.dispatched
+
+
+async def test_identity_expiring_soon_closes_when_it_expires() -> None:
+    clock = FakeClock()
+    app, _seen = make_app(auth=ExpiringAuth(clock, 5.0))
+    with anyio.fail_after(10):
+        async with MemoryServer(app, clock=clock) as server:
+            raw = RawWS(server.open_stream())
+            assert await raw.handshake("/ws?userId=soon") == 101
+            await clock.advance_by(4.9)
+            await raw.send_json({"frameType": 3, "id": "n", "method": "echo", "data": 1})
+            reply = await raw.recv_json()
+            assert reply is not None and reply["data"] == 1
+            await clock.advance_by(0.2)
+            closed = await raw.wait_closed()
+            assert (closed.code, closed.reason) == (1008, "credential expired")
+
+
+async def test_idle_timeout_on_a_fake_clock() -> None:
+    clock = FakeClock()
+    app, _seen = make_app(options=imkit.PeerOptions(idle_timeout=30))
+    with anyio.fail_after(10):
+        async with MemoryServer(app, clock=clock) as server:
+            async with server.connect(user_id="idle", keepalive=None, reconnect=False) as client:
+                await clock.advance_by(20)
+                await client.send("echo", "activity resets the idle timer")
+                await client.receive()  # the reply, which is a push to this client
+                await clock.advance_by(25)  # 45 s since connecting, 25 since the message
+                assert client.connected
+                await clock.advance_by(6)
+                with pytest.raises(imkit.ConnectionClosed) as closed:
+                    await client.receive()
+                assert (closed.value.code, closed.value.reason) == (1000, "idle timeout")
+
+
+async def test_client_keepalive_keeps_an_idle_connection_open() -> None:
+    clock = FakeClock()
+    app, _seen = make_app(options=imkit.PeerOptions(idle_timeout=30))
+    with anyio.fail_after(10):
+        async with MemoryServer(app, clock=clock) as server:
+            async with server.connect(user_id="busy", keepalive=10) as client:
+                await clock.advance_by(100)
+                assert client.connected
+                assert await client.request("echo", "awake") == "awake"
+
+
+async def test_keepalive_ping_timeout_closes_1011() -> None:
+    clock = FakeClock()
+    limits = imkit.ConnLimits(ping_interval=5, ping_timeout=5)
+    app, _seen = make_app(limits=limits)
+    with anyio.fail_after(10):
+        async with MemoryServer(app, clock=clock) as server:
+            answering = RawWS(server.open_stream())
+            assert await answering.handshake("/ws?userId=alive") == 101
+            silent = RawWS(server.open_stream())
+            silent.answer_pings = False
+            assert await silent.handshake("/ws?userId=dead") == 101
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(answering.recv_text)  # reads, and answers pings meanwhile
+                tg.start_soon(silent.recv_text)
+                await clock.advance_by(5)  # the server pings both
+                await clock.advance_by(5)  # one pong came back; the other did not
+                await clock.advance_by(0)
+                closed = await silent.wait_closed()
+                tg.cancel_scope.cancel()
+            assert (closed.code, closed.reason) == (1011, "keepalive ping timeout")
+            assert silent.pings >= 1
+            assert answering.closed is None
+            assert [s.user_id for s in server.sessions("alive")] == ["alive"]
+            assert server.sessions("dead") == []
+            await silent.stream.aclose()
+            await answering.close()
