@@ -390,3 +390,14 @@ def test_client_reconnect_resends_with_the_same_ids() -> None:
     assert [e.frame.id for e in received] == [frame.id]  # type: ignore[union-attr]
     second.receive_data(server.data_to_send(), 2.0)
     assert kinds(second.events()) == ["Connected", "Delivered"]
+
+
+def test_accept_selects_an_offered_subprotocol() -> None:
+    # A browser that offered subprotocols (here a token) fails the connection unless the
+    # server selects one of them.
+    conn = serve(upgrade_request(extra=[("Sec-WebSocket-Protocol", "token.abc, chat")]))
+    with pytest.raises(LocalProtocolError, match="did not offer"):
+        conn.accept(Identity("alice"), 0.0, subprotocol="other")
+    assert conn.state is ConnState.HANDSHAKE
+    conn.accept(Identity("alice"), 0.0, subprotocol="token.abc")
+    assert header_of(conn.data_to_send(), "sec-websocket-protocol") == "token.abc"

@@ -647,13 +647,18 @@ class ServerConn(_Conn):
         receiver: Receiver | None = None,
         accepts_method: Callable[[str], bool] | None = None,
         headers: Sequence[tuple[str, str]] = (),
+        subprotocol: str | None = None,
     ) -> None:
         """Complete the upgrade for ``identity``; the connection is then open.
 
         ``receiver`` lets the server keep the identity's dedupe memory across connections.
+        ``subprotocol`` selects one of the client's offered subprotocols; a browser that
+        offered any (a ``token.…`` credential, say) fails a connection that selects none.
         """
         if self.state is not ConnState.HANDSHAKE or self.request is None or self._ws is not None:
             raise LocalProtocolError("no handshake is waiting to be accepted")
+        if subprotocol is not None and subprotocol not in self.request.subprotocols:
+            raise LocalProtocolError(f"the client did not offer subprotocol {subprotocol!r}")
         options = options or PeerOptions()
         self.identity = identity
         ws = WSConnection(ConnectionType.SERVER)
@@ -673,7 +678,7 @@ class ServerConn(_Conn):
         self._head.clear()
         extra = [] if self.raw else [(b"imkit-ack-mode", options.ack_mode.value.encode())]
         extra.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in headers)
-        self._out.append(ws.send(AcceptConnection(extra_headers=extra)))
+        self._out.append(ws.send(AcceptConnection(extra_headers=extra, subprotocol=subprotocol)))
         if early:
             ws.receive_data(early)
         if self.raw:
