@@ -363,8 +363,11 @@ class ProcessNode:
         try:
             with anyio.fail_after(20):
                 await listening.wait()
-        except TimeoutError:
-            raise AssertionError("node did not start:\n" + "\n".join(self.log)) from None
+        except BaseException as exc:
+            await self.ensure_dead()  # never leave a process behind
+            if isinstance(exc, TimeoutError):
+                raise AssertionError("node did not start:\n" + "\n".join(self.log)) from None
+            raise
 
     async def _read_log(self, listening: anyio.Event) -> None:
         assert self.process is not None and self.process.stderr is not None

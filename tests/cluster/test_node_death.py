@@ -41,8 +41,8 @@ async def test_a_killed_node_releases_its_users_and_loses_nothing_acknowledged(
     with anyio.fail_after(60):
         async with anyio.create_task_group() as tg:
             x = ProcessNode(services, "X", lease=LEASE)
-            await x.start(tg)
             try:
+                await x.start(tg)
                 async with cluster(services) as nodes:
                     y = await nodes.start("Y")
                     balancer = Balancer(tg, [x.port, y.port])
@@ -127,8 +127,8 @@ async def test_a_terminated_node_says_goodbye_and_its_clients_see_1001(
     with anyio.fail_after(40):
         async with anyio.create_task_group() as tg:
             z = ProcessNode(services, "Z", lease=30.0)  # a lease too long to be what frees Bob
-            await z.start(tg)
             try:
+                await z.start(tg)
                 async with cluster(services) as nodes:
                     y = await nodes.start("Y")
                     async with websockets.connect(z.url("bob")) as ws:
