@@ -332,12 +332,11 @@ class _Conn:
             self._flush_peer()
 
     def _fail(self, code: int, reason: str) -> None:
-        """Close at once: send a close frame and end, without waiting for the peer."""
-        if self._ws is not None and self._ws.state in (
-            ConnectionState.OPEN,
-            ConnectionState.REMOTE_CLOSING,
-        ):
-            self._send_ws(CloseConnection(code=code, reason=reason))
+        """Close at once: send a close frame and end, without waiting for the peer.
+
+        Only called while open (a fault after our close frame ends with our code instead).
+        """
+        self._send_ws(CloseConnection(code=code, reason=reason))
         self._finish(code, reason)
 
     def _finish(self, code: int, reason: str, *, by_peer: bool = False) -> None:
@@ -447,10 +446,15 @@ class _Conn:
         elif ws.state is ConnectionState.CLOSED:
             # The peer answered our close frame.
             self._finish(self._close_code, self._close_reason)
+        elif self.state is ConnState.CLOSING:
+            # A protocol violation after our close frame: end with the code we sent.
+            self._finish(self._close_code, self._close_reason)
         else:
             # wsproto found a protocol violation (1002, 1007, ...): fail the connection.
             # (Its 1006 event comes only from receive_data(None), which is never called.)
-            self._fail(code, reason)
+            # Its 1007 reason is a codec message whose byte offset depends on how the
+            # bytes were split: say the same thing however they arrive.
+            self._fail(code, "invalid UTF-8 in a text message" if code == 1007 else reason)
 
     def _feed_ws(self, data: bytes | None, now: float) -> None:
         ws = self._ws
