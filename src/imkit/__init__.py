@@ -20,6 +20,9 @@ This module imports no optional dependency.
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from imkit.auth import InsecureDevAuth, JWTAuth, TokenAuth, mint_token
 from imkit.core.ack import AckMode, AckTimers
 from imkit.core.conn import ConnLimits
@@ -50,8 +53,31 @@ from imkit.exceptions import (
     StoreError,
     StoreUnavailable,
 )
-from imkit.transport.client import Client, connect
-from imkit.transport.server import Server, run, serve
+
+if TYPE_CHECKING:
+    from imkit.transport.client import Client, connect
+    from imkit.transport.server import Server, run, serve
+
+# The transport (anyio) is imported on first use, so that ``import imkit.core`` (which
+# imports this package first) stays free of event loops and sockets (STYLE: the sans-IO
+# boundary, checked by tests/core/test_boundary.py).
+_LAZY = {
+    "Client": "imkit.transport.client",
+    "connect": "imkit.transport.client",
+    "Server": "imkit.transport.server",
+    "run": "imkit.transport.server",
+    "serve": "imkit.transport.server",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'imkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __version__ = "0.1.0.dev0"
 
