@@ -18,6 +18,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 from anyio.abc import SocketAttribute, TaskStatus
 
 from imkit.core.frames import Frame, FrameType
@@ -100,13 +101,20 @@ class Server:
         self, user_ids: Sequence[str], method: str, data: Any, *, form_id: str = ""
     ) -> int:
         """Push to every connection of each user here, and forward to the nodes that hold
-        the others. Returns the number of local connections and remote nodes reached."""
+        the others. Returns the number of local connections and remote nodes reached.
+
+        It never waits for a recipient: each push goes to the connection's write buffer
+        (a connection whose buffer passes ``max_write_buffer`` is cut off, its pushes fail
+        with ``on_delivery_failed``). It yields once, so that the writers run between the
+        pushes of a handler that sends many in a loop.
+        """
         reached = 0
         for user_id in user_ids:
             for session in self.registry.connections(user_id):
                 session.deliver(method, data, form_id=form_id)
                 reached += 1
         if self.single_node or not user_ids:
+            await anyio.lowlevel.checkpoint()
             return reached
         discover = self.app.discover
         try:
