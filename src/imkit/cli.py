@@ -1,15 +1,23 @@
-"""The ``imkit`` command: ``serve`` a chat server, mint a ``token``, ``chat`` in a terminal."""
+"""The ``imkit`` command: ``serve`` a chat server, mint a ``token``, ``chat`` in a terminal.
+
+``imkit serve`` runs :func:`imkit.chat.app.create_chat_app` on SQLite (one file, nothing
+else to install) until SIGINT or SIGTERM, then shuts down gracefully: clients get close
+1001 and every watermark is saved. ``--port 0`` picks a free port; the bound address is
+logged and, with ``--port-file``, written to a file for scripts.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ("main",)
+__all__ = ("build_parser", "main")
 
 SECRET_ENV = "IMKIT_SECRET"
 
@@ -29,7 +37,7 @@ def _secret(args: argparse.Namespace) -> str:
 def _serve(args: argparse.Namespace) -> int:
     from imkit.auth import InsecureDevAuth, TokenAuth
     from imkit.chat.app import create_chat_app
-    from imkit.transport.server import run
+    from imkit.core.peer import PeerOptions
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -60,6 +68,10 @@ def _serve(args: argparse.Namespace) -> int:
         discover = RedisDiscover(
             args.redis, node_id=args.node_id, lease_seconds=args.lease, key_prefix=args.redis_prefix
         )
+    options = PeerOptions(
+        rate_limit=args.rate_limit if args.rate_limit > 0 else None,
+        rate_burst=args.rate_burst,
+    )
     app, _service = create_chat_app(
         store,
         auth=auth,
@@ -68,16 +80,52 @@ def _serve(args: argparse.Namespace) -> int:
         login_policy=args.login,
         allowed_origins=args.origin or None,
         discover=discover,
+        options=options,
     )
     where = f"PostgreSQL {args.postgres}" if args.postgres else f"SQLite {os.path.abspath(args.db)}"
-    log.info(
-        "imkit chat server on http://%s:%s/ (WebSocket /ws), messages in %s",
-        args.host,
-        args.port,
-        where,
-    )
-    run(app, host=args.host, port=args.port, backend=args.backend)
+    _run_server(app, args, where, log)
     return 0
+
+
+def _run_server(app: Any, args: argparse.Namespace, where: str, log: logging.Logger) -> None:
+    """Serve ``app`` until SIGINT/SIGTERM, then shut down gracefully."""
+    import anyio
+    from anyio.abc import TaskStatus
+
+    from imkit.transport.server import Server
+
+    async def main() -> None:
+        server = Server(app)
+        async with anyio.create_task_group() as tg:
+
+            async def on_signals() -> None:
+                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for signum in signals:
+                        log.info("received signal %d, shutting down", signum)
+                        server.shutdown()
+                        return
+
+            async def serve(*, task_status: TaskStatus[int]) -> None:
+                await server.serve(args.host, args.port, task_status=task_status)
+                tg.cancel_scope.cancel()  # stopped: no more signals to wait for
+
+            tg.start_soon(on_signals)
+            port = await tg.start(serve)
+            log.info(
+                "imkit chat server listening on http://%s:%d/ (WebSocket /ws), messages in %s",
+                args.host,
+                port,
+                where,
+            )
+            if args.port_file:
+                temporary = anyio.Path(f"{args.port_file}.tmp")
+                await temporary.write_text(f"{port}\n", encoding="ascii")
+                await temporary.replace(args.port_file)  # readers never see half a number
+
+    backend_options: dict[str, Any] = {}
+    if args.backend == "asyncio" and importlib.util.find_spec("uvloop") is not None:
+        backend_options["use_uvloop"] = True
+    anyio.run(main, backend=args.backend, backend_options=backend_options)
 
 
 def _token(args: argparse.Namespace) -> int:
@@ -93,14 +141,18 @@ def _chat(args: argparse.Namespace) -> int:
 
     from imkit.auth import mint_token
     from imkit.chat.client import ChatClient
+    from imkit.exceptions import ClientError
     from imkit.transport.client import connect
 
     token = args.token
     if token is None and args.auth == "token":
-        token = mint_token(_secret(args), args.user)
+        token = mint_token(_secret(args), args.user, device_id=args.device)
     url = args.url
     if args.auth == "dev":
-        url += ("&" if "?" in url else "?") + f"userId={args.user}"
+        from urllib.parse import urlencode
+
+        query = {"userId": args.user, **({"deviceId": args.device} if args.device else {})}
+        url += ("&" if "?" in url else "?") + urlencode(query)
 
     def say(text: str) -> None:
         sys.stdout.write(text + "\n")
@@ -113,36 +165,54 @@ def _chat(args: argparse.Namespace) -> int:
 
             async def show() -> None:
                 async for message in chat.messages():
-                    say(f"[{message['seq']}] {message['sendId']}: {message['msg']['content']}")
+                    sender = message["sendId"]
+                    who = "me" if sender == args.user else sender
+                    say(f"[{message['seq']}] {who}: {message['msg']['content']}")
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(show)
                 stdin = anyio.wrap_file(sys.stdin)
                 async for line in stdin:
-                    text = line.rstrip("\n")
+                    text = line.rstrip("\r\n")
                     if text:
                         answer = await chat.send(args.to, text)
                         say(f"[{answer['seq']}] me: {text}")
                 tg.cancel_scope.cancel()
 
-    anyio.run(main)
+    try:
+        anyio.run(main)
+    except ClientError as exc:
+        sys.stderr.write(f"imkit chat: {exc}\n")
+        return 1
+    except KeyboardInterrupt:
+        return 130
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``imkit`` argument parser."""
-    parser = argparse.ArgumentParser(prog="imkit", description=__doc__)
+    parser = argparse.ArgumentParser(prog="imkit", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run a private-chat server (SQLite by default)")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    serve.add_argument("--port-file", help="write the bound port to this file once listening")
     serve.add_argument("--db", default="imkit.db", help="SQLite file (default: imkit.db)")
     serve.add_argument("--ack", choices=("none", "only", "rigor"), default="only")
     serve.add_argument("--auth", choices=("token", "dev"), default="token")
     serve.add_argument("--secret", help=f"token secret (default: ${SECRET_ENV})")
     serve.add_argument("--origin", action="append", help="allowed browser Origin (repeatable)")
     serve.add_argument("--login", choices=("single", "multi"), default="single")
+    serve.add_argument(
+        "--rate-limit",
+        type=float,
+        default=50.0,
+        help="messages per second a connection may send (0: no limit; default: 50)",
+    )
+    serve.add_argument(
+        "--rate-burst", type=int, default=100, help="messages a connection may send at once"
+    )
     serve.add_argument("--redis", help="Redis URL for multi-node discovery")
     serve.add_argument("--postgres", help="PostgreSQL DSN (instead of SQLite)")
     serve.add_argument("--postgres-schema", default="public", help="PostgreSQL schema")
@@ -169,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--url", default="ws://127.0.0.1:8000/ws")
     chat.add_argument("--user", required=True)
     chat.add_argument("--to", required=True)
+    chat.add_argument("--device", default="", help="this device's id (default: none)")
     chat.add_argument("--auth", choices=("token", "dev"), default="token")
     chat.add_argument("--token", help="a token from `imkit token` (else minted with --secret)")
     chat.add_argument("--secret", help=f"token secret (default: ${SECRET_ENV})")

@@ -1,20 +1,22 @@
 """Private (1:1) chat and offline delivery, built on imkit's public API.
 
-:class:`ChatService` installs easy-chat's routes on an :class:`~imkit.App`:
+:class:`ChatService` installs easy-chat's routes on an :class:`~imkit.App` (payloads and
+answers in ``docs/chat.md``):
 
 ``conversation.chat``
-    ``{conversationId?, chatType: 2, recvId, msg: {mType, content}}``. The server derives
-    the conversation id from the two users, stores the message once (idempotent on sender
-    and message id, so a resend is harmless) under the conversation's next seq, answers
-    the sender with ``{conversationId, seq, sendTime, msgId}`` and pushes the stored
-    message to the recipient's connections with the method ``push``.
+    ``{conversationId?, chatType: 2, recvId, msgId?, msg: {mType, content}}``. The server
+    derives the conversation id from the two users, stores the message once (idempotent
+    on sender and message id: ``msgId`` from the data, else the frame's id), answers the
+    sender with ``{conversationId, seq, sendTime, msgId}`` and pushes the stored message
+    (method ``push``) to the recipient's connections, and in ``"multi"`` login mode to the
+    sender's too.
 ``conversation.sync``
-    ``{conversationId: lastSeq, ...}`` → ``{messages: {id: [...]}, hasMore: {id: bool}}``.
+    ``{conversationId: lastSeq, ..., limit?}`` → ``{messages: {id: [...]}, hasMore: {id: bool}}``.
 ``conversation.getChatLog``
     ``{conversationId, startSeq?, endSeq?, startSendTime?, endSendTime?, count?,
-    descending?}`` → ``{list: [...]}``, members only.
+    descending?}`` → ``{list: [...], hasMore}``, members only.
 ``conversation.markChat``
-    ``{conversationId, seq}`` → ``{readSeq}``; the other member gets a
+    ``{conversationId, seq}`` → ``{conversationId, readSeq}``; the other member gets a
     ``conversation.read`` push ``{conversationId, userId, readSeq}``.
 ``conversation.list``
     → ``{list: [{conversationId, peerId, lastSeq, readSeq, unread, lastMessage}]}``.
@@ -22,42 +24,69 @@
     ``{userIds?: [...]}`` → ``{online: [...]}``, limited to the caller's conversation
     peers, so it never lists the whole directory.
 
-Offline delivery: each device has a delivered watermark per conversation that moves only
-when the device acknowledges a push. When a device connects, everything above its
-watermarks is pushed, oldest first, paced by the ack window; live pushes wait until that
-catch-up is out (the server holds fan-out until ``on_connect`` hooks finish), so the
-order holds. See ``docs/chat.md``.
+Delivery. Each device (user id + device id) has, per conversation, a *delivered
+watermark*: every message up to it was either acknowledged by the device (a ``push``, the
+answer to its own ``conversation.chat``, or a ``conversation.sync`` answer carrying it) or
+sent by the device's own user. Acks move it contiguously in memory; it is written to the
+store when the device has acked all it was sent, every ``flush_every`` messages, and when
+the device disconnects. When a device connects, the messages above it are pushed oldest
+first, paced by the ack window, while live pushes for the device are held; the held ones
+the catch-up already covered are dropped and the rest follow, so the stream a device sees
+rises. A NoAck server has no acks: there a push counts as delivered once it is handed to
+the connection.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from typing import Any
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol, runtime_checkable
+
+import anyio
 
 from imkit.chat.ids import conversation_members, private_conversation_id
 from imkit.chat.store import MessageStore, StoredMessage
+from imkit.core.ack import AckMode
 from imkit.core.frames import ErrorCode, Frame
-from imkit.core.server import App, Context, ServerAPI, Session
+from imkit.core.server import App, Context, LoginPolicy, ServerAPI, Session
 from imkit.exceptions import HandlerError, StoreError, StoreUnavailable
 
 __all__ = (
+    "CHAT_METHOD",
     "CHAT_TYPE_PRIVATE",
+    "DEFAULT_FLUSH_EVERY",
+    "DEFAULT_HANDOVER_TIMEOUT",
     "DEFAULT_MAX_CONTENT_BYTES",
     "DEFAULT_PAGE_SIZE",
     "PUSH_METHOD",
     "READ_METHOD",
+    "SYNC_METHOD",
     "ChatService",
 )
 
 CHAT_TYPE_PRIVATE = 2
+CHAT_METHOD = "conversation.chat"
+SYNC_METHOD = "conversation.sync"
 PUSH_METHOD = "push"
 READ_METHOD = "conversation.read"
-# Precedent: CASES.md §C23 (64 KB IM limit under the 1 MiB WebSocket limit).
+# Precedent: CASES.md §C23 (a 64 KB IM limit under the 1 MiB WebSocket limit).
 DEFAULT_MAX_CONTENT_BYTES = 64 * 1024
 DEFAULT_PAGE_SIZE = 200
+# Acked messages a watermark may run ahead of the store (what a crash may push again).
+DEFAULT_FLUSH_EVERY = 64
+# How long a new connection waits for the device's previous one to finish closing.
+DEFAULT_HANDOVER_TIMEOUT = 2.0
 _MAX_SYNC_CONVERSATIONS = 100
+_MAX_LOST_REPLIES = 256
+_LOST_REPLY_TTL_MS = 300_000  # the ack machines' default ``remember_for``
+_MAX_ID_CHARS = 256
+# A push nobody acknowledged within the ack timeout: close, so the catch-up repairs it.
+_CLOSE_UNACKED = 1011
+
+Key = tuple[str, str]
+"""A device: ``(user_id, device_id)``."""
 
 
 def _now_ms() -> int:
@@ -74,20 +103,88 @@ def _require(data: Any, key: str, kind: type, *, optional: bool = False) -> Any:
     return value
 
 
-class _Watermarks:
-    """Acked seqs of one device, advanced contiguously and written behind, coalesced."""
+def _user_id(value: str, name: str) -> str:
+    if not value or "\x00" in value or len(value) > _MAX_ID_CHARS:
+        raise HandlerError(
+            ErrorCode.BAD_REQUEST, f"{name!r} must be 1 to {_MAX_ID_CHARS} characters, no NUL"
+        )
+    return value
+
+
+def _carried(frame: Frame, user_id: str) -> list[tuple[str, int, bool]]:
+    """``(conversation_id, seq, sent_by_user)`` of each stored message an acked frame carried."""
+    data = frame.data
+    if not isinstance(data, dict):
+        return []
+    if frame.method == PUSH_METHOD or (frame.method == CHAT_METHOD and frame.reply_to):
+        conversation, seq = data.get("conversationId"), data.get("seq")
+        own = frame.method == CHAT_METHOD or data.get("sendId") == user_id
+        if isinstance(conversation, str) and isinstance(seq, int) and seq > 0:
+            return [(conversation, seq, own)]
+    elif frame.method == SYNC_METHOD and frame.reply_to:
+        pages = data.get("messages")
+        if isinstance(pages, dict):
+            return [
+                (conversation, message["seq"], message.get("sendId") == user_id)
+                for conversation, page in pages.items()
+                if isinstance(page, list)
+                for message in page
+                if isinstance(message, dict) and isinstance(message.get("seq"), int)
+            ]
+    return []
+
+
+@runtime_checkable
+class _Replier(Protocol):
+    """A session that can send an answer (``replyTo``) outside a handler."""
+
+    def send_now(
+        self,
+        method: str,
+        data: Any,
+        *,
+        message_id: str | None = None,
+        form_id: str = "",
+        reply_to: str = "",
+    ) -> Frame: ...
+
+
+class _Device:
+    """What the service remembers of one device while it is connected.
+
+    Per conversation: ``level`` (the watermark), ``written`` (what the store has),
+    ``acked`` (acked seqs above a hole), ``own`` / ``peer`` (seqs above the watermark known
+    to be sent by the device's user, or by the peer), ``expect`` (the highest seq this node
+    has sent the device), ``dirty`` (watermarks that passed a peer's message since they
+    were last written: only those matter to :meth:`MessageStore.pending`).
+    """
 
     def __init__(self) -> None:
         self.level: dict[str, int] = {}
+        self.written: dict[str, int] = {}
         self.acked: dict[str, set[int]] = {}
-        self.writing: set[str] = set()
+        self.own: dict[str, set[int]] = {}
+        self.peer: dict[str, set[int]] = {}
+        self.expect: dict[str, int] = {}
+        self.dirty: set[str] = set()
+        self.sessions: set[str] = set()
+        self.live: set[str] = set()
+        self.lock = anyio.Lock()
+        self.changed = anyio.Event()
+
+    def notify(self) -> None:
+        """Wake whoever waits for a session of this device to finish."""
+        self.changed.set()
+        self.changed = anyio.Event()
 
 
 class ChatService:
-    """Private chat with offline delivery on a :class:`MessageStore`.
+    """Private chat with offline delivery on a :class:`~imkit.chat.store.MessageStore`.
 
     ``install(app)`` registers the routes and hooks. ``now_ms`` gives the server time in
-    milliseconds since the epoch (tests pass a fake one).
+    milliseconds since the epoch (tests pass a fake one). ``echo_to_sender`` pushes each
+    message to the sender's connections too (its other devices); by default it is on
+    exactly when the app's login policy is ``"multi"``.
     """
 
     def __init__(
@@ -96,26 +193,40 @@ class ChatService:
         *,
         max_content_bytes: int = DEFAULT_MAX_CONTENT_BYTES,
         page_size: int = DEFAULT_PAGE_SIZE,
+        flush_every: int = DEFAULT_FLUSH_EVERY,
+        handover_timeout: float = DEFAULT_HANDOVER_TIMEOUT,
+        echo_to_sender: bool | None = None,
         now_ms: Callable[[], int] = _now_ms,
         logger: logging.Logger | None = None,
     ) -> None:
+        if max_content_bytes < 0 or page_size < 1 or flush_every < 1:
+            raise ValueError("max_content_bytes >= 0, page_size >= 1 and flush_every >= 1")
         self.store = store
         self.max_content_bytes = max_content_bytes
         self.page_size = page_size
+        self.flush_every = flush_every
+        self.handover_timeout = handover_timeout
+        self.echo_to_sender = echo_to_sender
         self.now_ms = now_ms
         self.logger = logger or logging.getLogger("imkit.chat")
-        self._marks: dict[tuple[str, str], _Watermarks] = {}
+        self.no_ack = False
+        self._devices: dict[Key, _Device] = {}
+        self._lost: OrderedDict[Key, OrderedDict[str, tuple[int, Any]]] = OrderedDict()
 
     def install(self, app: App) -> None:
         """Register the chat routes and the delivery hooks on ``app``."""
-        app.route("conversation.chat")(self.chat)
-        app.route("conversation.sync")(self.sync)
+        self.no_ack = app.ack_mode is AckMode.NONE
+        if self.echo_to_sender is None:
+            self.echo_to_sender = app.login_policy is LoginPolicy.MULTI
+        app.route(CHAT_METHOD)(self.chat)
+        app.route(SYNC_METHOD)(self.sync)
         app.route("conversation.getChatLog")(self.get_chat_log)
         app.route("conversation.markChat")(self.mark_chat)
         app.route("conversation.list")(self.list_conversations)
         app.route("user.online")(self.online)
         app.on_connect(self.catch_up)
         app.on_delivered(self.delivered)
+        app.on_delivery_failed(self.delivery_failed)
         app.on_disconnect(self.disconnected)
         app.on_startup(self._open)
         app.on_shutdown(self._close)
@@ -124,6 +235,8 @@ class ChatService:
         await self.store.open()
 
     async def _close(self, server: ServerAPI) -> None:
+        for key, device in list(self._devices.items()):
+            await self._flush(key, device)
         await self.store.close()
 
     # ------------------------------------------------------------------ routes
@@ -133,9 +246,7 @@ class ChatService:
         chat_type = _require(data, "chatType", int)
         if chat_type != CHAT_TYPE_PRIVATE:
             raise HandlerError(ErrorCode.BAD_REQUEST, "only private chat (chatType 2) is supported")
-        recv_id = _require(data, "recvId", str)
-        if not recv_id or "\x00" in recv_id:
-            raise HandlerError(ErrorCode.BAD_REQUEST, "'recvId' must be a non-empty user id")
+        recv_id = _user_id(_require(data, "recvId", str), "recvId")
         msg = _require(data, "msg", dict)
         content = _require(msg, "content", str)
         m_type = _require(msg, "mType", int, optional=True) or 0
@@ -149,23 +260,29 @@ class ChatService:
                 f"content is {size} bytes; the limit is {self.max_content_bytes}",
                 limit=self.max_content_bytes,
             )
-        sender = ctx.user_id
+        sender = ctx.user_id  # never a field of the data: the authenticated identity
         conversation_id = private_conversation_id(sender, recv_id)
         claimed = _require(data, "conversationId", str, optional=True)
         if claimed and claimed != conversation_id:
             raise HandlerError(ErrorCode.FORBIDDEN, "that conversation is not yours")
-        if not ctx.frame.id:
-            raise HandlerError(ErrorCode.BAD_REQUEST, "a chat message needs an id")
+        msg_id = _require(data, "msgId", str, optional=True) or ctx.frame.id
+        if not msg_id or len(msg_id) > _MAX_ID_CHARS:
+            raise HandlerError(ErrorCode.BAD_REQUEST, "a chat message needs an id (msgId)")
         stored, _created = await self._store(
             conversation_id=conversation_id,
             sender_id=sender,
             recv_id=recv_id,
-            msg_id=ctx.frame.id,
+            msg_id=msg_id,
             chat_type=chat_type,
             m_type=m_type,
             content=content,
             send_time=self.now_ms(),
         )
+        session = ctx.session
+        for other in ctx.server.sessions(sender):  # for each device here, a seq to skip
+            device = self._devices.get((sender, other.device_id))
+            if device is not None:
+                device.own.setdefault(conversation_id, set()).add(stored.seq)
         await ctx.reply(
             {
                 "conversationId": stored.conversation_id,
@@ -174,23 +291,46 @@ class ChatService:
                 "msgId": stored.msg_id,
             }
         )
+        if self.no_ack:  # the answer carried it: the sending device has it
+            await self._advance((sender, session.device_id), conversation_id, [(stored.seq, True)])
         # Pushed again on a resend too: the first push may never have gone out. Clients
         # drop what they already have by (conversationId, seq).
-        await ctx.server.send_to_users([recv_id], PUSH_METHOD, stored.to_wire(), form_id=sender)
+        targets = [recv_id] if recv_id == sender or not self.echo_to_sender else [recv_id, sender]
+        await self._fan_out(ctx.server, targets, stored, skip=session.epoch)
+
+    async def _fan_out(
+        self, server: ServerAPI, users: list[str], message: StoredMessage, *, skip: str
+    ) -> None:
+        """Push ``message`` to every connection of ``users``; note what each device expects."""
+        conversation, seq = message.conversation_id, message.seq
+        live: list[Key] = []
+        for user in users:
+            for session in server.sessions(user):
+                device = self._devices.get((user, session.device_id))
+                if device is None:
+                    continue
+                device.expect[conversation] = max(device.expect.get(conversation, 0), seq)
+                if self.no_ack and session.epoch in device.live and session.epoch != skip:
+                    live.append((user, session.device_id))
+        await server.send_to_users(users, PUSH_METHOD, message.to_wire(), form_id=message.sender_id)
+        for key in live:  # NoAck: handed to the connection counts as delivered
+            await self._advance(key, conversation, [(seq, key[0] == message.sender_id)])
 
     async def _store(self, **fields: Any) -> tuple[StoredMessage, bool]:
         try:
             return await self.store.append(**fields)
-        except StoreUnavailable as exc:
-            self.logger.warning("store unavailable, message not stored: %s", exc)
+        except StoreError as exc:  # StoreUnavailable, or worse: either way not answered
+            log = self.logger.warning if isinstance(exc, StoreUnavailable) else self.logger.error
+            log("the store failed, message not stored: %s", exc)
             raise HandlerError(
                 ErrorCode.STORE_UNAVAILABLE,
                 "the message store is unavailable; nothing was stored; resend with the same id",
             ) from None
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:
             raise HandlerError(ErrorCode.BAD_REQUEST, str(exc)) from None
 
-    async def _member(self, ctx: Context, conversation_id: Any) -> str:
+    @staticmethod
+    def _member(ctx: Context, conversation_id: Any) -> str:
         if not isinstance(conversation_id, str) or not conversation_id:
             raise HandlerError(ErrorCode.BAD_REQUEST, "'conversationId' must be a string")
         try:
@@ -201,6 +341,17 @@ class ChatService:
             raise HandlerError(ErrorCode.FORBIDDEN, "you are not a member of that conversation")
         return conversation_id
 
+    async def _read(self, call: Any) -> Any:
+        try:
+            return await call
+        except StoreError as exc:
+            self.logger.warning("the store failed a read: %s", exc)
+            raise HandlerError(
+                ErrorCode.STORE_UNAVAILABLE, "the message store is unavailable; try again"
+            ) from None
+        except (ValueError, TypeError) as exc:
+            raise HandlerError(ErrorCode.BAD_REQUEST, str(exc)) from None
+
     async def sync(self, ctx: Context) -> None:
         """``conversation.sync``: pull what follows each given seq, paged."""
         data = ctx.data
@@ -208,17 +359,22 @@ class ChatService:
             raise HandlerError(ErrorCode.BAD_REQUEST, "data must be {conversationId: lastSeq}")
         wanted = {k: v for k, v in data.items() if k != "limit"}
         if len(wanted) > _MAX_SYNC_CONVERSATIONS:
-            raise HandlerError(ErrorCode.TOO_LARGE, "too many conversations in one sync")
+            raise HandlerError(
+                ErrorCode.TOO_LARGE,
+                f"at most {_MAX_SYNC_CONVERSATIONS} conversations in one sync",
+                limit=_MAX_SYNC_CONVERSATIONS,
+            )
         limit = data.get("limit", self.page_size)
         if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
             raise HandlerError(ErrorCode.BAD_REQUEST, "'limit' must be a positive integer")
         limit = min(limit, self.page_size)
+        for conversation_id, last_seq in wanted.items():  # check everything before reading
+            self._member(ctx, conversation_id)
+            if not isinstance(last_seq, int) or isinstance(last_seq, bool) or last_seq < 0:
+                raise HandlerError(ErrorCode.BAD_REQUEST, "each lastSeq must be an integer >= 0")
         messages: dict[str, list[dict[str, Any]]] = {}
         more: dict[str, bool] = {}
         for conversation_id, last_seq in wanted.items():
-            await self._member(ctx, conversation_id)
-            if not isinstance(last_seq, int) or isinstance(last_seq, bool) or last_seq < 0:
-                raise HandlerError(ErrorCode.BAD_REQUEST, "each lastSeq must be an integer >= 0")
             page = await self._read(
                 self.store.read_after(conversation_id, last_seq, limit=limit + 1)
             )
@@ -226,21 +382,15 @@ class ChatService:
             messages[conversation_id] = [m.to_wire() for m in page[:limit]]
         await ctx.reply({"messages": messages, "hasMore": more})
 
-    async def _read(self, call: Any) -> Any:
-        try:
-            return await call
-        except StoreUnavailable:
-            raise HandlerError(
-                ErrorCode.STORE_UNAVAILABLE, "the message store is unavailable; try again"
-            ) from None
-        except (StoreError, ValueError) as exc:
-            raise HandlerError(ErrorCode.BAD_REQUEST, str(exc)) from None
-
     async def get_chat_log(self, ctx: Context) -> None:
         """``conversation.getChatLog``: history by seq or time range, paged."""
         data = ctx.data if isinstance(ctx.data, dict) else {}
-        conversation_id = await self._member(ctx, data.get("conversationId"))
+        conversation_id = self._member(ctx, data.get("conversationId"))
         count = _require(data, "count", int, optional=True) or 100
+        limit = max(1, min(count, self.page_size))
+        descending = data.get("descending", False)
+        if not isinstance(descending, bool):
+            raise HandlerError(ErrorCode.BAD_REQUEST, "'descending' must be a boolean")
         page = await self._read(
             self.store.history(
                 conversation_id,
@@ -248,23 +398,24 @@ class ChatService:
                 end_seq=_require(data, "endSeq", int, optional=True),
                 start_time=_require(data, "startSendTime", int, optional=True),
                 end_time=_require(data, "endSendTime", int, optional=True),
-                limit=max(1, min(count, self.page_size)),
-                descending=bool(data.get("descending", False)),
+                limit=limit + 1,
+                descending=descending,
             )
         )
-        await ctx.reply({"list": [m.to_wire() for m in page]})
+        await ctx.reply({"list": [m.to_wire() for m in page[:limit]], "hasMore": len(page) > limit})
 
     async def mark_chat(self, ctx: Context) -> None:
         """``conversation.markChat``: move the read watermark, tell the other side."""
         data = ctx.data if isinstance(ctx.data, dict) else {}
-        conversation_id = await self._member(ctx, data.get("conversationId"))
+        conversation_id = self._member(ctx, data.get("conversationId"))
         seq = _require(data, "seq", int)
         read = await self._read(self.store.set_read(ctx.user_id, conversation_id, max(seq, 0)))
         await ctx.reply({"conversationId": conversation_id, "readSeq": read})
         a, b = conversation_members(conversation_id)
         peer = b if a == ctx.user_id else a
+        users = [peer] if peer == ctx.user_id or not self.echo_to_sender else [peer, ctx.user_id]
         await ctx.server.send_to_users(
-            [peer],
+            users,
             READ_METHOD,
             {"conversationId": conversation_id, "userId": ctx.user_id, "readSeq": read},
             form_id=ctx.user_id,
@@ -293,99 +444,218 @@ class ChatService:
         """``user.online``: which of the caller's conversation peers are online."""
         data = ctx.data if isinstance(ctx.data, dict) else {}
         summaries = await self._read(self.store.conversations(ctx.user_id))
-        peers = {s.peer_id for s in summaries}
+        peers = {s.peer_id for s in summaries} - {ctx.user_id}
         asked = data.get("userIds")
         if isinstance(asked, list):
             peers &= {u for u in asked if isinstance(u, str)}
         online = await ctx.server.online(sorted(peers))
         await ctx.reply({"online": sorted(online)})
 
-    # ------------------------------------------------------------------ delivery
+    # ------------------------------------------------------------------ catch-up
     async def catch_up(self, session: Session, server: ServerAPI) -> None:
         """On connect: push everything above the device's watermarks, oldest first, then
-        release the live pushes held meanwhile (skipping those the catch-up covered)."""
-        user, device = session.user_id, session.device_id
+        release the live pushes held meanwhile (dropping those the catch-up covered)."""
+        key = (session.user_id, session.device_id)
+        device = self._devices.get(key)
+        if device is None:
+            device = self._devices[key] = _Device()
+        with anyio.move_on_after(self.handover_timeout):
+            while device.sessions - {session.epoch}:  # the previous connection is closing
+                await device.changed.wait()
+        if device.sessions:  # gave up waiting: forget connections the server no longer has
+            device.sessions &= {s.epoch for s in server.sessions(key[0])}
+        device.sessions.add(session.epoch)
+        await self._flush(key, device)
+        self._replay(key, session)
         covered: dict[str, int] = {}
         after: tuple[str, int] | None = None
-        while True:
+        while getattr(session, "is_open", True):
             try:
-                page = await self.store.pending(user, device, limit=self.page_size, after=after)
-            except StoreError as exc:
-                self.logger.warning("catch-up for %r stopped: %s", user, exc)
+                page = await self.store.pending(key[0], key[1], limit=self.page_size, after=after)
+            except (StoreError, ValueError) as exc:
+                self.logger.warning("catch-up for %r stopped (sent later): %s", key[0], exc)
                 break
             for message in page:
+                conversation, seq = message.conversation_id, message.seq
+                if seq <= device.level.get(conversation, 0) or seq in device.acked.get(
+                    conversation, ()
+                ):
+                    continue
+                if not getattr(session, "is_open", True):
+                    break
                 await session.push(PUSH_METHOD, message.to_wire(), form_id=message.sender_id)
-                covered[message.conversation_id] = message.seq
+                covered[conversation] = seq
+                device.expect[conversation] = max(device.expect.get(conversation, 0), seq)
+                if self.no_ack:
+                    await self._advance(key, conversation, [(seq, False)])
             if len(page) < self.page_size:
                 break
             after = (page[-1].conversation_id, page[-1].seq)
+        released: list[tuple[str, int, bool]] = []
 
         def keep(frame: Frame) -> bool:
             if frame.method != PUSH_METHOD or not isinstance(frame.data, dict):
                 return True
-            seq = frame.data.get("seq")
-            conversation = frame.data.get("conversationId")
-            return not (isinstance(seq, int) and seq <= covered.get(str(conversation), 0))
+            seq, conversation = frame.data.get("seq"), frame.data.get("conversationId")
+            if not isinstance(seq, int) or not isinstance(conversation, str):
+                return True
+            own = frame.data.get("sendId") == key[0]
+            if not own and seq <= covered.get(conversation, 0):
+                return False  # the catch-up sent it already
+            released.append((conversation, seq, own))
+            return True
 
         await session.release(keep)
+        device.live.add(session.epoch)
+        if self.no_ack:
+            for conversation, seq, own in released:
+                await self._advance(key, conversation, [(seq, own)])
 
+    def _replay(self, key: Key, session: Session) -> None:
+        """Send the device the chat answers its previous connection lost."""
+        lost = self._lost.pop(key, None)
+        if not lost or not isinstance(session, _Replier):
+            return
+        now = self.now_ms()
+        for frame_id, (expires, data) in lost.items():
+            if expires > now:
+                session.send_now(CHAT_METHOD, data, reply_to=frame_id)
+
+    # ------------------------------------------------------------------ watermarks
     async def delivered(self, session: Session, frame: Frame) -> None:
-        """A device acknowledged a push: advance its delivered watermark contiguously."""
-        if frame.method != PUSH_METHOD or not isinstance(frame.data, dict):
-            return
-        conversation = frame.data.get("conversationId")
-        seq = frame.data.get("seq")
-        if not isinstance(conversation, str) or not isinstance(seq, int):
-            return
+        """A device acknowledged a frame: advance its watermarks over what it carried."""
+        by_conversation: dict[str, list[tuple[int, bool]]] = {}
+        for conversation, seq, own in _carried(frame, session.user_id):
+            by_conversation.setdefault(conversation, []).append((seq, own))
         key = (session.user_id, session.device_id)
-        marks = self._marks.get(key)
-        if marks is None:
-            marks = self._marks[key] = _Watermarks()
-        if conversation not in marks.level:
-            marks.level[conversation] = await self._read_mark(key, conversation)
-        level = marks.level[conversation]
-        if seq <= level:
-            return
-        acked = marks.acked.setdefault(conversation, set())
-        acked.add(seq)
-        while level + 1 in acked:
-            level += 1
-            acked.discard(level)
-        if level == marks.level[conversation]:
-            return
-        marks.level[conversation] = level
-        await self._write_mark(key, conversation, marks)
+        for conversation, seqs in by_conversation.items():
+            if session.user_id in _members(conversation):
+                await self._advance(key, conversation, seqs)
 
-    async def _read_mark(self, key: tuple[str, str], conversation: str) -> int:
-        try:
-            return await self.store.get_delivered(key[0], key[1], conversation)
-        except StoreError:
-            return 0
+    async def delivery_failed(self, session: Session, frame: Frame, reason: str) -> None:
+        """A frame was given up: keep a lost chat answer for the next connection; close a
+        connection that let a push time out, so its catch-up sends the push again."""
+        key = (session.user_id, session.device_id)
+        if frame.method == CHAT_METHOD and frame.reply_to:
+            lost = self._lost.setdefault(key, OrderedDict())
+            lost[frame.reply_to] = (self.now_ms() + _LOST_REPLY_TTL_MS, frame.data)
+            while len(lost) > _MAX_LOST_REPLIES:
+                lost.popitem(last=False)
+            self._lost.move_to_end(key)
+            while len(self._lost) > 16 * _MAX_LOST_REPLIES:
+                self._lost.popitem(last=False)
+        elif frame.method == PUSH_METHOD and reason == "timeout":
+            self.logger.info("a push to %r was not acknowledged in time; closing", key[0])
+            await session.close(_CLOSE_UNACKED, "a push was not acknowledged in time; reconnect")
 
-    async def _write_mark(
-        self, key: tuple[str, str], conversation: str, marks: _Watermarks
-    ) -> None:
-        # One writer per watermark: acks arriving meanwhile only raise the target.
-        if conversation in marks.writing:
-            return
-        marks.writing.add(conversation)
+    async def _advance(self, key: Key, conversation: str, seqs: Iterable[tuple[int, bool]]) -> None:
+        """Record that device ``key`` has the ``(seq, sent_by_its_user)`` of ``seqs``; raise
+        its watermark over every contiguous seq it has or its user sent; write it when due:
+        once the device has all this node sent it, or ``flush_every`` messages later."""
+        device = self._devices.get(key)
+        if device is None:
+            return  # not connected here (any more): the store keeps the truth
+        async with device.lock:
+            level = await self._level(key, device, conversation)
+            acked = device.acked.setdefault(conversation, set())
+            own = device.own.setdefault(conversation, set())
+            for seq, is_own in seqs:
+                if seq > level:
+                    (own if is_own else acked).add(seq)
+            device.peer.get(conversation, set()).difference_update(acked)
+            new_level, passed_peer = await self._climb(key, device, conversation, level)
+            device.level[conversation] = new_level
+            if passed_peer:
+                device.dirty.add(conversation)
+            written = device.written.get(conversation, 0)
+            if conversation in device.dirty and (
+                new_level >= device.expect.get(conversation, 0)
+                or new_level - written >= self.flush_every
+            ):
+                await self._write(key, device, conversation)
+
+    async def _level(self, key: Key, device: _Device, conversation: str) -> int:
+        if conversation not in device.level:
+            try:
+                level = await self.store.get_delivered(key[0], key[1], conversation)
+            except (StoreError, ValueError) as exc:
+                self.logger.warning("could not read a delivered watermark: %s", exc)
+                level = 0
+            device.level.setdefault(conversation, level)
+            device.written.setdefault(conversation, level)
+        return device.level[conversation]
+
+    async def _climb(
+        self, key: Key, device: _Device, conversation: str, level: int
+    ) -> tuple[int, bool]:
+        """The watermark after ``level`` (over acked and own seqs, reading who sent the seqs
+        of a hole from the store once), and whether it passed a peer's message."""
+        acked = device.acked[conversation]
+        own = device.own.setdefault(conversation, set())
+        peer = device.peer.setdefault(conversation, set())
+        passed_peer = False
+        while True:
+            while level + 1 in acked or level + 1 in own:
+                level += 1
+                if level in own:
+                    own.discard(level)
+                    acked.discard(level)
+                else:
+                    passed_peer = True
+                    acked.discard(level)
+            if not acked or level + 1 in peer:
+                break
+            top = min(acked) - 1  # the hole is level+1 .. top
+            try:
+                page = await self.store.read_after(
+                    conversation, level, limit=min(top - level, self.page_size)
+                )
+            except (StoreError, ValueError) as exc:
+                self.logger.warning("could not read a hole above a watermark: %s", exc)
+                break
+            for message in page:
+                if message.seq <= top:
+                    (own if message.sender_id == key[0] else peer).add(message.seq)
+            if level + 1 not in own:
+                break
+        for seqs in (own, peer):
+            seqs.difference_update([s for s in seqs if s <= level])
+        return level, passed_peer
+
+    async def _write(self, key: Key, device: _Device, conversation: str) -> None:
+        target = device.level[conversation]
         try:
-            written = -1
-            while written < marks.level[conversation]:
-                target = marks.level[conversation]
-                try:
-                    await self.store.set_delivered(key[0], key[1], conversation, target)
-                except StoreError as exc:
-                    self.logger.warning("could not save a delivered watermark: %s", exc)
-                    return  # the messages stay pending and come again: never lost
-                written = target
-        finally:
-            marks.writing.discard(conversation)
+            await self.store.set_delivered(key[0], key[1], conversation, target)
+        except (StoreError, ValueError) as exc:
+            self.logger.warning("could not save a delivered watermark: %s", exc)
+            return  # the messages stay pending and come again: never lost
+        device.written[conversation] = max(device.written.get(conversation, 0), target)
+        device.dirty.discard(conversation)
+
+    async def _flush(self, key: Key, device: _Device) -> None:
+        """Write every watermark of the device that is ahead of the store."""
+        async with device.lock:
+            for conversation, level in list(device.level.items()):
+                if level > device.written.get(conversation, 0):
+                    await self._write(key, device, conversation)
 
     async def disconnected(self, session: Session, server: ServerAPI) -> None:
-        """Forget the device's in-memory acks when its last connection is gone."""
-        if not server.sessions(session.user_id):
-            key = (session.user_id, session.device_id)
-            marks = self._marks.get(key)
-            if marks is not None and not any(marks.writing):
-                del self._marks[key]
+        """Save the device's watermarks; forget it when its last connection is gone."""
+        key = (session.user_id, session.device_id)
+        device = self._devices.get(key)
+        if device is None:
+            return
+        with anyio.CancelScope(shield=True):
+            await self._flush(key, device)
+        device.sessions.discard(session.epoch)
+        device.live.discard(session.epoch)
+        if not device.sessions and self._devices.get(key) is device:
+            del self._devices[key]
+        device.notify()
+
+
+def _members(conversation_id: str) -> tuple[str, ...]:
+    try:
+        return conversation_members(conversation_id)
+    except ValueError:
+        return ()
