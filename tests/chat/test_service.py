@@ -390,8 +390,7 @@ async def test_live_messages_reach_every_device_and_a_gap_is_pulled(tmp_path: Pa
 async def test_page_is_served_at_root_with_the_servers_ack_mode() -> None:
     """``GET /`` returns the chat page for this server; no WebSocket needed."""
     with anyio.fail_after(10):
-        # shutdown_timeout: the transport keeps a served page's connection until then.
-        async with chat_server(MemoryStore(), ack_mode="rigor", shutdown_timeout=0.5) as srv:
+        async with chat_server(MemoryStore(), ack_mode="rigor") as srv:
             http = srv.url.replace("ws://", "http://").removesuffix("/ws") + "/"
 
             def get() -> tuple[int, str, str]:

@@ -1,7 +1,5 @@
-"""``examples/private_chat/server.py`` starts, serves a chat, and stops on SIGTERM.
-
-(Its token check is ``TokenAuth``'s, which ``test_cli.py`` drives through ``imkit serve``.)
-"""
+"""``examples/private_chat/server.py`` starts, refuses strangers, serves a chat, and
+stops on SIGTERM."""
 
 from __future__ import annotations
 
@@ -13,6 +11,8 @@ from pathlib import Path
 
 import anyio
 import pytest
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import InvalidStatus
 
 from imkit.auth import mint_token
 from imkit.chat.client import ChatClient
@@ -62,6 +62,11 @@ async def test_example_server_serves_a_private_chat(tmp_path: Path) -> None:
                 async with connect(url, token=mint_token(SECRET, "alice")) as alice_client:
                     alice = ChatClient(alice_client, user_id="alice")
                     assert (await alice.send("bob", "offline hello"))["seq"] == 1
+                    for query in ("", f"?token={mint_token('not the secret!!', 'bob')}"):
+                        with pytest.raises(InvalidStatus) as refused:
+                            async with ws_connect(url + query):
+                                pass
+                        assert refused.value.response.status_code == 401
                     async with connect(url, token=mint_token(SECRET, "bob")) as bob_client:
                         bob = ChatClient(bob_client, user_id="bob")
                         (offline,) = await collect(bob, 1)
