@@ -150,16 +150,29 @@ class RawWS:
                 elif isinstance(event, RejectData):
                     self.body += event.data
                     done = event.body_finished
-                elif isinstance(event, TextMessage):
-                    self._collect(event)
+                else:  # frames right behind the 101, in the same read
+                    await self._handle(event)
         assert self.status is not None
         return self.status
 
-    def _collect(self, event: TextMessage) -> None:
-        self._parts.append(event.data)
-        if event.message_finished:
-            self._texts.append("".join(self._parts))
-            self._parts.clear()
+    async def _handle(self, event: object) -> None:
+        if isinstance(event, TextMessage):
+            self._parts.append(event.data)
+            if event.message_finished:
+                self._texts.append("".join(self._parts))
+                self._parts.clear()
+        elif isinstance(event, Ping):
+            self.pings += 1
+            if self.answer_pings and self.ws.state is ConnectionState.OPEN:
+                await self.stream.send(self.ws.send(event.response()))
+        elif isinstance(event, CloseConnection):
+            self.closed = event
+            if self.ws.state is not ConnectionState.REMOTE_CLOSING:
+                return  # the answer to our own close frame
+            try:
+                await self.stream.send(self.ws.send(event.response()))
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                pass  # the server may close its socket right after its close frame
 
     async def _read(self) -> bytes | None:
         try:
@@ -190,20 +203,7 @@ class RawWS:
                 return None
             self.ws.receive_data(data)
             for event in self.ws.events():
-                if isinstance(event, TextMessage):
-                    self._collect(event)
-                elif isinstance(event, Ping):
-                    self.pings += 1
-                    if self.answer_pings and self.ws.state is ConnectionState.OPEN:
-                        await self.stream.send(self.ws.send(event.response()))
-                elif isinstance(event, CloseConnection):
-                    self.closed = event
-                    if self.ws.state is not ConnectionState.REMOTE_CLOSING:
-                        continue  # the answer to our own close frame
-                    try:
-                        await self.stream.send(self.ws.send(event.response()))
-                    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                        pass  # the server may close its socket right after its close frame
+                await self._handle(event)
         return self._texts.pop(0)
 
     async def recv_json(self) -> dict[str, Any] | None:

@@ -27,15 +27,12 @@ from __future__ import annotations
 
 import math
 import secrets
-import socket
-import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
 import anyio.lowlevel
-from anyio.abc import SocketAttribute
 
 from imkit.core.conn import (
     CLOSE_GOING_AWAY,
@@ -67,6 +64,7 @@ from imkit.transport._lifecycle import (
     dispatch,
     page_response,
 )
+from imkit.transport._writer import STREAM_ERRORS, StreamWriter
 
 if TYPE_CHECKING:
     from imkit.transport.server import Server
@@ -74,12 +72,6 @@ if TYPE_CHECKING:
 __all__ = ("ServerSession",)
 
 _READ_SIZE = 65536
-_STREAM_ERRORS = (
-    anyio.EndOfStream,
-    anyio.BrokenResourceError,
-    anyio.ClosedResourceError,
-    OSError,
-)
 _HOOK_TIMEOUT = 10.0
 _UNBIND_TIMEOUT = 5.0
 
@@ -119,16 +111,13 @@ class ServerSession:
         self.closed_with: Closed | None = None
         """How the connection closed (``None`` while it is open)."""
         self._stream = stream
-        self._close_timeout = app.limits.close_timeout
-        # writer
-        self._buffer = bytearray()
-        self._write_event: anyio.Event | None = None
-        self._send_scope: anyio.CancelScope | None = None
-        self._flush_deadline = math.inf
-        self._aborted = False
-        self._broken = False
-        self._stream_closed = False
-        self._linger = False
+        self._writer = StreamWriter(
+            stream,
+            limit=server.max_write_buffer,
+            close_timeout=app.limits.close_timeout,
+            on_broken=self._lost,
+            on_drained=self._on_drained,
+        )
         # timer
         self._timer_scope: anyio.CancelScope | None = None
         self._timer_at = math.inf
@@ -205,13 +194,9 @@ class ServerSession:
         limit = self.server.max_write_buffer // 2
         while self.is_open:
             peer = self.conn.peer
-            if peer is None:  # raw mode: only the write buffer counts
-                if len(self._buffer) < limit:
-                    return
-            elif (
-                peer.sender.backlog == 0
-                and peer.sender.in_flight < peer.sender.timers.window
-                and len(self._buffer) < limit
+            if self._writer.buffered < limit and (
+                peer is None  # raw mode: only the write buffer counts
+                or (peer.sender.backlog == 0 and peer.sender.in_flight < peer.sender.timers.window)
             ):
                 return
             room = self._room
@@ -327,7 +312,7 @@ class ServerSession:
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
-                tg.start_soon(self._writer)
+                tg.start_soon(self._write)
                 tg.start_soon(self._timer)
                 tg.start_soon(self._worker)
                 with self._read_scope:
@@ -353,15 +338,9 @@ class ServerSession:
         messages to dispatch."""
         conn = self.conn
         data = conn.data_to_send()
-        if data and not self._aborted:
-            self._buffer += data
-            if len(self._buffer) > self.server.max_write_buffer:
-                self._abort("send buffer full: the client is not reading")
-                return []
-            wake = self._write_event
-            if wake is not None:
-                self._write_event = None
-                wake.set()
+        if data and not self._writer.write(data):
+            self._abort("send buffer full: the client is not reading")
+            return []
         messages: list[_Message] = []
         room = False
         for event in conn.events():
@@ -407,18 +386,15 @@ class ServerSession:
         self._room.set()
         self._room = anyio.Event()
 
+    def _on_drained(self) -> None:
+        if self._room_waiters:
+            self._signal_room()
+
     def _on_closed(self, event: Closed, *, linger: bool) -> None:
         if self.closed_with is not None:
             return
         self.closed_with = event
-        self._linger = linger
-        self._flush_deadline = anyio.current_time() + self._close_timeout
-        if self._send_scope is not None:
-            self._send_scope.deadline = min(self._send_scope.deadline, self._flush_deadline)
-        write_event = self._write_event
-        if write_event is not None:
-            self._write_event = None
-            write_event.set()
+        self._writer.closing(linger=linger)
         identity = self._identity
         if identity is not None and self._registered:
             self.server.registry.remove(identity.user_id, self.epoch)
@@ -433,14 +409,11 @@ class ServerSession:
     def _abort(self, reason: str) -> None:
         """Cut the client off at once (slow consumer): drop its unsent bytes, close with
         1008 on our side and abort the socket."""
-        self._aborted = True
-        self._buffer.clear()
+        self._writer.abort()
         now = self.clock.now()
         self.conn.close(CLOSE_POLICY, reason, now)
         self.conn.receive_data(None, now)
         self.conn.data_to_send()
-        if self._send_scope is not None:
-            self._send_scope.cancel()
         self.server.logger.warning("cutting off a connection of %r: %s", self.user_id, reason)
         self._collect()
 
@@ -455,7 +428,7 @@ class ServerSession:
             while True:
                 try:
                     data: bytes | None = await stream.receive(_READ_SIZE)
-                except _STREAM_ERRORS:
+                except STREAM_ERRORS:
                     data = None
                 conn.receive_data(data, clock.now())
                 messages = self._collect()
@@ -486,56 +459,9 @@ class ServerSession:
             self._queue_in.send_nowait(_STOP)
             self._read_done.set()
 
-    # ------------------------------------------------------------------ writer
-    async def _writer(self) -> None:
-        while not (self._broken or self._aborted):
-            if self._buffer:
-                await self._send_buffer()
-                continue
-            if self.closed_with is not None:
-                break
-            event = self._write_event = anyio.Event()
-            await event.wait()
-        await self._close_stream()
-
-    async def _send_buffer(self) -> None:
-        data = bytes(self._buffer)
-        self._buffer.clear()
-        with anyio.CancelScope(deadline=self._flush_deadline) as scope:
-            self._send_scope = scope
-            try:
-                await self._stream.send(data)
-            except _STREAM_ERRORS:
-                self._broken = True
-        self._send_scope = None
-        if scope.cancelled_caught:
-            self._broken = True  # a write cut short leaves the stream unusable
-        if self._broken:
-            self._buffer.clear()
-            self._lost()
-        elif self._room_waiters and len(self._buffer) < self.server.max_write_buffer // 2:
-            self._signal_room()
-
-    async def _close_stream(self) -> None:
-        stream = self._stream
-        self._stream_closed = True
-        if self._aborted or self._broken:
-            await _abort_stream(stream)
-        elif not self._linger:
-            # Nothing the client still has to read (a handshake that timed out, a closing
-            # handshake the client already answered): close at once.
-            await anyio.aclose_forcefully(stream)
-        else:
-            # Half-close, then give the client close_timeout to read everything and close
-            # its end: closing first with unread input would reset the connection.
-            with anyio.move_on_after(self._close_timeout):
-                try:
-                    await stream.send_eof()
-                except (NotImplementedError, *_STREAM_ERRORS):
-                    pass
-                await self._read_done.wait()
-            await anyio.aclose_forcefully(stream)
-        self._read_scope.cancel()
+    async def _write(self) -> None:
+        await self._writer.run(self._read_done)
+        self._read_scope.cancel()  # the stream is closed: nothing more to read
 
     # ------------------------------------------------------------------ timer
     async def _timer(self) -> None:
@@ -701,19 +627,12 @@ class ServerSession:
     async def _cleanup(self) -> None:
         """Runs shielded when the session ends, even when it was cancelled."""
         conn = self.conn
-        if conn.state is ConnState.OPEN and not (self._aborted or self._broken):
+        if conn.state is ConnState.OPEN and not (self._writer.aborted or self._writer.broken):
             # Cancelled from outside (the server stopped hard): say goodbye if we can.
             conn.close(CLOSE_GOING_AWAY, "server shutting down", self.clock.now())
             self._collect()
-            with anyio.move_on_after(1):
-                try:
-                    await self._stream.send(bytes(self._buffer))
-                except _STREAM_ERRORS:
-                    pass
-        self._buffer.clear()
+        await self._writer.last_words()
         self._lost()
-        if not self._stream_closed:
-            await _abort_stream(self._stream)
         if not self._disconnected:
             # The worker was cancelled: no handler runs any more, but the hooks still do.
             self._connected_done.set()
@@ -722,14 +641,3 @@ class ServerSession:
         self._queue_in.close()
         self._queue_out.close()
         self._finished.set()
-
-
-async def _abort_stream(stream: anyio.abc.ByteStream) -> None:
-    """Close ``stream`` at once, dropping unsent data (a TCP reset where possible)."""
-    sock = stream.extra(SocketAttribute.raw_socket, None)
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except OSError:
-            pass
-    await anyio.aclose_forcefully(stream)
