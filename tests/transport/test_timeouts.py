@@ -130,3 +130,52 @@ async def test_keepalive_ping_timeout_closes_1011() -> None:
             assert server.sessions("dead") == []
             await silent.stream.aclose()
             await answering.close()
+
+
+class RevocableAuth:
+    """Admits users not in ``revoked``; raises while ``broken`` (an auth backend outage)."""
+
+    def __init__(self) -> None:
+        self.revoked: set[str] = set()
+        self.broken = False
+        self.calls = 0
+
+    async def authenticate(self, request: imkit.HandshakeRequest) -> imkit.Identity:
+        self.calls += 1
+        if self.broken:
+            raise RuntimeError("the auth backend is down")
+        user = request.query.get("userId", "anon")
+        if user in self.revoked:
+            raise imkit.AuthenticationFailed("revoked")
+        return imkit.Identity(user)
+
+
+async def test_revoked_credential_closes_1008_at_the_next_revalidation(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock()
+    auth = RevocableAuth()
+    app, _seen = make_app(auth=auth, revalidate_interval=60)
+    with anyio.fail_after(10):
+        async with MemoryServer(app, clock=clock) as server:
+            async with (
+                server.connect(user_id="kept") as kept,
+                server.connect(user_id="gone") as gone,
+            ):
+                assert auth.calls == 2
+                # An outage of the auth backend keeps everyone connected.
+                auth.broken = True
+                await clock.advance_by(60)
+                assert auth.calls == 4
+                assert kept.connected and gone.connected
+                assert "could not revalidate" in caplog.text
+                # A revoked credential: closed with 1008 at the next revalidation.
+                auth.broken = False
+                auth.revoked.add("gone")
+                await clock.advance_by(59)
+                assert gone.connected
+                await clock.advance_by(1)
+                with pytest.raises(imkit.ConnectionClosed) as closed:
+                    await gone.receive()
+                assert (closed.value.code, closed.value.reason) == (1008, "credential revoked")
+                assert await kept.request("echo", "still in") == "still in"

@@ -55,7 +55,7 @@ from imkit.core.events import (
 from imkit.core.frames import Frame, FrameType
 from imkit.core.interfaces import Binding, HandshakeRequest, Identity
 from imkit.core.peer import CLOSE_POLICY
-from imkit.exceptions import DiscoverError
+from imkit.exceptions import AuthenticationFailed, DiscoverError
 from imkit.transport._lifecycle import (
     announce,
     as_api,
@@ -122,6 +122,18 @@ class ServerSession:
         self._timer_scope: anyio.CancelScope | None = None
         self._timer_at = math.inf
         self._expires_at: float | None = None
+        self._revalidate_at: float | None = None
+        # No activity sets a deadline sooner than this from now (the smallest of the
+        # resend, close, keepalive and idle intervals): while the timer is due to wake
+        # within it, an input cannot need an earlier wake-up, and nothing is computed.
+        steps = [
+            app.options.timers.resend_interval,
+            app.limits.close_timeout,
+            app.limits.ping_timeout,
+            app.limits.ping_interval,
+            app.options.idle_timeout,
+        ]
+        self._min_step = min(step for step in steps if step is not None)
         # reader and worker
         self._read_scope = anyio.CancelScope()
         self._read_done = anyio.Event()
@@ -366,21 +378,27 @@ class ServerSession:
                 self._handshakes.append((event.request, event.method))
         if room and self._room_waiters:
             self._signal_room()
-        scope = self._timer_scope
-        if scope is not None:
+        if self._timer_scope is not None and (
+            self.closed_with is not None or self._timer_at > self.clock.now() + self._min_step
+        ):
             deadline = self._deadline()
             if self.closed_with is not None or (deadline is not None and deadline < self._timer_at):
-                self._timer_scope = None
-                scope.cancel()
+                self._wake_timer()
         return messages
 
     def _deadline(self) -> float | None:
-        """When the timer must wake next: the core's deadline or the credential's expiry."""
+        """When the timer must wake next: the core's deadline, the credential's expiry,
+        or the next revalidation."""
         deadline = self.conn.next_deadline()
-        expires = self._expires_at
-        if expires is not None and (deadline is None or expires < deadline):
-            return expires
+        for extra in (self._expires_at, self._revalidate_at):
+            if extra is not None and (deadline is None or extra < deadline):
+                deadline = extra
         return deadline
+
+    def _wake_timer(self) -> None:
+        scope, self._timer_scope = self._timer_scope, None
+        if scope is not None:
+            scope.cancel()
 
     def _signal_room(self) -> None:
         self._room.set()
@@ -469,7 +487,7 @@ class ServerSession:
         clock = self.clock
         while self.closed_with is None:
             deadline = self._deadline()
-            expires = self._expires_at
+            expires, revalidate = self._expires_at, self._revalidate_at
             target = math.inf if deadline is None else deadline
             with anyio.CancelScope() as scope:
                 self._timer_at = target
@@ -483,6 +501,10 @@ class ServerSession:
             if expires is not None and now >= expires:
                 self._expires_at = None
                 self.close_nowait(CLOSE_POLICY, "credential expired")
+            elif revalidate is not None and now >= revalidate:
+                self._revalidate_at = now + (self.app.revalidate_interval or math.inf)
+                assert self._tg is not None
+                self._tg.start_soon(self._revalidate)
             elif deadline is not None and now >= deadline:
                 conn.handle_timeout(now)
                 for message in self._collect():  # pragma: no cover - timeouts never dispatch
@@ -556,6 +578,9 @@ class ServerSession:
         self._identity = identity
         if identity.expires_at is not None:
             self._expires_at = now + (identity.expires_at - self.clock.wall())
+        if app.revalidate_interval is not None:
+            self._revalidate_at = now + app.revalidate_interval
+        self._wake_timer()  # new deadlines: keepalive, expiry, revalidation
         displaced = server.registry.add(identity, self.epoch, self)
         self._registered = True
         server.ip_opened(self.remote_addr)
@@ -564,6 +589,28 @@ class ServerSession:
         assert self._tg is not None
         self._tg.start_soon(self._connected)
         return self._collect()
+
+    async def _revalidate(self) -> None:
+        """Ask the authentication again about the handshake request: a credential revoked
+        since (or now naming someone else) closes the connection with 1008."""
+        request = self.conn.request
+        assert request is not None
+        try:
+            limit = self.app.limits.handshake_timeout
+            with anyio.fail_after(limit if limit is not None else math.inf):
+                identity = await self.app.auth.authenticate(request)
+        except AuthenticationFailed as exc:
+            self.server.logger.info("credential of %r revoked: %s", self.user_id, exc.reason)
+            identity = None
+        except Exception:
+            self.server.logger.warning(
+                "could not revalidate the credential of %r; keeping the connection",
+                self.user_id,
+                exc_info=True,
+            )
+            return
+        if identity is None or identity.user_id != self.user_id:
+            self.close_nowait(CLOSE_POLICY, "credential revoked")
 
     async def _connected(self) -> None:
         try:
