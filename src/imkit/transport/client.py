@@ -27,9 +27,10 @@ from urllib.parse import urlencode, urlsplit
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 
 from imkit.core.ack import AckMode, AckTimers, Receiver, Sender
-from imkit.core.conn import ClientConn, ConnLimits
+from imkit.core.conn import ClientConn, ConnLimits, ConnState
 from imkit.core.events import (
     Closed,
     Connected,
@@ -50,6 +51,7 @@ from imkit.exceptions import (
 from imkit.exceptions import (
     DeliveryFailed as DeliveryFailedError,
 )
+from imkit.transport._writer import STREAM_ERRORS, StreamWriter
 from imkit.transport.clock import AnyioClock, Clock
 
 __all__ = ("DEFAULT_KEEPALIVE", "Client", "StreamFactory", "connect")
@@ -76,12 +78,9 @@ _FINAL_ERRORS = frozenset(
 # Close codes after which reconnecting would only repeat the refusal.
 _NO_RECONNECT = frozenset({1002, 1003, 1007, 1008, 1009, 4000})
 _READ_SIZE = 65536
-_STREAM_ERRORS = (
-    anyio.EndOfStream,
-    anyio.BrokenResourceError,
-    anyio.ClosedResourceError,
-    OSError,
-)
+# Unsent bytes past which the server is taken for gone: the connection is dropped and
+# everything unacknowledged is resent on the next one (a server reads far faster).
+_MAX_WRITE_BUFFER = 16 * 2**20
 
 
 class _Waiter:
@@ -178,9 +177,13 @@ class Client:
         self._sender: Sender | None = None
         self._receiver: Receiver | None = None
         self._conn: ClientConn | None = None
-        self._buffer = bytearray()
-        self._woken = False
-        self._sleep_scope: anyio.CancelScope | None = None
+        self._writer: StreamWriter | None = None
+        self._timer_scope: anyio.CancelScope | None = None
+        self._timer_at = math.inf
+        # No input sets a deadline sooner than this from now (see ServerSession).
+        steps: list[float | None] = [self._timers.resend_interval, self._limits.close_timeout]
+        steps += [self._limits.ping_timeout, self._limits.ping_interval, keepalive]
+        self._min_step = min(step for step in steps if step is not None)
         self._acks: dict[str, _Waiter] = {}
         self._replies: dict[str, _Waiter] = {}
         self._push_in, self._push_out = anyio.create_memory_object_stream[Frame](max_pushes)
@@ -253,7 +256,7 @@ class Client:
     @property
     def connected(self) -> bool:
         """Whether a connection is open right now."""
-        return self._conn is not None and self._conn.state.value == "open"
+        return self._conn is not None and self._conn.state is ConnState.OPEN
 
     # ------------------------------------------------------------------ sending
     def new_id(self) -> str:
@@ -308,7 +311,7 @@ class Client:
         now = self.clock.now()
         use_acks = acked and self.ack_mode is not AckMode.NONE
         waiter = self._acks.setdefault(frame_id, _Waiter()) if use_acks else None
-        if conn is not None and conn.state.value == "open":
+        if conn is not None and conn.state is ConnState.OPEN:
             conn.send(method, data, now, message_id=frame_id, acked=acked)
             self._flush()
         elif self._sender is not None and acked and self._sender.mode is not AckMode.NONE:
@@ -415,20 +418,38 @@ class Client:
             sender_factory=self._sender_for,
             receiver_factory=self._receiver_for,
         )
+        read_scope = anyio.CancelScope()
+        self._writer = writer = StreamWriter(
+            stream,
+            limit=_MAX_WRITE_BUFFER,
+            close_timeout=self._limits.close_timeout,
+            on_broken=read_scope.cancel,
+            on_drained=_nothing,
+        )
         self._conn = conn
         self._conn_done = anyio.Event()
-        self._buffer = bytearray()
+        self._closed_event: Closed | None = None
         self._rejection: Rejected | None = None
         self._flush()  # the upgrade request
+        read_done = anyio.Event()
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._pump, stream, conn, tg)
-                await self._read(stream, conn)
+                tg.start_soon(self._write, writer, read_done, read_scope)
+                tg.start_soon(self._timer, conn)
+                with read_scope:
+                    await self._read(stream, conn)
+                read_done.set()
+                if not conn.closed:  # the stream broke or ended under us
+                    conn.receive_data(None, self.clock.now())
+                    self._flush()
+                await self._handle_events(conn)
+                self._wake_timer()
         finally:
             self._conn = None
             self._connected = anyio.Event()
             self._conn_done.set()
-            await anyio.aclose_forcefully(stream)
+            with anyio.CancelScope(shield=True):
+                await writer.last_words()
         if self._rejection is not None:
             rejection = self._rejection
             return HandshakeRejected(rejection.status, rejection.body)
@@ -452,30 +473,72 @@ class Client:
         return stream
 
     def _flush(self) -> None:
+        """Hand the core's output to the writer; wake the timer if a deadline may have
+        moved earlier; notice a close."""
         conn = self._conn
-        if conn is None:
+        writer = self._writer
+        if conn is None or writer is None:
             return
         data = conn.data_to_send()
-        if data:
-            self._buffer += data
-            self._wake_pump()
+        if data and not writer.write(data):
+            writer.abort()  # the server is not reading: start over on a new connection
+            conn.receive_data(None, self.clock.now())
+        if conn.closed:
+            writer.closing(linger=True)  # the server closes first; wait for its end
+            self._wake_timer()
+        elif self._timer_scope is not None and self._timer_at > self.clock.now() + self._min_step:
+            deadline = conn.next_deadline()
+            if deadline is not None and deadline < self._timer_at:
+                self._wake_timer()
 
-    def _wake_pump(self) -> None:
-        self._woken = True
-        if self._sleep_scope is not None:
-            self._sleep_scope.cancel()
+    def _wake_timer(self) -> None:
+        scope, self._timer_scope = self._timer_scope, None
+        if scope is not None:
+            scope.cancel()
+
+    async def _write(
+        self, writer: StreamWriter, read_done: anyio.Event, read_scope: anyio.CancelScope
+    ) -> None:
+        await writer.run(read_done)
+        read_scope.cancel()  # the stream is closed: nothing more to read
 
     async def _read(self, stream: anyio.abc.ByteStream, conn: ClientConn) -> None:
-        self._closed_event: Closed | None = None
-        while not conn.closed:
+        """Read until the server's end of stream (past the closing handshake)."""
+        while True:
             try:
                 data: bytes | None = await stream.receive(_READ_SIZE)
-            except _STREAM_ERRORS:
+            except STREAM_ERRORS:
                 data = None
             conn.receive_data(data, self.clock.now())
             self._flush()
             await self._handle_events(conn)
-        self._wake_pump()  # closed: the pump flushes what is left, then ends
+            if data is None:
+                return
+
+    async def _timer(self, conn: ClientConn) -> None:
+        """Fire the core's deadlines (resends, ack timeouts, keepalive and close
+        timeouts) and send application pings, even while a write is blocked."""
+        clock = self.clock
+        next_ping = clock.now() + self._keepalive if self._keepalive else math.inf
+        while not conn.closed:
+            deadline = conn.next_deadline()
+            wake_at = min(deadline if deadline is not None else math.inf, next_ping)
+            with anyio.CancelScope() as scope:
+                self._timer_at = wake_at
+                self._timer_scope = scope
+                await clock.sleep_until(wake_at)
+            self._timer_scope = None
+            self._timer_at = math.inf
+            now = clock.now()
+            if conn.state is ConnState.OPEN and now >= next_ping:
+                next_ping = now + (self._keepalive or math.inf)
+                conn.send_frame(Frame(FrameType.PING), now)
+                self._flush()
+            if deadline is not None and now >= deadline:
+                conn.handle_timeout(now)
+                self._flush()
+                await self._handle_events(conn)
+            await anyio.lowlevel.checkpoint()
 
     async def _handle_events(self, conn: ClientConn) -> None:
         for event in conn.events():
@@ -526,42 +589,9 @@ class Client:
             if waiter is not None:
                 waiter.fail(error)
 
-    async def _pump(
-        self, stream: anyio.abc.ByteStream, conn: ClientConn, tg: anyio.abc.TaskGroup
-    ) -> None:
-        clock = self.clock
-        next_ping = clock.now() + self._keepalive if self._keepalive else math.inf
-        while True:
-            if self._buffer:
-                data = bytes(self._buffer)
-                self._buffer.clear()
-                try:
-                    await stream.send(data)
-                except _STREAM_ERRORS:
-                    conn.receive_data(None, clock.now())
-                    await self._handle_events(conn)
-                continue
-            if conn.closed:
-                break
-            if self._woken:
-                self._woken = False
-                continue
-            deadline = conn.next_deadline()
-            wake_at = min(deadline if deadline is not None else math.inf, next_ping)
-            with anyio.CancelScope() as scope:
-                self._sleep_scope = scope
-                await clock.sleep_until(wake_at)
-            self._sleep_scope = None
-            now = clock.now()
-            if conn.state.value == "open" and now >= next_ping:
-                next_ping = now + (self._keepalive or math.inf)
-                conn.send_frame(Frame(FrameType.PING), now)
-                self._flush()
-            if deadline is not None and now >= deadline:
-                conn.handle_timeout(now)
-                self._flush()
-                await self._handle_events(conn)
-        tg.cancel_scope.cancel()
+
+def _nothing() -> None:
+    """A callback that does nothing."""
 
 
 def connect(url: str, **options: Any) -> Client:
