@@ -282,3 +282,19 @@ def test_stale_heap_entries_are_skipped() -> None:
     # The stale and the current entry both point at a finished id: only memory is left.
     assert sender.handle_timeout(1.0) == []
     assert sender.next_deadline() == 20.6
+
+
+def test_senders_sharing_a_partner_share_their_delivered_ids() -> None:
+    identity = Receiver(AckMode.RIGOR, T)
+    first = Sender(AckMode.RIGOR, T, partner=identity)
+    first.send(data("s1"), 0.0)
+    first.on_ack("s1", 0.5)
+    second = Sender(AckMode.RIGOR, T, partner=identity)  # the next connection
+    assert second.state_of("s1") is State.DONE and second.remembered == 1
+    assert [e.frame for e in second.on_ack("s1", 1.0)] == [  # type: ignore[union-attr]
+        Frame(FrameType.ACK, id="s1", ack_seq=2)
+    ]
+    with pytest.raises(LocalProtocolError, match="already in use"):
+        second.send(data("s1"), 1.0)
+    # The receiver's own dedupe memory is separate: upstream and downstream ids never mix.
+    assert identity.state_of("s1") is State.NEW and identity.remembered == 0

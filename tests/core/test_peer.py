@@ -355,3 +355,39 @@ def test_acks_route_by_ack_seq() -> None:
     assert peer.events() == []
     peer.receive_text(encode_frame(Frame(FrameType.ACK, id="u", ack_seq=2)), 0.0)
     assert kinds(peer.events()) == ["MessageReceived"]
+
+
+def test_a_repeated_rigor_ack_after_a_reconnect_is_confirmed_again() -> None:
+    # Bug found by the delivery property test: the server counted a RigorAck push as
+    # Delivered, its confirmation was lost with the connection, and the server's new
+    # connection ignored the client's repeated ack: the client expired the push
+    # undispatched although the server had reported it delivered.
+    options = quiet_options(ack_mode=AckMode.RIGOR)
+    identity_receiver = Receiver(AckMode.RIGOR)  # what Registry.receiver() keeps
+    old = server(options, receiver=identity_receiver)
+    push = old.send("push", 1, 0.0)
+    old.outgoing()
+    old.receive_text(text(frameType=2, id=push.id, ackSeq=1), 0.1)
+    assert kinds(old.events()) == ["Delivered"]
+    old.outgoing()  # the confirmation never reaches the client
+    old.connection_lost()
+    assert old.events() == []  # nothing was in flight any more
+    new = server(options, receiver=identity_receiver)
+    new.receive_text(text(frameType=2, id=push.id, ackSeq=1), 1.0)  # client's resume()
+    assert out(new) == [Frame(FrameType.ACK, id=push.id, ack_seq=2)]
+    assert new.events() == []  # still one Delivered, on the old connection
+    # A push the old connection gave up on stays given up: never confirmed.
+    failed = new.send("push", 2, 1.0)
+    new.outgoing()
+    new.connection_lost()
+    assert new.events() == [DeliveryFailed(failed, "closed")]
+    newer = server(options, receiver=identity_receiver)
+    newer.receive_text(text(frameType=2, id=failed.id, ackSeq=1), 2.0)
+    assert out(newer) == []
+
+
+def test_a_client_sender_does_not_share_memory_with_its_receiver() -> None:
+    peer = client(quiet_options(ack_mode=AckMode.RIGOR))
+    peer.receive_text(text(frameType=0, id="x", method="m"), 0.0)
+    peer.receive_text(text(frameType=2, id="x", ackSeq=2), 0.0)  # dispatched, remembered
+    assert peer.send("chat", 1, 0.0, message_id="x").id == "x"  # our own id space

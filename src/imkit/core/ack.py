@@ -391,10 +391,18 @@ class Sender(_Machine):
 
     role = Role.SENDER
 
-    def __init__(self, mode: AckMode, timers: AckTimers | None = None) -> None:
+    def __init__(
+        self, mode: AckMode, timers: AckTimers | None = None, *, partner: Receiver | None = None
+    ) -> None:
         super().__init__(mode, timers or AckTimers())
         self._backlog: deque[Frame] = deque()
         self._backlog_ids: set[str] = set()
+        if partner is not None:
+            # A server keeps one Receiver per identity across its connections; each
+            # connection's Sender shares, through it, the memory of the ids that were
+            # acknowledged. A RigorAck client whose confirmation was lost with the old
+            # connection repeats its ack on the new one, and must be confirmed again.
+            self._memory = partner._delivered
 
     @property
     def backlog(self) -> int:
@@ -470,6 +478,8 @@ class Receiver(_Machine):
 
     def __init__(self, mode: AckMode, timers: AckTimers | None = None) -> None:
         super().__init__(mode, timers or AckTimers())
+        # The delivered ids of the senders that name this receiver their partner.
+        self._delivered = _Memory(self.timers)
 
     def on_data(self, frame: Frame, now: float, *, acked: bool = True) -> list[Effect]:
         """A ``Data`` frame arrived. With ``acked=False`` (a ``NoAck`` frame) skip the acks."""

@@ -107,7 +107,8 @@ class Peer:
     ``accepts_method`` (if given) refuses unknown methods before anything is acked.
     ``receiver`` and ``sender`` may be passed in to outlive one connection: a server keeps
     one receiver per identity so that a resend on a new connection is not dispatched
-    twice; a client keeps both across reconnects.
+    twice (and a repeated RigorAck ack of a delivered push is confirmed again); a client
+    keeps both across reconnects.
     """
 
     def __init__(
@@ -126,7 +127,11 @@ class Peer:
         self.server = server
         self.user_id = user_id
         self.receiver = receiver or Receiver(options.ack_mode, options.timers)
-        self.sender = sender or Sender(options.ack_mode, options.timers)
+        # A server's Sender lives as long as its connection; it remembers the ids the
+        # client acknowledged in the identity's receiver, which outlives the connection.
+        self.sender = sender or Sender(
+            options.ack_mode, options.timers, partner=self.receiver if server else None
+        )
         self._accepts_method = accepts_method
         self._prefix = id_prefix if id_prefix is not None else secrets.token_hex(4) + "-"
         self._next_id = 0
