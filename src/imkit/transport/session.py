@@ -4,23 +4,26 @@ over an anyio byte stream.
 Four tasks per connection, all in one task group so that no failure goes unseen:
 
 * the **reader** reads bytes, feeds the core, and hands messages to the worker through a
-  bounded queue: when the worker falls behind, the reader stops reading and TCP pushes
-  back on the client;
+  bounded queue (``max_queued_messages``): when the worker falls behind, the reader stops
+  reading and TCP pushes back on the client;
 * the **worker** runs the route handlers of this connection in order (under the
   server-wide handler limit), the delivery hooks, and at the end the disconnect hooks;
-* the **writer** writes what the core produced. Writes never block a pusher: bytes go to
-  a buffer that the writer drains, and a client whose unsent bytes pass
-  ``max_write_buffer`` is cut off at once (a TCP abort: it sees no close frame);
-* the **timer** sleeps until the core's next deadline (resends, keepalive, idle and close
-  timeouts, credential expiry) and fires it. It is separate from the writer so that a
-  client that stops reading still meets its ping timeout (1011) and close timeout.
+* the **writer** (:class:`~imkit.transport._writer.StreamWriter`) writes what the core
+  produced. Writes never block a pusher: bytes go to a buffer that the writer drains, and
+  a client whose unsent bytes pass ``max_write_buffer`` is cut off at once: its socket is
+  reset, so it sees no close frame (a WebSocket client reports 1006);
+* the **timer** sleeps until the next deadline (the core's resends, keepalive, idle and
+  close timeouts; the credential's expiry; the next revalidation) and fires it. It is
+  apart from the writer so that a client that stops reading still meets its ping timeout
+  (1011) and close timeout.
 
 How a connection ends: when the core reports ``Closed`` the session leaves the registry at
-once (so no push goes to it and a newer connection of the user is never touched); the
-writer flushes what is left (the close frame, an HTTP answer) within ``close_timeout``,
-half-closes, waits up to ``close_timeout`` for the client's end of stream and closes the
-socket. The worker finishes the messages already acknowledged (within the server's
-``shutdown_timeout``), runs the hooks of pushes that failed, then ``on_disconnect``.
+once (no push goes to it, and a newer connection of the same user is never touched). The
+writer flushes what is left (the close frame, an HTTP answer) within ``close_timeout``;
+if the client still has that to read it half-closes and waits up to ``close_timeout`` for
+the client's end of stream, else it closes at once. The worker finishes the messages
+already acknowledged (for at most the server's ``shutdown_timeout``), runs the hooks of the
+pushes that failed, then ``on_disconnect``.
 """
 
 from __future__ import annotations
@@ -417,6 +420,7 @@ class ServerSession:
         if identity is not None and self._registered:
             self.server.registry.remove(identity.user_id, self.epoch)
             self.server.registry.release_receiver(identity, self.clock.now())
+            self.server.ip_closed(self.remote_addr)
 
     def _lost(self) -> None:
         """The socket is gone: end the core connection if it is not closed yet."""
@@ -656,7 +660,6 @@ class ServerSession:
         identity = self._identity
         if identity is None or not self._registered:
             return
-        server.ip_closed(self.remote_addr)
         if not server.single_node:
             binding = Binding(identity.user_id, server.node_id, self.epoch, identity.device_id)
             try:
