@@ -195,6 +195,29 @@ async def test_graceful_shutdown() -> None:
     assert stopped == ["shutdown hook", "serve returned"]
 
 
+async def test_cancelled_serve_still_says_goodbye() -> None:
+    """serve() cancelled from outside (no shutdown()): connections are cut at once, each
+    with a best-effort close 1001 first."""
+    app, _seen = make_app()
+    codes: list[int] = []
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as outer:
+            serving = anyio.CancelScope()
+
+            async def run_server(*, task_status: anyio.abc.TaskStatus[int]) -> None:
+                with serving:
+                    await imkit.serve(app, task_status=task_status)
+
+            port = await outer.start(run_server)
+            async with imkit.connect(f"ws://127.0.0.1:{port}/ws?userId=x", reconnect=False) as x:
+                assert await x.request("echo", 1) == 1
+                serving.cancel()
+                with pytest.raises(imkit.ConnectionClosed) as closed:
+                    await x.receive()
+                codes.append(closed.value.code)
+    assert codes == [1001]
+
+
 async def test_page_served_and_head() -> None:
     app, _seen = make_app()
 

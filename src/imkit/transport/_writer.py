@@ -165,17 +165,21 @@ class StreamWriter:
 
     async def last_words(self) -> None:
         """Best effort, for a connection cancelled from outside: write what is buffered
-        (within one second), then reset the stream."""
-        if not (self.closed or self.aborted or self.broken) and self._buffer:
+        (within one second), then close the stream."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.aborted or self.broken:
+            await abort_stream(self.stream)
+            return
+        if self._buffer:
             with anyio.move_on_after(1):
                 try:
                     await self.stream.send(bytes(self._buffer))
                 except STREAM_ERRORS:
                     pass
-        self._buffer.clear()
-        if not self.closed:
-            self.closed = True
-            await abort_stream(self.stream)
+            self._buffer.clear()
+        await anyio.aclose_forcefully(self.stream)
 
 
 async def abort_stream(stream: anyio.abc.ByteStream) -> None:
