@@ -336,7 +336,8 @@ class MemoryServer(Server):
         :class:`imkit.InsecureDevAuth` reads); ``token`` is sent as
         :class:`imkit.TokenAuth` expects. ``path`` defaults to the app's WebSocket path.
         Every reconnect opens a new stream. ``options`` go to :class:`imkit.Client`; its
-        clock defaults to the server's.
+        clock defaults to the server's, so with a :class:`FakeClock` its ack timers,
+        keepalive and reconnect backoff wait for the test to move time too.
         """
         params = dict(query or {})
         if user_id is not None:
