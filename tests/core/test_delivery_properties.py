@@ -263,6 +263,16 @@ class DeliveryMachine(RuleBasedStateMachine):
         else:
             link.pop(index)
 
+    @rule(server_first=st.booleans())
+    def round_trip(self, server_first: bool) -> None:
+        """One pass of in-order delivery each way: what is in flight arrives, and what
+        that provokes waits for the next pass (a healthy link's round trip)."""
+        order = (SERVER, CLIENT) if server_first else (CLIENT, SERVER)
+        for source in order:
+            frames, self.links[source] = self.links[source], []
+            for _at, text in frames:
+                self._feed(source, text)
+
     @rule(dt=st.sampled_from([0.25, 1.0, 2.5, 9.0]))
     def tick(self, dt: float) -> None:
         self.now += dt
