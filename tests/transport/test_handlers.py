@@ -112,3 +112,24 @@ async def test_too_many_bad_frames_close_1008() -> None:
             closed = await raw.wait_closed()
             assert closed.code == 1008
             assert "too many bad messages" in closed.reason
+
+
+async def test_retryable_err_after_the_ack_fails_the_request_at_once() -> None:
+    """A handler that answers ``store_unavailable`` after the message was acknowledged:
+    nothing will resend it, so ``request`` raises ``RequestFailed`` at once instead of
+    waiting out its timeout; the caller may resend."""
+    app = imkit.App(auth=imkit.InsecureDevAuth(quiet=True), ack_mode="only")
+    calls = 0
+
+    @app.route("store")
+    async def store(ctx: imkit.Context) -> None:
+        nonlocal calls
+        calls += 1
+        raise imkit.HandlerError("store_unavailable", "try again")
+
+    with anyio.fail_after(5):
+        async with connect_pair(app, user_id="alice") as (_server, client):
+            with pytest.raises(imkit.RequestFailed) as failed:
+                await client.request("store", {}, timeout=30)
+            assert failed.value.code == "store_unavailable"
+            assert calls == 1

@@ -581,9 +581,17 @@ class Client:
         data = frame.data if isinstance(frame.data, dict) else {}
         code = str(data.get("code", ""))
         message = str(data.get("message", ""))
-        if code not in _FINAL_ERRORS:
-            return  # rate limited, store unavailable, expired...: the resend will retry
         error = RequestFailed(code, message, frame.id)
+        if code not in _FINAL_ERRORS:
+            # Rate limited, store unavailable, expired...: while the message is not yet
+            # acknowledged, the sender's resend retries it. Once it is acknowledged the
+            # server has taken it and nothing resends it: the request fails with the code,
+            # and the caller decides (ChatClient resends under the same msgId).
+            reply = self._replies.get(frame.id)
+            if reply is not None and frame.id not in self._acks:
+                self._replies.pop(frame.id, None)
+                reply.fail(error)
+            return
         for table in (self._acks, self._replies):
             waiter = table.pop(frame.id, None)
             if waiter is not None:
