@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections import Counter
 
 import attrs
+from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, rule
 
@@ -356,3 +357,5 @@ class RigorAckMachine(DeliveryMachine):
 TestNoAck = NoAckMachine.TestCase
 TestOnlyAck = OnlyAckMachine.TestCase
 TestRigorAck = RigorAckMachine.TestCase
+# NoAck promises little (at most once), so it gets a quarter of the budget.
+TestNoAck.settings = settings(max_examples=max(10, settings().max_examples // 4))

@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from imkit.core.frames import (
@@ -183,6 +183,7 @@ json_values = st.recursive(
 )
 
 
+@settings(max_examples=max(10, settings().max_examples // 2))
 @given(
     obj=st.dictionaries(
         st.sampled_from([*EASY_CHAT_FIELDS, "replyTo", "x"]), json_values, max_size=8
