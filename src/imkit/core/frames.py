@@ -143,6 +143,10 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
 
 
+# One decoder for every message (json.loads with options would build one per call).
+_DECODER = json.JSONDecoder(parse_constant=_no_constants)
+
+
 # "\ud800".."\udfff": a UTF-16 surrogate escape; paired ones decode to one code point.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
@@ -163,7 +167,7 @@ def decode_frame(text: str | bytes) -> Frame | DecodeError:
     try:
         if isinstance(text, bytes):
             text = text.decode("utf-8")
-        obj = json.loads(text, parse_constant=_no_constants)
+        obj = _DECODER.decode(text)
     except (ValueError, RecursionError) as exc:
         return DecodeError(ErrorCode.BAD_JSON, f"message is not valid JSON: {exc}")
     if not isinstance(obj, dict):
