@@ -401,3 +401,21 @@ def test_accept_selects_an_offered_subprotocol() -> None:
     assert conn.state is ConnState.HANDSHAKE
     conn.accept(Identity("alice"), 0.0, subprotocol="token.abc")
     assert header_of(conn.data_to_send(), "sec-websocket-protocol") == "token.abc"
+
+
+def test_client_refusal_followed_by_garbage_in_the_same_read() -> None:
+    # Bug found by fuzzing: wsproto raised on the garbage after a complete refusal, and
+    # the refusal it had already parsed was dropped: the client saw only "bad response".
+    client = ClientConn(host="h", target="/ws", now=0.0)
+    client.receive_data(b"HTTP/1.1 103 Early Hints\r\n\r\n\x00garbage", 0.0)
+    rejected, closed = client.events()
+    assert isinstance(rejected, Rejected) and rejected.status == 103
+    assert closed == Closed(1006, "HTTP 103", True)
+    # A body cut short by a framing error: the status and the body so far are kept.
+    chunked = ClientConn(host="h", target="/ws", now=0.0)
+    chunked.receive_data(
+        b"HTTP/1.1 403 Forbidden\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nno!\r\nzz\r\n", 0.0
+    )
+    rejected, closed = chunked.events()
+    assert rejected == Rejected(403, [("transfer-encoding", "chunked")], b"no!")
+    assert closed.code == 1006  # type: ignore[union-attr]

@@ -288,3 +288,60 @@ def test_text_messages_get_an_ack_an_err_or_a_close(parts: list[bytes]) -> None:
     # Every ack names a message that arrived as an acked Data frame.
     data_ids = {e.frame.id for e in received if e.frame.frame_type is FrameType.DATA}
     assert {a.id for a in acks} <= data_ids
+
+
+# ---------------------------------------------------------------------- the client side
+responses = st.one_of(
+    st.binary(max_size=200),
+    st.builds(
+        lambda status, headers, body: (
+            (
+                f"HTTP/1.1 {status} X\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n"
+            ).encode("latin-1")
+            + body
+        ),
+        st.sampled_from([101, 200, 302, 401, 403, 426, 503, 103]),
+        st.lists(st.tuples(header_names, header_values), max_size=5),
+        st.binary(max_size=30),
+    ),
+)
+
+
+def feed_client(data: bytes, cuts: list[int], *, accepted: bool) -> list[Event]:
+    from imkit.core.conn import ClientConn
+
+    client = ClientConn(host="h", target="/ws", now=0.0, limits=LIMITS)
+    events: list[Event] = []
+    if accepted:
+        server = ServerConn(now=0.0, limits=LIMITS)
+        server.receive_data(client.data_to_send(), 0.0)
+        server.accept(Identity("alice"), 0.0)
+        client.receive_data(server.data_to_send(), 0.0)
+        events += client.events()
+    for piece in chunked(data, cuts):
+        client.receive_data(piece, 0.0)
+        client.data_to_send()
+        events += client.events()
+    client.receive_data(None, 0.0)
+    return events + client.events()
+
+
+server_frames = st.one_of(
+    st.builds(lambda p: ws_frame(0x81, p, b"", masked=False), text_payloads),
+    st.builds(lambda f, p: ws_frame(f, p, b"", masked=False), first_bytes, text_payloads),
+    frames,
+)
+
+
+@given(
+    data=responses | st.lists(server_frames, max_size=5).map(b"".join),
+    cuts=st.lists(st.integers(0, 10**6), max_size=5),
+    accepted=st.booleans(),
+)
+def test_any_bytes_from_a_server_never_crash_a_client(
+    data: bytes, cuts: list[int], accepted: bool
+) -> None:
+    events = feed_client(data, cuts, accepted=accepted)
+    closed = [e for e in events if isinstance(e, Closed)]
+    assert len(closed) == 1 and events[-1] is closed[0]  # EOF always ends it, once
+    assert feed_client(data, [], accepted=accepted) == events

@@ -310,9 +310,18 @@ class ClientConn(_Conn):
             return
         try:
             ws.receive_data(data)
-            self._handshake_events(now)
         except WSRemoteProtocolError as exc:
-            self._finish(CLOSE_ABNORMAL, f"bad handshake response: {exc}", by_peer=True)
+            # What wsproto understood before the fault still counts: a refusal and its
+            # status must not be lost to garbage that followed it in the same read.
+            self._handshake_events(now)
+            if self.state is ConnState.HANDSHAKE:
+                if self._reject is not None:
+                    self._rejected()
+                else:
+                    reason = f"bad handshake response: {exc}"
+                    self._finish(CLOSE_ABNORMAL, reason, by_peer=True)
+            return
+        self._handshake_events(now)
 
     def _handshake_events(self, now: float) -> None:
         ws = self._ws
