@@ -4,6 +4,12 @@
 else to install) until SIGINT or SIGTERM, then shuts down gracefully: clients get close
 1001 and every watermark is saved. ``--port 0`` picks a free port; the bound address is
 logged and, with ``--port-file``, written to a file for scripts.
+
+Testing hooks (crash tests only; nothing happens when they are unset):
+``IMKIT_FAULT_KILL_AFTER_STORE=N`` ends the process with ``os._exit(137)`` right after
+the N-th stored chat message commits, before its answer is sent;
+``IMKIT_FAULT_KILL_AFTER_ANSWER=N`` does so when the N-th chat message is about to be
+pushed to its recipients (its answer was written to the sender, 0.2 s before).
 """
 
 from __future__ import annotations
@@ -20,6 +26,34 @@ from typing import Any
 __all__ = ("build_parser", "main")
 
 SECRET_ENV = "IMKIT_SECRET"
+FAULT_KILL_AFTER_STORE_ENV = "IMKIT_FAULT_KILL_AFTER_STORE"
+FAULT_KILL_AFTER_ANSWER_ENV = "IMKIT_FAULT_KILL_AFTER_ANSWER"
+
+
+def _fault_count(name: str) -> int:
+    """The testing hook ``name``'s count from the environment; 0 when unset."""
+    value = os.environ.get(name, "")
+    return int(value) if value else 0
+
+
+class _KillAfterStore:
+    """A store that ends the process after its ``after``-th new message commits."""
+
+    def __init__(self, store: Any, after: int) -> None:
+        self._store = store
+        self._left = after
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def append(self, **fields: Any) -> Any:
+        stored, created = await self._store.append(**fields)
+        if created:
+            self._left -= 1
+            if self._left == 0:
+                sys.stderr.write(f"{FAULT_KILL_AFTER_STORE_ENV}: exiting after the store\n")
+                os._exit(137)
+        return stored, created
 
 
 def _secret(args: argparse.Namespace) -> str:
@@ -61,6 +95,9 @@ def _serve(args: argparse.Namespace) -> int:
         from imkit.chat.sqlite import SQLiteStore
 
         store = SQLiteStore(args.db)
+    kill_after_store = _fault_count(FAULT_KILL_AFTER_STORE_ENV)
+    if kill_after_store:
+        store = _KillAfterStore(store, kill_after_store)
     discover: Any = None
     if args.redis:
         from imkit.integrations.redis import RedisDiscover
@@ -94,8 +131,27 @@ def _run_server(app: Any, args: argparse.Namespace, where: str, log: logging.Log
 
     from imkit.transport.server import Server
 
+    server_class: type[Server] = Server
+    kill_after_answer = _fault_count(FAULT_KILL_AFTER_ANSWER_ENV)
+    if kill_after_answer:
+        left = [kill_after_answer]
+
+        class KillAfterAnswer(Server):
+            async def send_to_users(
+                self, user_ids: Sequence[str], method: str, data: Any, *, form_id: str = ""
+            ) -> int:
+                if method == "push":
+                    left[0] -= 1
+                    if left[0] == 0:
+                        await anyio.sleep(0.2)  # the writer sends the answer out
+                        sys.stderr.write(f"{FAULT_KILL_AFTER_ANSWER_ENV}: exiting before a push\n")
+                        os._exit(137)
+                return await super().send_to_users(user_ids, method, data, form_id=form_id)
+
+        server_class = KillAfterAnswer
+
     async def main() -> None:
-        server = Server(app)
+        server = server_class(app)
         async with anyio.create_task_group() as tg:
 
             async def on_signals() -> None:
