@@ -8,7 +8,12 @@ the CLI's testing hooks ``IMKIT_FAULT_KILL_AFTER_STORE`` / ``IMKIT_FAULT_KILL_AF
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 import sqlite3
+import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +21,13 @@ import anyio
 import pytest
 from tests.chat.test_service_helpers import collect, imkit_serve, nothing_more, ws_url
 
+from imkit import PeerOptions
 from imkit.chat.client import ChatClient
 from imkit.chat.ids import private_conversation_id
 from imkit.cli import FAULT_KILL_AFTER_ANSWER_ENV, FAULT_KILL_AFTER_STORE_ENV
 from imkit.transport.client import Client, connect
+
+from .wire import data_frame, make_app, request_head, running, token
 
 pytestmark = pytest.mark.anyio
 
@@ -134,3 +142,117 @@ async def test_e33_killed_after_answer_before_push_bob_catches_up_once(
                     assert await nothing_more(bob, 0.5) == [], "no message twice"
     assert [(p["seq"], p["msg"]["content"]) for p in got] == [(1, "one"), (2, "two"), (3, "three")]
     assert [r[1] for r in stored_rows(db)] == [1, 2, 3]
+
+
+# ---------------------------------------------------------------------------- D27
+def masked_text(payload: bytes) -> bytes:
+    """One masked client text frame (the XOR done on one big integer: fast)."""
+    head = bytearray([0x81])
+    n = len(payload)
+    if n < 126:
+        head.append(0x80 | n)
+    elif n < 2**16:
+        head += bytes([0x80 | 126]) + struct.pack("!H", n)
+    else:
+        head += bytes([0x80 | 127]) + struct.pack("!Q", n)
+    key = os.urandom(4)
+    stream = (key * (n // 4 + 1))[:n]
+    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(stream, "big")).to_bytes(n, "big")
+    return bytes(head) + key + masked
+
+
+class Producer:
+    """A raw client on a non-blocking socket, run in a worker thread: it writes frames as
+    fast as the kernel takes them, and throws away whatever the server sends back."""
+
+    def __init__(self, port: int, frames: list[bytes]) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        self.sock.sendall(request_head(tok=token("alice")))
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += self.sock.recv(4096)
+        assert head.startswith(b"HTTP/1.1 101"), head
+        self.sock.setblocking(False)
+        self.data = b"".join(frames)
+        self.bounds = [0]
+        for f in frames:
+            self.bounds.append(self.bounds[-1] + len(f))
+        self.offset = 0
+        self.eagain = 0
+
+    def frames_sent(self) -> int:
+        """How many whole frames the kernel has taken."""
+        return sum(1 for b in self.bounds[1:] if b <= self.offset)
+
+    def write(self, *, until_stalled_for: float | None) -> bool:
+        """Write on; with ``until_stalled_for``, return ``True`` once ``send`` has raised
+        ``BlockingIOError`` for that long without a byte taken (else write everything)."""
+        stalled_since: float | None = None
+        while self.offset < len(self.data):
+            try:
+                self.sock.recv(1 << 20)  # acks: read and dropped
+            except BlockingIOError:
+                pass
+            try:
+                self.offset += self.sock.send(self.data[self.offset : self.offset + (1 << 20)])
+                stalled_since = None
+            except BlockingIOError:
+                self.eagain += 1
+                now = time.monotonic()
+                stalled_since = stalled_since or now
+                if until_stalled_for is not None and now - stalled_since >= until_stalled_for:
+                    return True
+                time.sleep(0.002)
+        return False
+
+
+async def test_d27_fast_producer_meets_tcp_backpressure_then_everything_is_handled_in_order() -> (
+    None
+):
+    """A raw client writes 20,000 messages of 1 KiB (about 20 MB) at a handler that
+    sleeps 50 ms per message. The server reads at most ``max_queued_messages`` (8) ahead
+    of the handler, so the client's non-blocking ``send`` raises ``BlockingIOError`` and
+    stays blocked: the bytes wait in the kernel, not in the server. Once the handler
+    speeds up, every message is handled, once, in the order sent."""
+    count, queued = 20_000, 8
+    handled: list[int] = []
+    fast, done = anyio.Event(), anyio.Event()
+    app = make_app(options=PeerOptions(rate_limit=None))
+
+    @app.route("slow")
+    async def slow(ctx: Any) -> None:
+        handled.append(ctx.data["i"])
+        if len(handled) == count:
+            done.set()
+        if not fast.is_set():
+            await anyio.sleep(0.05)
+
+    pad = "x" * 1000
+    frames = [
+        masked_text(json.dumps(data_frame("slow", {"i": i, "pad": pad}, f"m{i}")).encode())
+        for i in range(count)
+    ]
+    with anyio.fail_after(40):
+        async with running(app, max_queued_messages=queued) as (_server, port):
+            producer = await anyio.to_thread.run_sync(Producer, port, frames)
+            try:
+                stalled = await anyio.to_thread.run_sync(
+                    lambda: producer.write(until_stalled_for=1.0)
+                )
+                assert stalled, "the kernel took all 20 MB: nothing pushed back"
+                sent, seen = producer.frames_sent(), len(handled)
+                # The server holds at most `queued` waiting messages (+1 being handled and
+                # one frame being parsed); the rest of what was sent sits in socket buffers.
+                assert seen < 100, f"a 50 ms handler got {seen} messages in ~1 s"
+                assert sent < count, "every byte was accepted"
+                assert producer.eagain > 0
+                await anyio.sleep(0.5)  # still stalled: the server did not read on
+                assert len(handled) - seen <= 12
+                fast.set()
+                await anyio.to_thread.run_sync(lambda: producer.write(until_stalled_for=None))
+                await done.wait()
+            finally:
+                producer.sock.close()
+    assert handled == list(range(count)), "each message once, in the order sent"
+    assert sent > queued + 2  # something really waited outside the server
