@@ -8,8 +8,11 @@ the CLI's testing hooks ``IMKIT_FAULT_KILL_AFTER_STORE`` / ``IMKIT_FAULT_KILL_AF
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import resource
+import signal
 import socket
 import sqlite3
 import struct
@@ -19,11 +22,18 @@ from typing import Any
 
 import anyio
 import pytest
-from tests.chat.test_service_helpers import collect, imkit_serve, nothing_more, ws_url
+from tests.chat.test_service_helpers import (
+    collect,
+    imkit_serve,
+    nothing_more,
+    server_log,
+    ws_url,
+)
 
 from imkit import PeerOptions
 from imkit.chat.client import ChatClient
 from imkit.chat.ids import private_conversation_id
+from imkit.chat.sqlite import SQLiteStore
 from imkit.cli import FAULT_KILL_AFTER_ANSWER_ENV, FAULT_KILL_AFTER_STORE_ENV
 from imkit.transport.client import Client, connect
 
@@ -142,6 +152,109 @@ async def test_e33_killed_after_answer_before_push_bob_catches_up_once(
                     assert await nothing_more(bob, 0.5) == [], "no message twice"
     assert [(p["seq"], p["msg"]["content"]) for p in got] == [(1, "one"), (2, "two"), (3, "three")]
     assert [r[1] for r in stored_rows(db)] == [1, 2, 3]
+
+
+# ---------------------------------------------------------------------------- D29
+CLIENTS = 1000
+OFFLINE_EACH = 2
+
+
+def raise_fd_limit(needed: int) -> None:
+    """Lift this process's soft RLIMIT_NOFILE towards ``needed`` (up to the hard limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < needed:
+        pytest.skip(f"needs {needed} file descriptors")
+
+
+async def test_d29_a_thousand_clients_reconnect_after_a_kill_and_catch_up_once(
+    tmp_path: Path,
+) -> None:
+    """1,000 imkit clients (users u0..u999) are connected to ``imkit serve``; it is
+    SIGKILLed; while it is down, 2 messages per user are stored for them (2,000 offline
+    messages); it restarts on the same port and file. Every client reconnects by itself
+    (jittered backoff; a refused handshake is retried the same way) and gets exactly its
+    2 messages, in order, once: nothing arrives twice in the second after."""
+    raise_fd_limit(4 * CLIENTS + 256)
+    db = tmp_path / "chat.db"
+    args = ("--auth", "dev", "--db", str(db), "--rate-limit", "0")
+    users = [f"u{i}" for i in range(CLIENTS)]
+    got: dict[str, list[tuple[str, int, str]]] = {u: [] for u in users}
+    complete = anyio.Event()
+    left = [CLIENTS]
+
+    async def read(user: str, client: Client) -> None:
+        while True:
+            frame = await client.receive()
+            if frame.method != "push":
+                continue
+            data = frame.data
+            got[user].append((data["conversationId"], data["seq"], data["msg"]["content"]))
+            if len(got[user]) == OFFLINE_EACH:
+                left[0] -= 1
+                if left[0] == 0:
+                    complete.set()
+
+    with anyio.fail_after(60):
+        async with contextlib.AsyncExitStack() as stack:
+            process, port = await stack.enter_async_context(
+                imkit_serve(tmp_path, *args, name="first")
+            )
+            base = f"ws://127.0.0.1:{port}/ws"
+            limiter = anyio.CapacityLimiter(64)
+            opened = [0]
+            all_open = anyio.Event()
+
+            async def client(user: str) -> None:
+                await limiter.acquire()  # at most 64 handshakes at a time, the first time
+                holding = True
+                try:
+                    async with connect(ws_url(base, user), max_reconnect_delay=2.0) as c:
+                        limiter.release()
+                        holding = False
+                        opened[0] += 1
+                        if opened[0] == CLIENTS:
+                            all_open.set()
+                        await read(user, c)
+                finally:
+                    if holding:
+                        limiter.release()
+
+            async with anyio.create_task_group() as tg:
+                for user in users:
+                    tg.start_soon(client, user)
+                await all_open.wait()
+                process.send_signal(signal.SIGKILL)
+                assert await process.wait() == -signal.SIGKILL
+
+                async with SQLiteStore(db) as store:  # the offline messages, while it is down
+                    for n in range(OFFLINE_EACH):
+                        for user in users:
+                            await store.append(
+                                conversation_id=private_conversation_id("boss", user),
+                                sender_id="boss",
+                                recv_id=user,
+                                msg_id=f"{user}-{n}",
+                                chat_type=2,
+                                m_type=0,
+                                content=f"for {user} #{n}",
+                                send_time=0,
+                            )
+                restart = ("--port", str(port))
+                await stack.enter_async_context(
+                    imkit_serve(tmp_path, *args, *restart, name="second")
+                )
+                await complete.wait()
+                await anyio.sleep(1.0)  # anything that would come twice comes now
+                tg.cancel_scope.cancel()
+    assert "Traceback" not in await server_log(tmp_path, "second")
+    for user in users:
+        conversation = private_conversation_id("boss", user)
+        assert got[user] == [
+            (conversation, n + 1, f"for {user} #{n}") for n in range(OFFLINE_EACH)
+        ], user
 
 
 # ---------------------------------------------------------------------------- D27
