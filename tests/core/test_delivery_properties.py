@@ -30,7 +30,7 @@ from collections import Counter
 import attrs
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, rule
+from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
 
 from imkit.core.ack import AckMode, AckTimers, Receiver, Sender
 from imkit.core.events import (
@@ -61,6 +61,7 @@ class Sent:
     acked: bool
     at: float
     payload: dict[str, int]
+    connection: int  # which connection it was sent on (a server's pushes die with theirs)
 
 
 @attrs.define
@@ -100,6 +101,7 @@ class DeliveryMachine(RuleBasedStateMachine):
         self.sides = {CLIENT: Side(), SERVER: Side()}
         self.counter = 0
         self.connections = 0
+        self.zombies: list[tuple[Peer, list[tuple[float, str]]]] = []
         self._connect()
 
     # ------------------------------------------------------------------ plumbing
@@ -215,7 +217,7 @@ class DeliveryMachine(RuleBasedStateMachine):
         self.counter += 1
         message_id = f"{side[0]}{self.counter}"
         payload = {"n": self.counter}
-        self.sides[side].sent[message_id] = Sent(acked, self.now, payload)
+        self.sides[side].sent[message_id] = Sent(acked, self.now, payload, self.connections)
         peer = self.client if side == CLIENT else self.server
         frame = peer.send("chat", payload, self.now, message_id=message_id, acked=acked)
         assert frame.id == message_id
@@ -264,12 +266,11 @@ class DeliveryMachine(RuleBasedStateMachine):
         else:
             link.pop(index)
 
-    @rule(server_first=st.booleans())
-    def round_trip(self, server_first: bool) -> None:
-        """One pass of in-order delivery each way: what is in flight arrives, and what
+    @rule()
+    def round_trip(self) -> None:
+        """One pass of in-order delivery down then up: what is in flight arrives, and what
         that provokes waits for the next pass (a healthy link's round trip)."""
-        order = (SERVER, CLIENT) if server_first else (CLIENT, SERVER)
-        for source in order:
+        for source in (SERVER, CLIENT):
             frames, self.links[source] = self.links[source], []
             for _at, text in frames:
                 self._feed(source, text)
@@ -281,15 +282,48 @@ class DeliveryMachine(RuleBasedStateMachine):
             self.links[source] = [(t, x) for t, x in self.links[source] if self.now - t <= MAX_AGE]
         self._fire_timers()
 
-    @rule()
-    def reconnect(self) -> None:
-        """The socket breaks (frames in flight are lost) and the client connects again."""
+    @rule(late_close=st.booleans())
+    def reconnect(self, late_close: bool) -> None:
+        """The socket breaks (frames in flight are lost) and the client connects again.
+
+        With ``late_close`` the server notices the old connection only later: the
+        client's frames already on their way still reach the old server Peer, which
+        shares the identity's receiver with the new one (a ``Registry`` race).
+        """
         self.client.connection_lost(keep_sender=True)
-        self.server.connection_lost()
-        self.registry.release_receiver(self.identity, self.now)
-        self._collect()  # the server's pushes in flight fail with reason "closed"
+        self._collect()
+        if late_close:
+            self.zombies.append((self.server, self.links[CLIENT]))
+        else:
+            self._close_server(self.server)
         self.links = {CLIENT: [], SERVER: []}
         self._connect()
+
+    def _close_server(self, peer: Peer) -> None:
+        peer.connection_lost()
+        self.registry.release_receiver(self.identity, self.now)
+        self._record(SERVER, peer.events())  # its pushes in flight fail: "closed"
+
+    @precondition(lambda self: self.zombies)
+    @rule()
+    def old_connection_reads(self) -> None:
+        """The old server connection reads one more frame, or finally sees the EOF."""
+        peer, inbox = self.zombies[0]
+        if not inbox:
+            self.zombies.pop(0)
+            self._close_server(peer)
+            return
+        _at, text = inbox.pop(0)
+        frame = decode_frame(text)
+        assert isinstance(frame, Frame)
+        if frame.frame_type in (FrameType.DATA, FrameType.NO_ACK):
+            self.sides[SERVER].data_seen.add(frame.id)
+        elif frame.frame_type is FrameType.ACK and frame.ack_seq == 1:
+            self.sides[SERVER].acks_seen.add(frame.id)
+        peer.receive_text(text, self.now)
+        self._record(SERVER, peer.events())
+        for answer in peer.outgoing():  # written to a dead socket: lost
+            self._check_outgoing(SERVER, answer)
 
     @rule()
     def heal(self) -> None:
@@ -306,6 +340,13 @@ class DeliveryMachine(RuleBasedStateMachine):
                     and message_id not in me.failed
                     and message_id not in other.expired
                     and sent.at + TIMEOUT > start + 2 * RESEND
+                    # A push from an older connection fails with it, unless it was
+                    # already delivered: then the client must still get to dispatch it.
+                    and (
+                        side == CLIENT
+                        or sent.connection == self.connections
+                        or message_id in me.delivered
+                    )
                 ):
                     healthy.append((side, message_id))
         self._settle(until=start + 2 * RESEND)
@@ -316,7 +357,10 @@ class DeliveryMachine(RuleBasedStateMachine):
             assert message_id not in other.expired
 
     def teardown(self) -> None:
-        # Final phase: the channel heals, then the clock runs past every deadline.
+        # Final phase: old connections drain and close, the channel heals, then the
+        # clock runs past every deadline.
+        while self.zombies:
+            self.old_connection_reads()
         self.heal()
         self._settle(until=float("inf"))
         for _side, peer in self._peers():
