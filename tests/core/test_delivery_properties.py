@@ -280,6 +280,8 @@ class DeliveryMachine(RuleBasedStateMachine):
         self.now += dt
         for source in (CLIENT, SERVER):
             self.links[source] = [(t, x) for t, x in self.links[source] if self.now - t <= MAX_AGE]
+        for _peer, inbox in self.zombies:  # an old connection reads its bytes soon or never
+            inbox[:] = [(t, x) for t, x in inbox if self.now - t <= MAX_AGE]
         self._fire_timers()
 
     @rule(late_close=st.booleans())
