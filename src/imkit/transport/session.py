@@ -572,12 +572,17 @@ class ServerSession:
         now = self.clock.now()
         app = self.app
         receiver = server.registry.receiver(identity, app.ack_mode, app.options.timers, now)
+        # A browser that sent its credential as a ``token.<t>`` subprotocol needs that
+        # subprotocol selected in the answer, or it fails the connection.
+        request = conn.request
+        offered = request.subprotocols if request is not None else ()
         conn.accept(
             identity,
             now,
             options=app.options,
             receiver=receiver,
             accepts_method=app.router.__contains__,
+            subprotocol=next((p for p in offered if p.startswith("token.")), None),
         )
         self._identity = identity
         if identity.expires_at is not None:
