@@ -574,8 +574,7 @@ class ServerSession:
         receiver = server.registry.receiver(identity, app.ack_mode, app.options.timers, now)
         # A browser that sent its credential as a ``token.<t>`` subprotocol needs that
         # subprotocol selected in the answer, or it fails the connection.
-        request = conn.request
-        offered = request.subprotocols if request is not None else ()
+        offered = conn.request.subprotocols if conn.request is not None else ()
         conn.accept(
             identity,
             now,
