@@ -189,9 +189,8 @@ async def delivery_hooks(server: Server, session: Connection, event: Any) -> Non
 
 async def retire(server: Server, session: Connection) -> None:
     """The tail of a closed session, once it has left the registry and its last delivery
-    hooks have run: forget its address, unbind it in discovery, run ``on_disconnect``."""
+    hooks have run: unbind it in discovery, run ``on_disconnect``."""
     identity = session.identity
-    server.ip_closed(session.remote_addr)
     if not server.single_node:
         binding = Binding(identity.user_id, server.node_id, session.epoch, identity.device_id)
         try:

@@ -558,6 +558,7 @@ class ASGISession:
                 break
             if handlers or not isinstance(item, Frame):
                 await self._handle(item)
+        self.server.ip_closed(self.remote_addr)
         await retire(self.server, self)
 
     async def _cleanup(self) -> None:

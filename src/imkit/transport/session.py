@@ -56,16 +56,16 @@ from imkit.core.events import (
     RawMessageReceived,
 )
 from imkit.core.frames import Frame, FrameType
-from imkit.core.interfaces import Binding, HandshakeRequest, Identity
+from imkit.core.interfaces import HandshakeRequest, Identity
 from imkit.core.peer import CLOSE_POLICY
-from imkit.exceptions import AuthenticationFailed, DiscoverError
+from imkit.exceptions import AuthenticationFailed
 from imkit.transport._lifecycle import (
     announce,
-    as_api,
     decide_handshake,
     delivery_hooks,
     dispatch,
     page_response,
+    retire,
 )
 from imkit.transport._writer import STREAM_ERRORS, StreamWriter
 
@@ -76,7 +76,6 @@ __all__ = ("ServerSession",)
 
 _READ_SIZE = 65536
 _HOOK_TIMEOUT = 10.0
-_UNBIND_TIMEOUT = 5.0
 
 
 class _Stop:
@@ -661,22 +660,8 @@ class ServerSession:
                     await self._handle(item)
             elif not isinstance(item, _Stop):
                 await delivery_hooks(server, self, item)
-        identity = self._identity
-        if identity is None or not self._registered:
-            return
-        if not server.single_node:
-            binding = Binding(identity.user_id, server.node_id, self.epoch, identity.device_id)
-            try:
-                with anyio.move_on_after(_UNBIND_TIMEOUT):
-                    await server.app.discover.unbind(binding)
-            except DiscoverError as exc:
-                server.logger.warning("could not unbind %r: %s", identity.user_id, exc)
-        for hook in self.app.disconnect_hooks:
-            try:
-                with anyio.move_on_after(_HOOK_TIMEOUT):
-                    await hook(self, as_api(server))
-            except Exception:
-                server.logger.exception("an on_disconnect hook failed for %r", identity.user_id)
+        if self._identity is not None and self._registered:
+            await retire(server, self)
 
     async def _cleanup(self) -> None:
         """Runs shielded when the session ends, even when it was cancelled."""
