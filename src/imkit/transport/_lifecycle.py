@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import anyio
 
 from imkit.core.events import Delivered, DeliveryFailed, MessageExpired
-from imkit.core.frames import ErrorCode, Frame
+from imkit.core.frames import ErrorCode, Frame, FrameType
 from imkit.core.interfaces import Binding, Forward, HandshakeRequest, Identity
 from imkit.core.server import HttpResponse, LoginPolicy, ServerAPI, Session
 from imkit.exceptions import AuthenticationFailed, DiscoverError, HandlerError
@@ -29,6 +30,7 @@ __all__ = (
     "UNBIND_TIMEOUT",
     "Connection",
     "HandlerContext",
+    "HeldFanOut",
     "announce",
     "as_api",
     "decide_handshake",
@@ -44,6 +46,51 @@ HOOK_TIMEOUT = 10.0
 """Longest an ``on_disconnect`` hook may run (and an ``on_connect`` hook may delay it)."""
 UNBIND_TIMEOUT = 5.0
 """Longest a discovery ``unbind`` may take when a connection closes."""
+
+
+class HeldFanOut:
+    """Fan-out holding, shared by the socket and ASGI sessions: while held (from the
+    handshake until the ``on_connect`` hooks end), :meth:`deliver` queues pushes;
+    :meth:`release` sends those its filter keeps. A session provides ``send_now`` and
+    ``_new_id``."""
+
+    _held: list[Frame] | None
+
+    def send_now(
+        self,
+        method: str,
+        data: Any,
+        *,
+        message_id: str | None = None,
+        form_id: str = "",
+        reply_to: str = "",
+    ) -> Frame:
+        """Send at once (provided by the session)."""
+        raise NotImplementedError  # pragma: no cover - every session defines it
+
+    def _new_id(self) -> str:
+        raise NotImplementedError  # pragma: no cover - every session defines it
+
+    def deliver(self, method: str, data: Any, *, form_id: str = "") -> None:
+        """Fan-out delivery: queued while the session is held, else sent at once."""
+        if self._held is not None:
+            self._held.append(
+                Frame(FrameType.DATA, id=self._new_id(), method=method, form_id=form_id, data=data)
+            )
+            return
+        self.send_now(method, data, form_id=form_id)
+
+    def hold(self) -> None:
+        """Queue fan-out pushes until :meth:`release`."""
+        if self._held is None:
+            self._held = []
+
+    async def release(self, keep: Callable[[Frame], bool] | None = None) -> None:
+        """Send the held pushes that ``keep`` accepts (all by default), stop holding."""
+        held, self._held = self._held, None
+        for frame in held or ():
+            if keep is None or keep(frame):
+                self.send_now(frame.method, frame.data, message_id=frame.id, form_id=frame.form_id)
 
 
 class Connection(Session, Protocol):

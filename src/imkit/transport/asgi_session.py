@@ -38,6 +38,7 @@ from imkit.core.interfaces import HandshakeRequest, Identity
 from imkit.core.peer import CLOSE_POLICY, Peer
 from imkit.transport._lifecycle import (
     HOOK_TIMEOUT,
+    HeldFanOut,
     announce,
     delivery_hooks,
     dispatch,
@@ -72,7 +73,7 @@ _STOP = _Stop()
 _Item = Frame | Delivered | DeliveryFailed | MessageExpired | _Stop
 
 
-class ASGISession:
+class ASGISession(HeldFanOut):
     """One accepted WebSocket of an ASGI server, as handlers and hooks see it.
 
     It offers what :class:`~imkit.transport.session.ServerSession` offers (a core
@@ -217,7 +218,7 @@ class ASGISession:
         if not self.is_open:
             frame = Frame(
                 FrameType.DATA,
-                id=message_id if message_id is not None else self.peer.new_id(),
+                id=message_id if message_id is not None else self._new_id(),
                 method=method,
                 form_id=form_id,
                 data=data,
@@ -236,27 +237,8 @@ class ASGISession:
         self._collect()
         return frame
 
-    def deliver(self, method: str, data: Any, *, form_id: str = "") -> None:
-        """Fan-out delivery: queued while the session is held, else sent at once."""
-        if self._held is not None:
-            frame_id = self.peer.new_id()
-            self._held.append(
-                Frame(FrameType.DATA, id=frame_id, method=method, form_id=form_id, data=data)
-            )
-            return
-        self.send_now(method, data, form_id=form_id)
-
-    def hold(self) -> None:
-        """Queue fan-out pushes until :meth:`release`."""
-        if self._held is None:
-            self._held = []
-
-    async def release(self, keep: Callable[[Frame], bool] | None = None) -> None:
-        """Send the held pushes that ``keep`` accepts (all by default), stop holding."""
-        held, self._held = self._held, None
-        for frame in held or ():
-            if keep is None or keep(frame):
-                self.send_now(frame.method, frame.data, message_id=frame.id, form_id=frame.form_id)
+    def _new_id(self) -> str:
+        return self.peer.new_id()
 
     def send_error(self, code: str, message: str, frame_id: str = "", **extra: Any) -> None:
         """Send an ``Err`` frame (ignored once the connection is closing)."""

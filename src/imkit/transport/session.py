@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -60,6 +59,7 @@ from imkit.core.interfaces import HandshakeRequest, Identity
 from imkit.core.peer import CLOSE_POLICY
 from imkit.exceptions import AuthenticationFailed
 from imkit.transport._lifecycle import (
+    HeldFanOut,
     announce,
     decide_handshake,
     delivery_hooks,
@@ -87,7 +87,7 @@ _Message = Frame | RawMessageReceived
 _Item = Frame | Event | _Stop  # a message, a delivery event, or the end
 
 
-class ServerSession:
+class ServerSession(HeldFanOut):
     """A connection on the server, as handlers and hooks see it (a core ``Session``).
 
     Created and run by :meth:`imkit.Server.handle_stream`; applications get one through
@@ -255,27 +255,6 @@ class ServerSession:
         )
         self._collect()
         return frame
-
-    def deliver(self, method: str, data: Any, *, form_id: str = "") -> None:
-        """Fan-out delivery: queued while the session is held, else sent at once."""
-        if self._held is not None:
-            self._held.append(
-                Frame(FrameType.DATA, id=self._new_id(), method=method, form_id=form_id, data=data)
-            )
-            return
-        self.send_now(method, data, form_id=form_id)
-
-    def hold(self) -> None:
-        """Queue fan-out pushes until :meth:`release`."""
-        if self._held is None:
-            self._held = []
-
-    async def release(self, keep: Callable[[Frame], bool] | None = None) -> None:
-        """Send the held pushes that ``keep`` accepts (all by default), stop holding."""
-        held, self._held = self._held, None
-        for frame in held or ():
-            if keep is None or keep(frame):
-                self.send_now(frame.method, frame.data, message_id=frame.id, form_id=frame.form_id)
 
     def send_error(self, code: str, message: str, frame_id: str = "", **extra: Any) -> None:
         """Send an ``Err`` frame (ignored once the connection is closed)."""
