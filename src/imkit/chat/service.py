@@ -492,6 +492,7 @@ class ChatService:
                 break
             after = (page[-1].conversation_id, page[-1].seq)
         released: list[tuple[str, int, bool]] = []
+        releasing = True
 
         def keep(frame: Frame) -> bool:
             if frame.method != PUSH_METHOD or not isinstance(frame.data, dict):
@@ -502,10 +503,14 @@ class ChatService:
             own = frame.data.get("sendId") == key[0]
             if not own and seq <= covered.get(conversation, 0):
                 return False  # the catch-up sent it already
-            released.append((conversation, seq, own))
+            if releasing:
+                released.append((conversation, seq, own))
             return True
 
+        # The filter stays on the session: a live push of a message this catch-up already
+        # sent (stored just as the device connected) is dropped even after the release.
         await session.release(keep)
+        releasing = False
         device.live.add(session.epoch)
         if self.no_ack:
             for conversation, seq, own in released:

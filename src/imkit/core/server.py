@@ -101,7 +101,8 @@ class Session(Protocol):
         ...
 
     async def release(self, keep: Callable[[Frame], bool] | None = None) -> None:
-        """Send the held pushes (those ``keep`` accepts), then stop holding."""
+        """Send the held pushes ``keep`` accepts, stop holding; ``keep`` goes on filtering
+        later fan-out pushes."""
         ...
 
 

@@ -71,14 +71,20 @@ class HeldFanOut:
     def _new_id(self) -> str:
         raise NotImplementedError  # pragma: no cover - every session defines it
 
+    _keep: Callable[[Frame], bool] | None = None
+
     def deliver(self, method: str, data: Any, *, form_id: str = "") -> None:
-        """Fan-out delivery: queued while the session is held, else sent at once."""
-        if self._held is not None:
-            self._held.append(
-                Frame(FrameType.DATA, id=self._new_id(), method=method, form_id=form_id, data=data)
-            )
+        """Fan-out delivery: queued while the session is held, else sent at once (if the
+        filter given to :meth:`release` keeps it)."""
+        held, keep = self._held, self._keep
+        if held is None and keep is None:
+            self.send_now(method, data, form_id=form_id)
             return
-        self.send_now(method, data, form_id=form_id)
+        frame = Frame(FrameType.DATA, id=self._new_id(), method=method, form_id=form_id, data=data)
+        if held is not None:
+            held.append(frame)
+        elif keep is not None and keep(frame):
+            self.send_now(method, data, message_id=frame.id, form_id=form_id)
 
     def hold(self) -> None:
         """Queue fan-out pushes until :meth:`release`."""
@@ -86,8 +92,13 @@ class HeldFanOut:
             self._held = []
 
     async def release(self, keep: Callable[[Frame], bool] | None = None) -> None:
-        """Send the held pushes that ``keep`` accepts (all by default), stop holding."""
+        """Send the held pushes that ``keep`` accepts (all by default), stop holding.
+
+        ``keep`` goes on filtering later fan-out pushes: one that was on its way while
+        the hold ended (its handler read the store before the release) is judged alike.
+        """
         held, self._held = self._held, None
+        self._keep = keep
         for frame in held or ():
             if keep is None or keep(frame):
                 self.send_now(frame.method, frame.data, message_id=frame.id, form_id=frame.form_id)
