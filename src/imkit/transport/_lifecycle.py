@@ -210,7 +210,12 @@ async def dispatch(server: Server, session: Connection, frame: Frame) -> None:
     if route is None:  # the peer refuses unknown methods before acking; kept for safety
         session.send_error(ErrorCode.UNKNOWN_METHOD, f"unknown method {frame.method!r}", frame.id)
         return
-    async with server.handler_limiter:
+    limiter = server.handler_limiter
+    try:
+        limiter.acquire_nowait()  # no trip through the event loop while there is room
+    except anyio.WouldBlock:
+        await limiter.acquire()
+    try:
         try:
             await route.handler(HandlerContext(session, frame))
         except HandlerError as exc:
@@ -225,6 +230,8 @@ async def dispatch(server: Server, session: Connection, frame: Frame) -> None:
             session.send_error(
                 ErrorCode.HANDLER_ERROR, "the handler failed; see the server log", frame.id
             )
+    finally:
+        limiter.release()
 
 
 async def delivery_hooks(server: Server, session: Connection, event: Any) -> None:

@@ -28,6 +28,8 @@ import anyio
 import anyio.abc
 from anyio.abc import SocketAttribute
 
+from imkit.transport._asyncio_stream import AsyncioSocketStream
+
 __all__ = ("STREAM_ERRORS", "StreamWriter", "abort_stream")
 
 STREAM_ERRORS = (
@@ -57,6 +59,12 @@ class StreamWriter:
         on_drained: Callable[[], None],
     ) -> None:
         self.stream = stream
+        # On asyncio's lean stream, writes go straight to the stream, which writes what a
+        # loop iteration produced in one call: no task wakes up per write.
+        self._direct = stream if isinstance(stream, AsyncioSocketStream) else None
+        if self._direct is not None:
+            self._direct.set_write_limit(limit)
+            self._direct.on_drained = on_drained
         self.limit = limit
         self.close_timeout = close_timeout
         self._on_broken = on_broken
@@ -77,6 +85,8 @@ class StreamWriter:
     @property
     def buffered(self) -> int:
         """Bytes waiting to be written."""
+        if self._direct is not None:
+            return self._direct.write_buffered
         return len(self._buffer)
 
     def write(self, data: bytes) -> bool:
@@ -84,6 +94,10 @@ class StreamWriter:
         then :meth:`abort`."""
         if self.aborted or self.broken:
             return True  # the bytes go nowhere; the connection is already ending
+        direct = self._direct
+        if direct is not None:
+            direct.write_soon(data)
+            return direct.write_buffered <= self.limit
         self._buffer += data
         if len(self._buffer) > self.limit:
             return False
@@ -107,6 +121,8 @@ class StreamWriter:
         reset the socket."""
         self.aborted = True
         self._buffer.clear()
+        if self._direct is not None:
+            self._direct.discard_pending()
         if self._send_scope is not None:
             self._send_scope.cancel()
         self._notify()
@@ -148,8 +164,20 @@ class StreamWriter:
         elif len(self._buffer) < self.limit // 2:
             self._on_drained()
 
+    async def _flush_direct(self, direct: AsyncioSocketStream) -> None:
+        """Wait (until the close deadline) for the lean stream to write everything."""
+        with anyio.CancelScope(deadline=self._deadline):
+            try:
+                await direct.wait_flushed()
+            except STREAM_ERRORS:
+                self.broken = True
+            return
+        self.broken = True  # not flushed in time: the rest is dropped
+
     async def _close(self, read_done: anyio.Event) -> None:
         self.closed = True
+        if self._direct is not None and not (self.aborted or self.broken):
+            await self._flush_direct(self._direct)
         if self.aborted or self.broken or self._buffer:
             await abort_stream(self.stream)
         elif not self._linger:
@@ -179,6 +207,12 @@ class StreamWriter:
                 except STREAM_ERRORS:
                     pass
             self._buffer.clear()
+        if self._direct is not None:
+            with anyio.move_on_after(1):
+                try:
+                    await self._direct.wait_flushed()
+                except STREAM_ERRORS:
+                    pass
         await anyio.aclose_forcefully(self.stream)
 
 

@@ -36,6 +36,7 @@ from imkit.core.events import (
 from imkit.core.frames import Frame, FrameType
 from imkit.core.interfaces import HandshakeRequest, Identity
 from imkit.core.peer import CLOSE_POLICY, Peer
+from imkit.transport._inbox import Inbox
 from imkit.transport._lifecycle import (
     HOOK_TIMEOUT,
     HeldFanOut,
@@ -130,8 +131,7 @@ class ASGISession(HeldFanOut):
             self._expires_at = now + (identity.expires_at - self.clock.wall())
         # reader and worker
         self._read_scope = anyio.CancelScope()
-        self._queue_in, self._queue_out = anyio.create_memory_object_stream[_Item](math.inf)
-        self._slots = anyio.Semaphore(server.max_queued_messages)
+        self._inbox: Inbox[_Item] = Inbox(server.max_queued_messages)
         self._worker_done = anyio.Event()
         # pushes
         self._room = anyio.Event()
@@ -305,7 +305,7 @@ class ASGISession(HeldFanOut):
                 "dropping %s for %r: its session has ended", type(event).__name__, self.user_id
             )
             return
-        self._queue_in.send_nowait(event)
+        self._inbox.put(event)
 
     def _wake_writer(self) -> None:
         event = self._write_event
@@ -443,15 +443,14 @@ class ASGISession(HeldFanOut):
                 messages = self._collect()
                 handed = 0
                 while handed < len(messages):
-                    await self._slots.acquire()
-                    self._queue_in.send_nowait(messages[handed])
+                    await self._inbox.put_message(messages[handed])
                     handed += 1
         finally:
             # Cancelled while the worker was behind: the messages already acknowledged
             # are still handled; nothing follows the stop marker.
             for frame in messages[handed:]:
-                self._queue_in.send_nowait(frame)
-            self._queue_in.send_nowait(_STOP)
+                self._inbox.put_message_nowait(frame)
+            self._inbox.put(_STOP)
 
     async def _writer(self) -> None:
         while True:
@@ -494,7 +493,7 @@ class ASGISession(HeldFanOut):
             elif deadline is not None and now >= deadline:
                 self.peer.handle_timeout(now)
                 for frame in self._collect():  # pragma: no cover - timeouts never dispatch
-                    self._queue_in.send_nowait(frame)
+                    self._inbox.put_message_nowait(frame)
             await anyio.lowlevel.checkpoint()
 
     async def _connected(self) -> None:
@@ -508,7 +507,7 @@ class ASGISession(HeldFanOut):
     async def _worker(self) -> None:
         try:
             while True:
-                item = await self._queue_out.receive()
+                item = await self._inbox.get()
                 if isinstance(item, _Stop):
                     break
                 await self._handle(item)
@@ -521,7 +520,7 @@ class ASGISession(HeldFanOut):
             try:
                 await dispatch(self.server, self, item)
             finally:
-                self._slots.release()
+                self._inbox.message_done()
         elif not isinstance(item, _Stop):
             await delivery_hooks(self.server, self, item)
 
@@ -535,8 +534,8 @@ class ASGISession(HeldFanOut):
             await self._connected_done.wait()  # on_connect hooks end before on_disconnect
         while True:
             try:
-                item = self._queue_out.receive_nowait()
-            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                item = self._inbox.get_nowait()
+            except anyio.WouldBlock:
                 break
             if handlers or not isinstance(item, Frame):
                 await self._handle(item)
@@ -558,6 +557,4 @@ class ASGISession(HeldFanOut):
             self._connected_done.set()
             await self._disconnect(handlers=False)
         self._worker_done.set()
-        self._queue_in.close()
-        self._queue_out.close()
         self._finished.set()

@@ -25,6 +25,7 @@ from imkit.core.frames import Frame, FrameType
 from imkit.core.interfaces import Forward, HandshakeRequest, SingleNode
 from imkit.core.server import App, Registry, Session
 from imkit.exceptions import DiscoverError
+from imkit.transport._asyncio_stream import accept_stream, running_on_asyncio
 from imkit.transport.clock import AnyioClock, Clock
 from imkit.transport.session import ServerSession
 
@@ -269,9 +270,13 @@ class Server:
         self, listener: anyio.abc.SocketListener, ssl: Any, connections: anyio.abc.TaskGroup
     ) -> None:
         backoff = 0.01
+        # On asyncio, plain TCP connections use the lean stream (see _asyncio_stream).
+        lean = ssl is None and running_on_asyncio()
         while True:
             try:
-                stream: anyio.abc.ByteStream = await listener.accept()
+                stream: anyio.abc.ByteStream = await (
+                    accept_stream(listener) if lean else listener.accept()
+                )
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     self.logger.error("accept() failed (%s); retrying in %.2f s", exc, backoff)

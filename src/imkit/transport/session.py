@@ -58,6 +58,7 @@ from imkit.core.frames import Frame, FrameType
 from imkit.core.interfaces import HandshakeRequest, Identity
 from imkit.core.peer import CLOSE_POLICY
 from imkit.exceptions import AuthenticationFailed
+from imkit.transport._inbox import Inbox
 from imkit.transport._lifecycle import (
     HeldFanOut,
     announce,
@@ -139,8 +140,7 @@ class ServerSession(HeldFanOut):
         # reader and worker
         self._read_scope = anyio.CancelScope()
         self._read_done = anyio.Event()
-        self._queue_in, self._queue_out = anyio.create_memory_object_stream[_Item](math.inf)
-        self._slots = anyio.Semaphore(server.max_queued_messages)
+        self._inbox: Inbox[_Item] = Inbox(server.max_queued_messages)
         self._worker_done = anyio.Event()
         self._handshakes: list[tuple[HandshakeRequest, str | None]] = []
         # pushes
@@ -297,7 +297,7 @@ class ServerSession(HeldFanOut):
                 self.user_id,
             )
             return
-        self._queue_in.send_nowait(event)
+        self._inbox.put(event)
 
     # ------------------------------------------------------------------ driving
     async def run(self) -> None:
@@ -434,8 +434,7 @@ class ServerSession(HeldFanOut):
                 messages = self._collect()
                 handed = 0
                 while handed < len(messages):
-                    await self._slots.acquire()
-                    self._queue_in.send_nowait(messages[handed])
+                    await self._inbox.put_message(messages[handed])
                     handed += 1
                 while self._handshakes:
                     request, method = self._handshakes.pop(0)
@@ -446,8 +445,7 @@ class ServerSession(HeldFanOut):
                         messages = []
                     handed = 0
                     while handed < len(messages):
-                        await self._slots.acquire()
-                        self._queue_in.send_nowait(messages[handed])
+                        await self._inbox.put_message(messages[handed])
                         handed += 1
                 if data is None:
                     return
@@ -455,8 +453,8 @@ class ServerSession(HeldFanOut):
             # Cancelled while the worker was behind: the messages already acknowledged
             # are still handled; nothing follows the stop marker.
             for message in messages[handed:]:
-                self._queue_in.send_nowait(message)
-            self._queue_in.send_nowait(_STOP)
+                self._inbox.put_message_nowait(message)
+            self._inbox.put(_STOP)
             self._read_done.set()
 
     async def _write(self) -> None:
@@ -490,15 +488,15 @@ class ServerSession(HeldFanOut):
             elif deadline is not None and now >= deadline:
                 conn.handle_timeout(now)
                 for message in self._collect():  # pragma: no cover - timeouts never dispatch
-                    self._queue_in.send_nowait(message)
+                    self._inbox.put_message_nowait(message)
             await anyio.lowlevel.checkpoint()
 
     # ------------------------------------------------------------------ worker
     async def _worker(self) -> None:
-        receive = self._queue_out
+        inbox = self._inbox
         try:
             while True:
-                item = await receive.receive()
+                item = await inbox.get()
                 if item is _STOP:
                     break
                 await self._handle(item)
@@ -511,12 +509,12 @@ class ServerSession(HeldFanOut):
             try:
                 await dispatch(self.server, self, item)
             finally:
-                self._slots.release()
+                self._inbox.message_done()
         elif isinstance(item, RawMessageReceived):
             try:
                 await self._raw(item.data)
             finally:
-                self._slots.release()
+                self._inbox.message_done()
         elif not isinstance(item, _Stop):
             await delivery_hooks(self.server, self, item)
 
@@ -631,8 +629,8 @@ class ServerSession(HeldFanOut):
         # before on_disconnect; so do the messages the last handlers left queued.
         while True:
             try:
-                item = self._queue_out.receive_nowait()
-            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                item = self._inbox.get_nowait()
+            except anyio.WouldBlock:
                 break
             if isinstance(item, (Frame, RawMessageReceived)):
                 if handlers:
@@ -656,6 +654,4 @@ class ServerSession(HeldFanOut):
             self._connected_done.set()
             await self._disconnect(handlers=False)
         self._worker_done.set()
-        self._queue_in.close()
-        self._queue_out.close()
         self._finished.set()

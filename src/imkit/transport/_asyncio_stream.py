@@ -1,0 +1,331 @@
+"""A lean socket stream for the server on asyncio.
+
+anyio's asyncio socket stream is general and safe, and on a server that reads small
+frames and writes small answers on many connections its costs dominate: it stops
+reading after every chunk and starts again before the next ``receive`` (two ``epoll_ctl``
+calls per read), yields to the event loop before every ``send``, and makes every write
+wait for an empty kernel buffer.
+
+:class:`AsyncioSocketStream` is an :class:`anyio.abc.SocketStream` and an
+:class:`asyncio.Protocol` in one object:
+
+* the socket stays readable until ``max_read_buffer`` bytes wait unread (then reading
+  pauses: TCP pushes back on the client), and ``receive`` returns buffered bytes at once;
+* :meth:`write_soon` queues bytes and writes everything queued in one call per event-loop
+  iteration, so the frames a connection produced meanwhile leave in one system call;
+* :attr:`write_buffered` counts what is queued and what the kernel has not taken yet, and
+  ``on_drained`` is called when that falls to half of ``write_limit`` or below.
+
+The server uses it on asyncio for plain TCP connections (:func:`accept_stream`); TLS and
+trio go through anyio's own streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import anyio
+import anyio.abc
+from anyio.abc import SocketAttribute
+
+__all__ = ("DEFAULT_MAX_READ_BUFFER", "AsyncioSocketStream", "accept_stream", "running_on_asyncio")
+
+DEFAULT_MAX_READ_BUFFER = 256 * 1024
+"""Unread bytes at which a connection stops reading from its socket."""
+
+
+def _ignore() -> None:
+    pass
+
+
+class AsyncioSocketStream(anyio.abc.SocketStream, asyncio.Protocol):
+    """One accepted TCP connection on asyncio (see the module docstring).
+
+    ``on_drained`` may be set by the writer; it is called (with no argument) when the
+    unwritten bytes fall to half of ``write_limit`` or below after having been queued.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        max_read_buffer: int = DEFAULT_MAX_READ_BUFFER,
+    ) -> None:
+        self._loop = loop
+        self._transport: asyncio.Transport | None = None
+        self._max_read_buffer = max_read_buffer
+        self._chunks: deque[bytes] = deque()
+        self._unread = 0
+        self._reading_paused = False
+        self._eof = False
+        self._lost = False
+        self._error: BaseException | None = None
+        self._closed = False
+        self._reader: asyncio.Future[None] | None = None
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._flush_scheduled = False
+        self._writing_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._low_water = 0
+        self.on_drained: Callable[[], None] = _ignore
+        """Called when the unwritten bytes fall to half of the write limit or below."""
+
+    # ------------------------------------------------------------------ asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """asyncio: the socket is connected."""
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        """asyncio: bytes arrived."""
+        self._chunks.append(data)
+        self._unread += len(data)
+        if self._unread >= self._max_read_buffer and not self._reading_paused:
+            self._reading_paused = True
+            assert self._transport is not None
+            self._transport.pause_reading()
+        self._wake_reader()
+
+    def eof_received(self) -> bool:
+        """asyncio: the client closed its sending side; keep ours open."""
+        self._eof = True
+        self._wake_reader()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """asyncio: the socket is closed."""
+        self._lost = True
+        if exc is not None and self._error is None:
+            self._error = exc
+        self._pending.clear()
+        self._pending_bytes = 0
+        self._wake_reader()
+        self._wake_drain()
+
+    def pause_writing(self) -> None:
+        """asyncio: the kernel and the transport hold more than the high-water mark."""
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        """asyncio: the transport's buffer fell to the low-water mark."""
+        self._writing_paused = False
+        self._wake_drain()
+        self.on_drained()
+
+    def _wake_reader(self) -> None:
+        waiter = self._reader
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _wake_drain(self) -> None:
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # ------------------------------------------------------------------ writing
+    def set_write_limit(self, limit: int) -> None:
+        """Call ``on_drained`` when the unwritten bytes fall to ``limit // 2`` or below."""
+        assert self._transport is not None
+        self._low_water = limit // 2
+        self._transport.set_write_buffer_limits(high=self._low_water, low=self._low_water)
+
+    @property
+    def write_buffered(self) -> int:
+        """Bytes queued or written to the transport but not yet taken by the kernel."""
+        transport = self._transport
+        size = transport.get_write_buffer_size() if transport is not None else 0
+        return self._pending_bytes + size
+
+    @property
+    def unread(self) -> int:
+        """Bytes received and not yet taken by :meth:`receive`."""
+        return self._unread
+
+    @property
+    def reading_paused(self) -> bool:
+        """Whether reading from the socket is paused (``max_read_buffer`` reached)."""
+        return self._reading_paused
+
+    @property
+    def lost(self) -> bool:
+        """Whether the socket is closed (by either end, or by an error)."""
+        return self._lost
+
+    def write_soon(self, data: bytes) -> None:
+        """Queue ``data``; everything queued is written in one call, soon (this loop
+        iteration). Bytes queued after the socket is lost are dropped."""
+        if self._lost or self._closed:
+            return
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def discard_pending(self) -> None:
+        """Drop the bytes queued by :meth:`write_soon` and not yet written."""
+        self._pending.clear()
+        self._pending_bytes = 0
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        self._write_pending()
+        if self._pending_bytes == 0 and not self._writing_paused:
+            self.on_drained()
+
+    def _write_pending(self) -> None:
+        pending = self._pending
+        if not pending:
+            return
+        transport = self._transport
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        pending.clear()
+        self._pending_bytes = 0
+        if transport is None or self._lost or transport.is_closing():
+            return
+        transport.write(data)
+
+    async def wait_flushed(self) -> None:
+        """Wait until every queued byte was taken by the kernel.
+
+        Raises :class:`anyio.BrokenResourceError` if the socket is lost first.
+        """
+        self._write_pending()
+        transport = self._transport
+        assert transport is not None
+        # A write limit of 0: the transport reports (resume_writing) once it is empty.
+        transport.set_write_buffer_limits(high=0, low=0)
+        while transport.get_write_buffer_size() > 0:
+            if self._lost:
+                raise anyio.BrokenResourceError from self._error
+            waiter = self._drain_waiter = self._loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._drain_waiter = None
+        if self._lost and self._error is not None:
+            raise anyio.BrokenResourceError from self._error
+
+    # ------------------------------------------------------------------ anyio ByteStream
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        """Return buffered bytes at once, else wait for some (anyio semantics)."""
+        chunks = self._chunks
+        while not chunks:
+            if self._closed:
+                raise anyio.ClosedResourceError
+            if self._lost and self._error is not None:
+                raise anyio.BrokenResourceError from self._error
+            if self._eof or self._lost:
+                raise anyio.EndOfStream
+            waiter = self._reader = self._loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._reader = None
+        chunk = chunks.popleft()
+        if len(chunk) > max_bytes:
+            chunk, rest = chunk[:max_bytes], chunk[max_bytes:]
+            chunks.appendleft(rest)
+        self._unread -= len(chunk)
+        if self._reading_paused and self._unread < self._max_read_buffer // 2:
+            self._reading_paused = False
+            transport = self._transport
+            if transport is not None and not transport.is_closing():
+                transport.resume_reading()
+        return chunk
+
+    async def send(self, item: bytes) -> None:
+        """Write ``item`` (after anything queued), waiting while the kernel is full."""
+        if self._closed:
+            raise anyio.ClosedResourceError
+        transport = self._transport
+        if self._lost or transport is None or transport.is_closing():
+            raise anyio.BrokenResourceError from self._error
+        self._write_pending()
+        transport.write(item)
+        while self._writing_paused and not self._lost:
+            waiter = self._drain_waiter = self._loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._drain_waiter = None
+        if self._lost and self._error is not None:
+            raise anyio.BrokenResourceError from self._error
+
+    async def send_eof(self) -> None:
+        """Close the sending side once the queued bytes are written."""
+        transport = self._transport
+        if self._lost or transport is None or transport.is_closing():
+            raise anyio.BrokenResourceError from self._error
+        self._write_pending()
+        transport.write_eof()
+
+    async def aclose(self) -> None:
+        """Close the socket: at once if nothing is left to write, else drop what is left
+        (a reset where ``SO_LINGER`` says so)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._wake_reader()
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        if self._pending or transport.get_write_buffer_size():
+            self.discard_pending()
+            transport.abort()
+        else:
+            transport.close()
+
+    @property
+    def _raw_socket(self) -> socket.socket:
+        assert self._transport is not None
+        sock: socket.socket = self._transport.get_extra_info("socket")
+        return sock
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        """anyio typed attributes: the raw socket and the addresses."""
+        transport = self._transport
+        assert transport is not None
+        sock: socket.socket = transport.get_extra_info("socket")
+        return {
+            SocketAttribute.family: lambda: sock.family,
+            SocketAttribute.raw_socket: lambda: sock,
+            SocketAttribute.local_address: lambda: sock.getsockname(),
+            SocketAttribute.local_port: lambda: sock.getsockname()[1],
+            SocketAttribute.remote_address: lambda: transport.get_extra_info("peername"),
+            SocketAttribute.remote_port: lambda: transport.get_extra_info("peername")[1],
+        }
+
+
+def running_on_asyncio() -> bool:
+    """Whether the calling code runs in an asyncio event loop (not trio)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+async def accept_stream(listener: anyio.abc.SocketListener) -> AsyncioSocketStream:
+    """Accept one connection from an anyio TCP listener, as an :class:`AsyncioSocketStream`.
+
+    Must run on asyncio. Raises ``OSError`` as ``accept()`` does (``EMFILE``...).
+    """
+    loop = asyncio.get_running_loop()
+    raw: socket.socket = listener.extra(SocketAttribute.raw_socket)
+    client, _addr = await loop.sock_accept(raw)
+    try:
+        if client.family in (socket.AF_INET, socket.AF_INET6):
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        stream = AsyncioSocketStream(loop)
+        await loop.connect_accepted_socket(lambda: stream, client)
+    except BaseException:
+        client.close()
+        raise
+    return stream

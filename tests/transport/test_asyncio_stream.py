@@ -1,0 +1,270 @@
+"""The lean asyncio socket stream the server uses on asyncio (real sockets on 127.0.0.1).
+
+Each test accepts one connection through :func:`accept_stream` from an anyio listener, as
+the server does, and talks to it with a plain anyio client stream.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import anyio
+import anyio.abc
+import pytest
+from anyio.abc import SocketAttribute
+
+from imkit.transport._asyncio_stream import (
+    AsyncioSocketStream,
+    accept_stream,
+    running_on_asyncio,
+)
+from imkit.transport._writer import abort_stream
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """The lean stream exists on asyncio only."""
+    return "asyncio"
+
+
+@asynccontextmanager
+async def pair() -> AsyncIterator[tuple[AsyncioSocketStream, anyio.abc.SocketStream]]:
+    """(server side as the server accepts it, client side as a plain anyio stream)."""
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    async with listener:
+        port = listener.extra(SocketAttribute.local_port)
+        async with anyio.create_task_group() as tg:
+            accepted: list[AsyncioSocketStream] = []
+
+            async def accept() -> None:
+                accepted.append(await accept_stream(listener))
+
+            tg.start_soon(accept)
+            client = await anyio.connect_tcp("127.0.0.1", port)
+        server = accepted[0]
+        try:
+            yield server, client
+        finally:
+            await anyio.aclose_forcefully(client)
+            await anyio.aclose_forcefully(server)
+
+
+async def until(predicate: Callable[[], bool]) -> None:
+    """Poll ``predicate`` (a socket state no event reports) until it holds (10 s at most)."""
+    with anyio.fail_after(10):
+        while not predicate():  # noqa: ASYNC110 - the kernel's progress has no event
+            await anyio.sleep(0.005)
+
+
+async def read_exactly(stream: anyio.abc.ByteStream, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        data += await stream.receive()
+    return bytes(data)
+
+
+async def test_bytes_flow_both_ways_and_the_socket_has_no_nagle_delay() -> None:
+    async with pair() as (server, client):
+        await client.send(b"hello")
+        assert await server.receive() == b"hello"
+        await server.send(b"world")
+        assert await read_exactly(client, 5) == b"world"
+        sock = server.extra(SocketAttribute.raw_socket)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        assert server.extra(SocketAttribute.remote_address) == client.extra(
+            SocketAttribute.local_address
+        )
+        assert server.extra(SocketAttribute.local_port) == client.extra(SocketAttribute.remote_port)
+        assert server.extra(SocketAttribute.family) == socket.AF_INET
+
+
+async def test_write_soon_sends_what_one_loop_iteration_queued_in_order() -> None:
+    async with pair() as (server, client):
+        drained: list[int] = []
+        server.on_drained = lambda: drained.append(server.write_buffered)
+        server.set_write_limit(1 << 20)
+        for i in range(100):
+            server.write_soon(b"%03d;" % i)
+        assert server.write_buffered == 400  # queued, not written yet
+        data = await read_exactly(client, 400)
+        assert data == b"".join(b"%03d;" % i for i in range(100))
+        assert server.write_buffered == 0
+        assert drained, "the writer is told when the queue is written out"
+
+
+async def test_receive_splits_a_chunk_larger_than_max_bytes() -> None:
+    async with pair() as (server, client):
+        await client.send(b"abcdefgh")
+        await until(lambda: server.unread >= 8)
+        assert await server.receive(3) == b"abc"
+        assert await server.receive(100) == b"defgh"
+        assert server.unread == 0
+
+
+async def test_a_client_that_floods_stops_being_read_at_the_read_limit() -> None:
+    """Nobody reads the server side: it stops reading from the socket once the limit is
+    buffered (TCP then pushes back on the client), and reads on once it is consumed."""
+    async with pair() as (server, client):
+        limit = server._max_read_buffer
+        block = b"x" * 65536
+        sent = 0
+
+        async def flood() -> None:
+            nonlocal sent
+            while True:
+                await client.send(block)
+                sent += len(block)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(flood)
+            await until(lambda: server.reading_paused)
+            await anyio.sleep(0.2)
+            # Bounded: the limit plus at most one read's worth.
+            assert limit <= server.unread <= limit + 256 * 1024
+            assert sent > server.unread  # the rest waits in the kernel buffers
+            tg.cancel_scope.cancel()
+        received = 0
+        with anyio.fail_after(10):
+            while received < sent:
+                received += len(await server.receive())
+        assert not server.reading_paused  # consumed: reading goes on
+
+
+async def test_end_of_stream_comes_after_the_buffered_bytes() -> None:
+    async with pair() as (server, client):
+        await client.send(b"last words")
+        await client.send_eof()
+        assert await read_until_eof(server) == b"last words"
+        # Our side stays open after the client's EOF: we can still answer.
+        await server.send(b"bye")
+        assert await read_exactly(client, 3) == b"bye"
+
+
+async def read_until_eof(stream: anyio.abc.ByteStream) -> bytes:
+    data = bytearray()
+    with anyio.fail_after(5):
+        while True:
+            try:
+                data += await stream.receive()
+            except anyio.EndOfStream:
+                return bytes(data)
+
+
+async def test_send_eof_reaches_the_client_after_the_queued_bytes() -> None:
+    async with pair() as (server, client):
+        server.write_soon(b"queued")
+        await server.send_eof()
+        assert await read_until_eof(client) == b"queued"
+
+
+async def test_wait_flushed_returns_once_the_kernel_took_everything() -> None:
+    async with pair() as (server, client):
+        big = b"y" * (8 * 2**20)  # more than the socket buffers hold
+        server.set_write_limit(2**20)
+        server.write_soon(big)
+        done = anyio.Event()
+
+        async def flush() -> None:
+            await server.wait_flushed()
+            done.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(flush)
+            await anyio.sleep(0.2)
+            assert not done.is_set(), "the client has not read: bytes are still queued"
+            assert server.write_buffered > 0
+            assert len(await read_exactly(client, len(big))) == len(big)
+            with anyio.fail_after(5):
+                await done.wait()
+        assert server.write_buffered == 0
+
+
+async def test_a_slow_reader_is_reported_drained_only_when_it_catches_up() -> None:
+    async with pair() as (server, client):
+        limit = 2**20
+        drained: list[int] = []
+        server.set_write_limit(limit)
+        server.write_soon(b"z" * (6 * 2**20))
+        await anyio.sleep(0.2)
+        server.on_drained = lambda: drained.append(server.write_buffered)
+        assert server.write_buffered > limit // 2
+        assert drained == []
+        await read_exactly(client, 6 * 2**20)
+        await until(lambda: bool(drained))
+        assert drained[0] <= limit // 2
+
+
+async def test_closing_with_unsent_bytes_drops_them() -> None:
+    async with pair() as (server, client):
+        big = 8 * 2**20
+        server.write_soon(b"w" * big)
+        await anyio.sleep(0.1)
+        assert server.write_buffered > 0
+        await server.aclose()
+        got = 0
+        with anyio.fail_after(5):
+            while True:
+                try:
+                    got += len(await client.receive())
+                except (anyio.EndOfStream, anyio.BrokenResourceError):
+                    break
+        assert got < big, "what the kernel had not taken was dropped"
+        with pytest.raises(anyio.ClosedResourceError):
+            await server.receive()
+        with pytest.raises(anyio.ClosedResourceError):
+            await server.send(b"after close")
+        server.write_soon(b"ignored after close")
+        assert server.write_buffered == 0
+
+
+async def test_abort_stream_resets_a_lean_stream_with_unsent_bytes() -> None:
+    """The writer's cut-off of a slow consumer: the client sees a reset, not an EOF."""
+    async with pair() as (server, client):
+        server.write_soon(b"w" * (8 * 2**20))
+        await anyio.sleep(0.1)
+        await abort_stream(server)
+        with pytest.raises(anyio.BrokenResourceError):
+            with anyio.fail_after(5):
+                while True:
+                    await client.receive()
+
+
+async def test_closing_with_nothing_unsent_is_a_clean_end_of_stream() -> None:
+    async with pair() as (server, client):
+        await server.send(b"done")
+        await server.wait_flushed()
+        await server.aclose()
+        await server.aclose()  # twice is harmless
+        assert await read_until_eof(client) == b"done"
+
+
+async def test_a_client_reset_breaks_receive_send_and_wait_flushed() -> None:
+    async with pair() as (server, client):
+        sock = client.extra(SocketAttribute.raw_socket)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        await client.aclose()
+        with anyio.fail_after(5):
+            while not server.lost:
+                try:
+                    await server.receive()
+                except (anyio.BrokenResourceError, anyio.EndOfStream):
+                    break
+        with pytest.raises(anyio.BrokenResourceError):
+            await server.send(b"to nobody")
+        with pytest.raises(anyio.BrokenResourceError):
+            await server.send_eof()
+        server.write_soon(b"dropped")
+        assert server.write_buffered == 0
+
+
+def test_running_on_asyncio_tells_the_backends_apart() -> None:
+    async def probe() -> bool:
+        return running_on_asyncio()
+
+    assert anyio.run(probe, backend="asyncio") is True
+    assert anyio.run(probe, backend="trio") is False
+    assert running_on_asyncio() is False  # no loop at all
