@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import picows
 
+from benchmarks.suite import HB_ENGINEIO, HB_IMKIT_PING, HB_WS_PING
 from benchmarks.wire import ACK, DELIVERY, ERROR, WireCodec, token_of
 
 if TYPE_CHECKING:
@@ -51,10 +54,12 @@ IDLE_HANDLERS = Handlers(_ignore, _ignore, _ignore)
 """For idle connections: whatever arrives is ignored."""
 
 
-class ClientConn(Protocol):
-    async def send(self, msg_id: str, to: str, text: str) -> None: ...
-
+class Closable(Protocol):
     async def aclose(self) -> None: ...
+
+
+class ClientConn(Closable, Protocol):
+    async def send(self, msg_id: str, to: str, text: str) -> None: ...
 
 
 class _PicowsListener(picows.WSListener):
@@ -199,3 +204,204 @@ def new_socketio_session() -> aiohttp.ClientSession:
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0), cookie_jar=aiohttp.DummyCookieJar()
     )
+
+
+# ------------------------------------------------------------------------ heartbeats
+
+_PONG = picows.WSMsgType.PONG
+_IMKIT_PING = 1  # easy-chat frameType of a Ping
+_ENGINEIO_PING = b"2"
+_ENGINEIO_PONG = b"3"
+_SOCKETIO_CONNECT = b"40"
+
+
+class HeartbeatBook:
+    """What the heartbeat connections of one case saw, counted since :meth:`reset`.
+
+    ``answered`` heartbeats (with their round trips in ``rtts``, client-sent protocols
+    only), ``late`` ones (a heartbeat still unanswered when the connection's next one was
+    due), ``server_pings`` (Engine.IO: pings the server sent, each answered at once) and
+    ``dropped`` connections (closed by the server or lost, not by us).
+    """
+
+    def __init__(self) -> None:
+        self.rtts: list[float] = []
+        self.sent = 0
+        self.answered = 0
+        self.late = 0
+        self.server_pings = 0
+        self.dropped = 0
+        self.drop_reasons: list[str] = []
+        self.errors: list[str] = []
+
+    def reset(self) -> None:
+        """Start counting heartbeats afresh (connections dropped stay counted)."""
+        self.rtts = []
+        self.sent = self.answered = self.late = self.server_pings = 0
+
+    def snapshot(self) -> dict[str, int]:
+        return {
+            "sent": self.sent,
+            "answered": self.answered,
+            "late": self.late,
+            "server_pings": self.server_pings,
+            "dropped": self.dropped,
+        }
+
+
+class _HeartbeatListener(picows.WSListener):
+    """One heartbeat connection: answers the server's pings, times its own."""
+
+    def __init__(self, protocol: str, book: HeartbeatBook) -> None:
+        super().__init__()
+        self.protocol = protocol
+        self.book = book
+        self.closing = False
+        self.sent_at: float | None = None
+        self.expect: bytes = b""
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def on_ws_connected(self, transport: picows.WSTransport) -> None:
+        if self.protocol != HB_ENGINEIO and not self.ready.done():
+            self.ready.set_result(None)
+
+    def on_ws_frame(self, transport: picows.WSTransport, frame: picows.WSFrame) -> None:
+        msg_type = frame.msg_type
+        if msg_type == _PONG:
+            if self.protocol == HB_WS_PING:
+                self._answered(frame.get_payload_as_bytes())
+        elif msg_type == _TEXT:
+            payload = frame.get_payload_as_bytes()
+            if self.protocol == HB_IMKIT_PING:
+                self._imkit_frame(payload)
+            elif self.protocol == HB_ENGINEIO:
+                self._engineio_packet(transport, payload)
+        elif msg_type == _CLOSE:
+            if not self.closing:
+                self._lost(f"server closed ({frame.get_close_code()})")
+            transport.send_close(frame.get_close_code())
+            transport.disconnect()
+
+    def _imkit_frame(self, payload: bytes) -> None:
+        try:
+            frame = json.loads(payload)
+        except ValueError:
+            frame = None
+        if isinstance(frame, dict) and frame.get("frameType") == _IMKIT_PING:
+            self._answered(str(frame.get("id", "")).encode())
+        elif len(self.book.errors) < 5:  # nothing else is sent to a connection that pings
+            self.book.errors.append(f"unexpected frame {payload[:80]!r}")
+
+    def _engineio_packet(self, transport: picows.WSTransport, payload: bytes) -> None:
+        if payload == _ENGINEIO_PING:
+            transport.send(_TEXT, _ENGINEIO_PONG)
+            self.book.server_pings += 1
+        elif payload.startswith(b"0"):  # Engine.IO open: join the default namespace
+            transport.send(_TEXT, _SOCKETIO_CONNECT)
+        elif payload.startswith(_SOCKETIO_CONNECT):
+            if not self.ready.done():
+                self.ready.set_result(None)
+        elif payload.startswith(b"44") and not self.ready.done():
+            self.ready.set_exception(ConnectionError(f"socket.io refused: {payload[:80]!r}"))
+
+    def _answered(self, key: bytes) -> None:
+        if self.sent_at is None or key != self.expect:
+            return  # not ours (or answered after it was counted late)
+        self.book.rtts.append(time.perf_counter() - self.sent_at)
+        self.book.answered += 1
+        self.sent_at = None
+
+    def _lost(self, reason: str) -> None:
+        self.closing = True
+        self.book.dropped += 1
+        if len(self.book.drop_reasons) < 5:
+            self.book.drop_reasons.append(reason)
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError(reason))
+
+    def on_ws_disconnected(self, transport: picows.WSTransport) -> None:
+        if not self.closing:
+            self._lost("connection lost")
+
+
+class HeartbeatConn:
+    """A picows connection that only keeps itself alive (see ``benchmarks.suite.HB_*``).
+
+    - ``ws-ping``: :meth:`beat` sends a WebSocket Ping (payload: a counter); the server's
+      library answers Pong with the same payload;
+    - ``imkit-ping``: :meth:`beat` sends an easy-chat Ping frame ``{"frameType": 1, "id":
+      <counter>, ...}``; the server answers a Ping frame with the same id;
+    - ``engineio``: the server pings (``2``), the connection answers ``3`` at once;
+      :meth:`beat` does nothing. Opening completes after Socket.IO's namespace connect.
+    """
+
+    def __init__(self, transport: picows.WSTransport, listener: _HeartbeatListener) -> None:
+        self.transport = transport
+        self.listener = listener
+        self.count = 0
+
+    @staticmethod
+    def url(protocol: str, base_url: str, user: str, codec: WireCodec | None) -> str:
+        """The URL a heartbeat client of ``user`` connects to."""
+        if protocol == HB_ENGINEIO:
+            return f"{base_url}/socket.io/?EIO=4&transport=websocket&user={user}"
+        assert codec is not None
+        return codec.url(base_url, user)
+
+    @classmethod
+    async def open(
+        cls, protocol: str, url: str, book: HeartbeatBook, *, timeout: float
+    ) -> HeartbeatConn:
+        listener = _HeartbeatListener(protocol, book)
+        transport, _ = await asyncio.wait_for(
+            picows.ws_connect(lambda: listener, url, websocket_handshake_timeout=timeout),
+            timeout,
+        )
+        try:
+            await asyncio.wait_for(asyncio.shield(listener.ready), timeout)
+        except BaseException:
+            listener.closing = True
+            transport.disconnect(graceful=False)
+            raise
+        return cls(transport, listener)
+
+    def beat(self, now: float) -> None:
+        """Send one heartbeat (client-initiated protocols); note a late previous one."""
+        listener = self.listener
+        protocol = listener.protocol
+        if protocol == HB_ENGINEIO or listener.closing:
+            return
+        book = listener.book
+        if listener.sent_at is not None:
+            book.late += 1
+        self.count += 1
+        key = str(self.count).encode()
+        listener.expect = key
+        listener.sent_at = now
+        book.sent += 1
+        if protocol == HB_WS_PING:
+            self.transport.send_ping(key)
+        else:
+            self.transport.send(
+                _TEXT,
+                b'{"frameType":1,"id":"' + key + b'","ackSeq":0,"method":"","formId":"",'
+                b'"transpondUid":"","data":null}',
+            )
+
+    @property
+    def waiting(self) -> bool:
+        """A heartbeat of this connection is still unanswered."""
+        return self.listener.sent_at is not None and not self.listener.closing
+
+    @property
+    def open_(self) -> bool:
+        return not self.listener.closing
+
+    async def aclose(self) -> None:
+        self.listener.closing = True
+        if not self.transport.is_disconnected:
+            with contextlib.suppress(Exception):
+                self.transport.send_close(picows.WSCloseCode.OK)
+            self.transport.disconnect()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.transport.wait_disconnected(), 2.0)

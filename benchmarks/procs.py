@@ -6,7 +6,8 @@
   exit, and peers die with the harness (``PR_SET_PDEATHSIG``), so none is orphaned.
 - :func:`cpu_times` reads utime and stime from ``/proc/<pid>/stat`` (clock ticks,
   usually 10 ms); :func:`cpu_ns_schedstat` sums ``/proc/<pid>/task/*/schedstat`` (ns,
-  live threads only) as a finer cross-check; :func:`rss_kib` reads ``VmRSS``.
+  live threads only) as a finer cross-check; :func:`rss_kib` reads ``VmRSS``;
+  :func:`nofile_limit` the server's open-file limit.
 """
 
 from __future__ import annotations
@@ -68,6 +69,18 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def nofile_limit(pid: int) -> int | None:
+    """The soft open-file limit of ``pid`` (``Max open files`` in /proc/<pid>/limits)."""
+    try:
+        for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+            if line.startswith("Max open files"):
+                soft = line.split()[3]
+                return None if soft == "unlimited" else int(soft)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def server_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -199,6 +212,9 @@ class ServerProcess:
 
     def rss_kib(self) -> int:
         return rss_kib(self.pid)
+
+    def nofile_limit(self) -> int | None:
+        return nofile_limit(self.pid)
 
     async def stop(self, grace: float = 3.0) -> None:
         try:

@@ -31,8 +31,8 @@ if __package__ in (None, ""):  # run as a script: python benchmarks/run.py
 from benchmarks import scenarios
 from benchmarks.peers._common import raise_nofile_limit
 from benchmarks.procs import REPO_ROOT, ServerProcess, check_peer, tail
-from benchmarks.scenarios import QUICK, SCENARIOS, Config, RunContext
-from benchmarks.suite import BASELINE_SERVERS, WORKDIR, Case, select
+from benchmarks.scenarios import OFFLINE_TARGET_US, QUICK, SCENARIOS, Config, RunContext
+from benchmarks.suite import BASELINE_SERVERS, HB_INTERVAL, WORKDIR, Case, select
 
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 DEFAULT_BUDGET_S = 540.0
@@ -68,7 +68,10 @@ async def run_case(case: Case, config: Config, log_dir: Path) -> dict[str, Any]:
     """Start the case's server, run its scenario (bounded), always stop the server."""
     fn = SCENARIOS[case.scenario].fn
     workdir = Path(tempfile.mkdtemp(prefix="imkit-bench-"))
-    args = [a.replace(WORKDIR, str(workdir)) for a in case.server_args]
+    args = [
+        a.replace(WORKDIR, str(workdir)).replace(HB_INTERVAL, f"{config.hb_interval:g}")
+        for a in case.server_args
+    ]
     log_path = log_dir / f"{case.name.replace(' ', '_').replace('+', '_')}.log"
     server: ServerProcess | None = None
     ctx: RunContext | None = None
@@ -148,6 +151,7 @@ async def run_suite(
                 record["runs"] = runs
         except Exception as exc:
             record.update(status="error", reason=str(exc) or repr(exc))
+            record["partial_figures"] = getattr(exc, "figures", None)
         record["wall_s"] = round(time.monotonic() - t0, 2)
         print(_summary(record), flush=True)
     return records
@@ -164,6 +168,17 @@ def _summary(record: dict[str, Any]) -> str:
         )
     if record["scenario"] == "idle":
         return f"{figures['kib_per_conn']:.1f} KiB/conn ({record['wall_s']} s)"
+    if record["scenario"] == "offline":
+        return (
+            f"{figures['messages']:,} in {figures['catchup_s']:.2f} s, "
+            f"{figures['server_cpu_us_per_msg']:.1f} us/msg ({record['wall_s']} s)"
+        )
+    if record["scenario"] == "heartbeat":
+        return (
+            f"{figures['conns_held']:,}/{figures['conns_wanted']:,} held, "
+            f"{figures['server_cpu_us_per_hb']:.1f} us/heartbeat, "
+            f"{figures['kib_per_conn']:.1f} KiB/conn ({record['wall_s']} s)"
+        )
     return f"done ({record['wall_s']} s)"
 
 
@@ -174,7 +189,8 @@ def _fmt(value: float | None, digits: int = 1) -> str:
 
 
 def render_table(records: list[dict[str, Any]]) -> str:
-    """The Markdown table: one row per relay case, idle memory per server."""
+    """The Markdown tables: one row per relay case with idle memory per server, then
+    the offline catch-up and heartbeat tables (those present)."""
     ok = [r for r in records if r["status"] == "ok" and r["figures"] is not None]
     idle_kib = {r["server"]: r["figures"]["kib_per_conn"] for r in ok if r["scenario"] == "idle"}
     idle_notes = {
@@ -191,6 +207,8 @@ def render_table(records: list[dict[str, Any]]) -> str:
         + " | KiB/idle conn | note |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    if not any(r["scenario"] in ("relay", "idle") for r in records):
+        lines = []
     relay_servers = []
     for record in records:
         if record["scenario"] != "relay":
@@ -232,13 +250,134 @@ def render_table(records: list[dict[str, Any]]) -> str:
         if server not in relay_servers:
             row = [server, "idle", *["-"] * (4 + len(BASELINE_SERVERS)), _fmt(kib_value), ""]
             lines.append("| " + " | ".join(row) + " |")
-    others = [r for r in records if r["scenario"] not in ("relay", "idle")]
+    for extra in (_offline_table(records), _heartbeat_table(records)):
+        if extra:
+            lines += ["", *extra] if lines else extra
+    others = [r for r in records if r["scenario"] not in ("relay", "idle", *EXTRA_TABLES)]
     for record in others:
         lines.append("")
         lines.append(f"{record['name']} ({record['scenario']}): {record['status']}")
         if record["figures"]:
             lines.append("    " + json.dumps(record["figures"]))
     return "\n".join(lines)
+
+
+EXTRA_TABLES = ("offline", "heartbeat")
+"""Scenarios with a table of their own, below the relay table."""
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _offline_table(records: list[dict[str, Any]]) -> list[str]:
+    """Offline catch-up: one row per case (imkit only: the peers have no offline store)."""
+    rows = [r for r in records if r["scenario"] == "offline"]
+    if not rows:
+        return []
+    header = [
+        "server",
+        "messages",
+        "catch-up s",
+        "msgs/s",
+        "server CPU µs/msg",
+        f"vs target ({OFFLINE_TARGET_US:g} µs)",
+        "storing msgs/s",
+        "note",
+    ]
+    lines = [
+        "Offline catch-up: a user reconnects to messages stored while away (SQLite store; "
+        "imkit only: peers have no offline store)",
+        "",
+        _row(header),
+        "|" + "---|" * len(header),
+    ]
+    for record in rows:
+        figures = record["figures"] if record["status"] == "ok" else None
+        if figures is None:
+            cells = [record["server"], *["-"] * (len(header) - 2)]
+            cells.append(f"{record['status']}: {record['reason']}")
+        else:
+            mine = figures["server_cpu_us_per_msg"]
+            cells = [
+                record["server"],
+                _fmt(figures["messages"], 0),
+                _fmt(figures["catchup_s"], 2),
+                _fmt(figures["msgs_per_s"], 0),
+                _fmt(mine, 1),
+                f"{mine / OFFLINE_TARGET_US:.2f}x",
+                _fmt(figures["store_msgs_per_s"], 0),
+                "every message once" if figures["received"] == figures["messages"] else "",
+            ]
+        lines.append(_row(cells))
+    return lines
+
+
+def _heartbeat_table(records: list[dict[str, Any]]) -> list[str]:
+    """Connections held with heartbeats: one row per server."""
+    rows = [r for r in records if r["scenario"] == "heartbeat"]
+    if not rows:
+        return []
+    ok = [r for r in rows if r["status"] == "ok" and r["figures"] is not None]
+    reference = {r["server"]: r["figures"]["server_cpu_us_per_hb"] for r in ok}.get("websockets")
+    header = [
+        "server",
+        "heartbeat",
+        "conns held",
+        "connect failures",
+        "heartbeats/s",
+        "server CPU µs/hb",
+        "CPU vs websockets",
+        "server CPU %",
+        "KiB/conn",
+        "RTT p50 ms",
+        "RTT p99 ms",
+        "note",
+    ]
+    lines = [
+        "Connections held with heartbeats (each connection beats once per interval)",
+        "",
+        _row(header),
+        "|" + "---|" * len(header),
+    ]
+    for record in rows:
+        figures = record["figures"] if record["status"] == "ok" else None
+        if figures is None:
+            cells = [record["server"], *["-"] * (len(header) - 2)]
+            cells.append(f"{record['status']}: {record['reason']}")
+            lines.append(_row(cells))
+            continue
+        mine = figures["server_cpu_us_per_hb"]
+        rtt = figures["rtt_ms"] or {}
+        notes = []
+        if figures["dropped"]:
+            notes.append(f"{figures['dropped']} dropped ({'; '.join(figures['drop_reasons'])})")
+        if figures["connect_failures"]:
+            notes.append("failed: " + "; ".join(figures["connect_failure_reasons"]))
+        if figures["heartbeats_per_s"] < 0.95 * figures["expected_per_s"]:
+            notes.append(f"below the set rate ({figures['expected_per_s']:,.0f}/s)")
+        if figures["late"] or figures["unanswered"]:
+            notes.append(f"{figures['late']} late, {figures['unanswered']} unanswered")
+        if figures["client_errors"]:
+            notes.append(f"client saw: {figures['client_errors'][0]}")
+        if figures["rtt_ms"] is None:
+            notes.append("server-sent pings: RTT not seen by the client")
+        cells = [
+            record["server"],
+            f"{figures['protocol']} every {figures['interval_s']:g} s",
+            f"{figures['conns_held']:,}/{figures['conns_wanted']:,}",
+            _fmt(figures["connect_failures"], 0),
+            _fmt(figures["heartbeats_per_s"], 0),
+            _fmt(mine, 1),
+            f"{mine / reference:.2f}x" if reference else "-",
+            _fmt(figures["server_cpu_share"] * 100, 0),
+            _fmt(figures["kib_per_conn"]),
+            _fmt(rtt.get("p50"), 2),
+            _fmt(rtt.get("p99"), 2),
+            "; ".join(notes),
+        ]
+        lines.append(_row(cells))
+    return lines
 
 
 def _prune_logs(log_dir: Path) -> None:
@@ -262,6 +401,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--idle-conns", type=int, help="idle connections (default 5000)")
     parser.add_argument("--max-seconds", type=float, help="send-phase cap, s (default 20)")
     parser.add_argument("--text-size", type=int, help="message text size in bytes (default 100)")
+    parser.add_argument(
+        "--offline-messages",
+        type=int,
+        help="offline: messages caught up by the reconnecting user (default 10000)",
+    )
+    parser.add_argument(
+        "--hb-conns", type=int, help="heartbeat: connections held open (default 10000)"
+    )
+    parser.add_argument(
+        "--hb-interval", type=float, help="heartbeat: seconds between heartbeats (default 2)"
+    )
+    parser.add_argument(
+        "--hb-seconds", type=float, help="heartbeat: measured period, s (default 10)"
+    )
     parser.add_argument(
         "--only",
         nargs="+",
@@ -294,6 +447,10 @@ def build_config(args: argparse.Namespace) -> Config:
         "idle_conns": args.idle_conns,
         "max_seconds": args.max_seconds,
         "text_size": args.text_size,
+        "offline_messages": args.offline_messages,
+        "hb_conns": args.hb_conns,
+        "hb_interval": args.hb_interval,
+        "hb_seconds": args.hb_seconds,
     }
     return replace(config, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -312,9 +469,13 @@ async def amain(args: argparse.Namespace) -> int:
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
 
     nofile = raise_nofile_limit()
-    needed = config.idle_conns + 4 * config.pairs + 100
+    needed = max(config.idle_conns, config.hb_conns) + 4 * config.pairs + 100
     if nofile < needed:
-        print(f"warning: open-file limit {nofile} < {needed} needed", file=sys.stderr)
+        print(
+            f"warning: open-file limit {nofile} < {needed} needed (raise the hard limit, "
+            "ulimit -Hn); cases that need more will fail and say so",
+            file=sys.stderr,
+        )
     stamp = time.strftime("%Y%m%d-%H%M%S")
     args.out.mkdir(parents=True, exist_ok=True)
     log_dir = args.out / f"logs-{stamp}"

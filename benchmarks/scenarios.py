@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import resource
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -36,12 +37,15 @@ from typing import TYPE_CHECKING, Any
 from benchmarks.clients import (
     IDLE_HANDLERS,
     ClientConn,
+    Closable,
     Handlers,
+    HeartbeatBook,
+    HeartbeatConn,
     PicowsConn,
     SocketIOConn,
     new_socketio_session,
 )
-from benchmarks.suite import SOCKETIO_CLIENT, WINDOW_ON_ACK, Case
+from benchmarks.suite import HB_ENGINEIO, SOCKETIO_CLIENT, WINDOW_ON_ACK, Case
 from benchmarks.wire import WireCodec, make_text
 
 if TYPE_CHECKING:
@@ -70,6 +74,18 @@ class Config:
     """Opening (or closing) all the connections of one phase."""
     case_timeout: float = 300.0
     """One whole case, server start and stop excluded."""
+    offline_messages: int = 10_000
+    """offline: messages stored for the offline user, then caught up on connect."""
+    offline_window: int = 100
+    """offline: the sender's outstanding messages while storing (not measured)."""
+    offline_timeout: float = 120.0
+    """offline: bound on storing them, and on the catch-up."""
+    hb_conns: int = 10_000
+    """heartbeat: connections held open."""
+    hb_interval: float = 2.0
+    """heartbeat: each connection's heartbeat period, s (the same for every server)."""
+    hb_seconds: float = 10.0
+    """heartbeat: the measured period, s (after one unmeasured interval of heartbeats)."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,11 +101,23 @@ QUICK = Config(
     settle_seconds=0.5,
     phase_timeout=60.0,
     case_timeout=90.0,
+    offline_messages=1000,
+    offline_timeout=30.0,
+    hb_conns=500,
+    hb_interval=1.0,
+    hb_seconds=3.0,
 )
 
 
 class ScenarioError(RuntimeError):
-    """The scenario could not produce figures (the message says why)."""
+    """The scenario could not produce figures (the message says why).
+
+    ``figures``: what was measured anyway, if anything (kept in the JSON output).
+    """
+
+    def __init__(self, message: str, figures: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.figures = figures
 
 
 class RunContext:
@@ -157,7 +185,7 @@ class RunContext:
             raise
         return [opened[i] for i in range(len(users))]
 
-    async def close_all(self, conns: Sequence[ClientConn]) -> None:
+    async def close_all(self, conns: Sequence[Closable]) -> None:
         """Close connections concurrently, bounded by ``phase_timeout``."""
         if conns:
             with contextlib.suppress(asyncio.TimeoutError):
@@ -464,4 +492,393 @@ async def idle(ctx: RunContext) -> dict[str, Any]:
         "connect_s": connect_s,
         "conns_per_s": count / max(connect_s, 1e-9),
         "handshake_cpu_us_per_conn": (cpu1 - cpu0) / count * 1e6,
+    }
+
+
+# -------------------------------------------------------------------------- offline
+
+OFFLINE_SENDER = "offA"
+OFFLINE_RECIPIENT = "offB"
+OFFLINE_TARGET_US = 25.0
+"""Issue 6: at most 25 µs of server CPU per message caught up."""
+
+
+async def _store_offline(ctx: RunContext, tokens: Sequence[str]) -> dict[str, Any]:
+    """Phase 1 (not the headline): the sender stores every token's message for the
+    offline recipient, at most ``offline_window`` unanswered at a time."""
+    cfg = ctx.config
+    server = ctx.server
+    window = asyncio.Semaphore(cfg.offline_window)
+    unanswered: set[str] = set()
+    finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    sending = True
+    strays = 0
+
+    def on_answer(msg_id: str) -> None:
+        nonlocal strays
+        if msg_id not in unanswered:
+            strays += 1
+            return
+        unanswered.discard(msg_id)
+        window.release()
+        if not sending and not unanswered and not finished.done():
+            finished.set_result(None)
+
+    def on_stray(_: str) -> None:
+        nonlocal strays
+        strays += 1
+
+    def on_error(text: str) -> None:
+        if not finished.done():
+            finished.set_exception(ScenarioError(f"sender saw: {text}"))
+
+    conn = await ctx.connect(OFFLINE_SENDER, Handlers(on_stray, on_answer, on_error))
+    cpu0 = server.cpu_seconds()
+    t0 = time.perf_counter()
+    try:
+
+        async def send_all() -> None:
+            nonlocal sending
+            for token in tokens:
+                await window.acquire()
+                if finished.done():
+                    return
+                unanswered.add(token)
+                await conn.send(token, OFFLINE_RECIPIENT, make_text(token, cfg.text_size))
+            sending = False
+            if not unanswered and not finished.done():
+                finished.set_result(None)
+
+        sender = asyncio.ensure_future(send_all())
+        try:
+            await asyncio.wait_for(asyncio.shield(finished), cfg.offline_timeout)
+        except asyncio.TimeoutError:
+            raise ScenarioError(
+                f"storing: {len(tokens) - len(unanswered)}/{len(tokens)} answered "
+                f"in {cfg.offline_timeout:.0f} s"
+            ) from None
+        finally:
+            sender.cancel()
+            with contextlib.suppress(BaseException):
+                await sender
+        elapsed = time.perf_counter() - t0
+        cpu = server.cpu_seconds() - cpu0
+    finally:
+        await ctx.close_all([conn])
+    return {
+        "store_s": elapsed,
+        "store_msgs_per_s": len(tokens) / max(elapsed, 1e-9),
+        "store_cpu_us_per_msg": cpu / len(tokens) * 1e6,
+        "store_unexpected_frames": strays,
+    }
+
+
+@scenario("offline", headline="server_cpu_us_per_msg")
+async def offline(ctx: RunContext) -> dict[str, Any]:
+    """imkit.chat's catch-up: a user reconnects to ``offline_messages`` stored messages.
+
+    Phase 1 (not measured): ``offA`` sends the messages to ``offB``, who is not
+    connected, through ``conversation.chat`` on the SQLite store, waiting for each answer
+    (a window of ``offline_window``). Phase 2 (measured): ``offB`` connects; from the
+    start of its connect until it has received every message (each push acked at once,
+    OnlyAck): wall time, messages/s and the server's CPU per message. Each message
+    must arrive exactly once: duplicates, missing or unknown messages are an error.
+    """
+    cfg = ctx.config
+    server = ctx.server
+    total = cfg.offline_messages
+    tokens = [f"off.{i}" for i in range(total)]
+    expected = set(tokens)
+    figures: dict[str, Any] = {"messages": total, "target_us_per_msg": OFFLINE_TARGET_US}
+    figures.update(await _store_offline(ctx, tokens))
+    await asyncio.sleep(cfg.settle_seconds)  # let the server finish the sender's close
+
+    received: set[str] = set()
+    counts = {"duplicates": 0, "unexpected": 0, "acks": 0}
+    first_at: float | None = None
+    last_at = 0.0
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def on_push(token: str) -> None:
+        nonlocal first_at, last_at
+        if token not in expected:
+            counts["unexpected"] += 1
+            return
+        if token in received:
+            counts["duplicates"] += 1
+            return
+        received.add(token)
+        last_at = time.perf_counter()
+        if first_at is None:
+            first_at = last_at
+        if len(received) == total and not done.done():
+            done.set_result(None)
+
+    def on_ack(_: str) -> None:
+        counts["acks"] += 1
+
+    def on_error(text: str) -> None:
+        if not done.done():
+            done.set_exception(ScenarioError(f"recipient saw: {text}"))
+
+    conns: list[ClientConn] = []
+    user0, sys0 = server.cpu_times()
+    ns0 = server.cpu_ns_schedstat()
+    client0 = time.process_time()
+    t0 = time.perf_counter()
+    try:
+
+        async def catch_up() -> float:
+            conns.append(await ctx.connect(OFFLINE_RECIPIENT, Handlers(on_push, on_ack, on_error)))
+            connected = time.perf_counter()
+            await asyncio.shield(done)
+            return connected
+
+        try:
+            connected_at = await asyncio.wait_for(catch_up(), cfg.offline_timeout)
+        except asyncio.TimeoutError:
+            raise ScenarioError(
+                f"catch-up: {len(received)}/{total} messages in {cfg.offline_timeout:.0f} s "
+                f"({counts['duplicates']} duplicates)"
+            ) from None
+        user1, sys1 = server.cpu_times()
+        ns1 = server.cpu_ns_schedstat()
+        client1 = time.process_time()
+        await asyncio.sleep(cfg.settle_seconds)  # a duplicate would arrive meanwhile
+    finally:
+        await ctx.close_all(conns)
+
+    elapsed = max(last_at - t0, 1e-9)
+    cpu = (user1 - user0) + (sys1 - sys0)
+    figures.update(
+        {
+            "received": len(received),
+            "missing": total - len(received),
+            "duplicates": counts["duplicates"],
+            "unexpected": counts["unexpected"] + counts["acks"],
+            "connect_ms": (connected_at - t0) * 1e3,
+            "first_message_ms": ((first_at or t0) - t0) * 1e3,
+            "catchup_s": elapsed,
+            "msgs_per_s": total / elapsed,
+            "server_cpu_s": cpu,
+            "server_cpu_us_per_msg": cpu / total * 1e6,
+            "server_user_us_per_msg": (user1 - user0) / total * 1e6,
+            "server_sys_us_per_msg": (sys1 - sys0) / total * 1e6,
+            "server_cpu_us_per_msg_schedstat": (
+                (ns1 - ns0) / total / 1e3 if ns0 is not None and ns1 is not None else None
+            ),
+            "client_cpu_us_per_msg": (client1 - client0) / total * 1e6,
+        }
+    )
+    figures["meets_target"] = figures["server_cpu_us_per_msg"] <= OFFLINE_TARGET_US
+    if figures["duplicates"] or figures["missing"] or figures["unexpected"]:
+        raise ScenarioError(
+            f"catch-up not exactly once: {figures['duplicates']} duplicates, "
+            f"{figures['missing']} missing, {figures['unexpected']} unexpected frames",
+            figures,
+        )
+    return figures
+
+
+# ------------------------------------------------------------------------ heartbeat
+
+HEARTBEAT_GRACE_S = 2.0
+"""After the measured period: how long unanswered heartbeats may still be answered."""
+
+
+async def _open_heartbeats(
+    ctx: RunContext, protocol: str, users: Sequence[str], book: HeartbeatBook
+) -> tuple[list[HeartbeatConn], list[str]]:
+    """Open a heartbeat connection per user, bounded in concurrency, per connection
+    (``connect_timeout``) and in all (``phase_timeout``); the opened ones and the
+    failures (one reason each)."""
+    cfg = ctx.config
+    codec = None if protocol == HB_ENGINEIO else ctx.case.server.codec(ctx.case.variant)
+    base = ctx.server.base_url
+    limit = asyncio.Semaphore(cfg.connect_concurrency)
+    opened: dict[int, HeartbeatConn] = {}
+    failures: list[str] = []
+
+    async def one(index: int) -> None:
+        async with limit:
+            url = HeartbeatConn.url(protocol, base, users[index], codec)
+            try:
+                opened[index] = await HeartbeatConn.open(
+                    protocol, url, book, timeout=cfg.connect_timeout
+                )
+            except asyncio.TimeoutError:
+                failures.append(f"no handshake in {cfg.connect_timeout:.0f} s")
+            except Exception as exc:
+                failures.append(repr(exc))
+
+    tasks = [asyncio.ensure_future(one(i)) for i in range(len(users))]
+    try:
+        _, pending = await asyncio.wait(tasks, timeout=cfg.phase_timeout)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        failures += [f"not opened within {cfg.phase_timeout:.0f} s"] * len(pending)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await ctx.close_all(list(opened.values()))
+        raise
+    return [opened[i] for i in sorted(opened)], failures
+
+
+async def _beat(conns: Sequence[HeartbeatConn], interval: float, rounds: float) -> None:
+    """Every connection beats once per ``interval``, evenly spread over it, for
+    ``rounds`` intervals."""
+    count = len(conns)
+    total = int(rounds * count)
+    start = time.perf_counter()
+    done = 0
+    while done < total:
+        now = time.perf_counter()
+        due = min(total, int((now - start) / interval * count))
+        while done < due:
+            conns[done % count].beat(now)
+            done += 1
+        await asyncio.sleep(0.005)
+
+
+def _check_fd_limits(ctx: RunContext, conns: int) -> None:
+    """Both ends need a descriptor per connection; fail clearly if either limit is short."""
+    needed = conns + 200
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        raise ScenarioError(
+            f"the harness may open {soft} files (hard limit {hard}); {needed} are needed for "
+            f"{conns} connections: raise the hard limit (ulimit -Hn) or lower --hb-conns"
+        )
+    server_limit = ctx.server.nofile_limit()
+    if server_limit is not None and server_limit < needed:
+        raise ScenarioError(
+            f"the server may open {server_limit} files; {needed} are needed for {conns} "
+            "connections: raise the hard limit (ulimit -Hn) or lower --hb-conns"
+        )
+
+
+@scenario("heartbeat", headline="server_cpu_us_per_hb")
+async def heartbeat(ctx: RunContext) -> dict[str, Any]:
+    """``hb_conns`` connections held open, each beating once every ``hb_interval``.
+
+    After a warm-up (a few connections opened and closed), the server's RSS with no
+    connection is the baseline; the connections are opened (bounded; failures counted,
+    not fatal); heartbeats run for one unmeasured interval, then ``hb_seconds`` are
+    measured: server CPU per heartbeat, heartbeat round trips (client-sent protocols),
+    and at the end RSS per connection and how many connections are still open.
+    """
+    cfg = ctx.config
+    server = ctx.server
+    protocol = ctx.case.server.heartbeat
+    _check_fd_limits(ctx, cfg.hb_conns)
+    book = HeartbeatBook()
+
+    warm, _ = await _open_heartbeats(ctx, protocol, [f"hbw{i}" for i in range(10)], book)
+    await ctx.close_all(warm)
+    await asyncio.sleep(cfg.settle_seconds)
+    rss0 = server.rss_kib()
+    cpu_c0 = server.cpu_seconds()
+    tc0 = time.perf_counter()
+    conns, failures = await _open_heartbeats(
+        ctx, protocol, [f"hb{i}" for i in range(cfg.hb_conns)], book
+    )
+    beats: asyncio.Future[None] | None = None
+    try:
+        connect_s = time.perf_counter() - tc0
+        cpu_c1 = server.cpu_seconds()
+        if not conns:
+            raise ScenarioError(f"no connection opened: {failures[:1]}")
+        dropped_connecting = book.dropped
+        start = time.perf_counter()
+        beats = asyncio.ensure_future(
+            _beat(conns, cfg.hb_interval, 1 + cfg.hb_seconds / cfg.hb_interval)
+        )
+        await asyncio.sleep(max(0.0, start + cfg.hb_interval - time.perf_counter()))
+        book.reset()
+        user0, sys0 = server.cpu_times()
+        ns0 = server.cpu_ns_schedstat()
+        client0 = time.process_time()
+        t0 = time.perf_counter()
+        await asyncio.sleep(max(0.0, t0 + cfg.hb_seconds - time.perf_counter()))
+        user1, sys1 = server.cpu_times()
+        ns1 = server.cpu_ns_schedstat()
+        client1 = time.process_time()
+        t1 = time.perf_counter()
+        counts = book.snapshot()
+        rtts = sorted(book.rtts)
+        rss1 = server.rss_kib()
+        await asyncio.wait_for(beats, cfg.hb_interval + 5.0)
+        for _ in range(int(max(HEARTBEAT_GRACE_S, cfg.hb_interval) / 0.05)):
+            if not any(c.waiting for c in conns):
+                break
+            await asyncio.sleep(0.05)
+        unanswered = sum(1 for c in conns if c.waiting)
+        held = sum(1 for c in conns if c.open_)
+        if not server.alive():
+            raise ScenarioError("server died while holding the connections")
+    finally:
+        if beats is not None:
+            beats.cancel()
+            with contextlib.suppress(BaseException):
+                await beats
+        await ctx.close_all(conns)
+
+    window = max(t1 - t0, 1e-9)
+    client_sent = protocol != HB_ENGINEIO
+    beats_counted = counts["answered"] if client_sent else counts["server_pings"]
+    cpu = (user1 - user0) + (sys1 - sys0)
+    per_beat = 1e6 / max(beats_counted, 1)
+    failure_kinds: dict[str, int] = {}
+    for reason in failures:
+        failure_kinds[reason] = failure_kinds.get(reason, 0) + 1
+    return {
+        "protocol": protocol,
+        "conns_wanted": cfg.hb_conns,
+        "conns_opened": len(conns),
+        "connect_failures": len(failures),
+        "connect_failure_reasons": dict(list(failure_kinds.items())[:5]),
+        "dropped": book.dropped,
+        "dropped_while_connecting": dropped_connecting,
+        "drop_reasons": book.drop_reasons,
+        "conns_held": held,
+        "all_held": held == cfg.hb_conns,
+        "interval_s": cfg.hb_interval,
+        "measured_s": window,
+        "heartbeats": beats_counted,
+        "heartbeats_sent": counts["sent"] if client_sent else counts["server_pings"],
+        "heartbeats_per_s": beats_counted / window,
+        "expected_per_s": len(conns) / cfg.hb_interval,
+        "late": counts["late"],
+        "unanswered": unanswered,
+        "client_errors": book.errors,
+        "rtt_ms": (
+            {
+                "p50": _percentile(rtts, 0.50) * 1e3,
+                "p90": _percentile(rtts, 0.90) * 1e3,
+                "p99": _percentile(rtts, 0.99) * 1e3,
+                "max": rtts[-1] * 1e3,
+            }
+            if rtts
+            else None
+        ),
+        "server_cpu_s": cpu,
+        "server_cpu_us_per_hb": cpu * per_beat,
+        "server_user_us_per_hb": (user1 - user0) * per_beat,
+        "server_sys_us_per_hb": (sys1 - sys0) * per_beat,
+        "server_cpu_us_per_hb_schedstat": (
+            (ns1 - ns0) / 1e3 / max(beats_counted, 1)
+            if ns0 is not None and ns1 is not None
+            else None
+        ),
+        "server_cpu_share": cpu / window,
+        "client_cpu_us_per_hb": (client1 - client0) * per_beat,
+        "rss_base_kib": rss0,
+        "rss_loaded_kib": rss1,
+        "kib_per_conn": (rss1 - rss0) / len(conns),
+        "connect_s": connect_s,
+        "conns_per_s": len(conns) / max(connect_s, 1e-9),
+        "handshake_cpu_us_per_conn": (cpu_c1 - cpu_c0) / len(conns) * 1e6,
     }

@@ -23,6 +23,17 @@ WINDOW_ON_ACK = "ack"
 
 WORKDIR = "{workdir}"
 """Placeholder in server arguments: a temporary directory, removed after the case."""
+HB_INTERVAL = "{hb_interval}"
+"""Placeholder in server arguments: the heartbeat interval in seconds (``--hb-interval``)."""
+
+HB_WS_PING = "ws-ping"
+"""Heartbeat: the client sends a WebSocket Ping frame, the server's library answers Pong."""
+HB_IMKIT_PING = "imkit-ping"
+"""Heartbeat: the client sends an easy-chat Ping frame (``frameType`` 1), the server
+echoes it (what ``imkit.connect``'s keepalive does)."""
+HB_ENGINEIO = "engineio"
+"""Heartbeat: the Engine.IO server sends ``2`` (ping) every ``pingInterval``, the client
+answers ``3`` (pong): what every Socket.IO client does."""
 
 
 @dataclass(frozen=True)
@@ -30,6 +41,8 @@ class ServerSpec:
     name: str
     module: str
     client: str = PICOWS_CLIENT
+    heartbeat: str = HB_WS_PING
+    """How this server's clients keep a connection alive (the ``heartbeat`` scenario)."""
 
     def codec(self, variant: str) -> WireCodec:
         """The load generator's codec for this server (picows client only)."""
@@ -64,10 +77,12 @@ class Case:
 
 
 WEBSOCKETS = ServerSpec("websockets", "benchmarks.peers.websockets_relay")
-SOCKETIO = ServerSpec("socketio", "benchmarks.peers.socketio_relay", client=SOCKETIO_CLIENT)
+SOCKETIO = ServerSpec(
+    "socketio", "benchmarks.peers.socketio_relay", client=SOCKETIO_CLIENT, heartbeat=HB_ENGINEIO
+)
 PICOWS = ServerSpec("picows", "benchmarks.peers.picows_relay")
 AIOHTTP = ServerSpec("aiohttp", "benchmarks.peers.aiohttp_relay")
-IMKIT = ServerSpec("imkit", "benchmarks.peers.imkit_relay")
+IMKIT = ServerSpec("imkit", "benchmarks.peers.imkit_relay", heartbeat=HB_IMKIT_PING)
 
 SERVERS: tuple[ServerSpec, ...] = (WEBSOCKETS, SOCKETIO, PICOWS, AIOHTTP, IMKIT)
 
@@ -76,10 +91,14 @@ BASELINE_SERVERS = ("websockets", "socketio")
 
 
 def _peer_cases(server: ServerSpec) -> list[Case]:
+    hb_args: tuple[str, ...] = ("--mode", "noack")
+    if server.heartbeat == HB_ENGINEIO:  # the server pings: at the harness' interval
+        hb_args += ("--ping-interval", HB_INTERVAL)
     return [
         Case(server, "noack", "relay", ("--mode", "noack"), WINDOW_ON_DELIVERY, "noack"),
         Case(server, "ack", "relay", ("--mode", "ack"), WINDOW_ON_ACK, "ack"),
         Case(server, "idle", "idle", ("--mode", "noack")),
+        Case(server, "heartbeat", "heartbeat", hb_args),
     ]
 
 
@@ -90,9 +109,14 @@ def _imkit_cases() -> list[Case]:
         Case(IMKIT, "onlyack", "relay", ("--mode", "onlyack"), WINDOW_ON_ACK, "ack"),
         Case(IMKIT, "onlyack+sqlite", "relay", sqlite_args, WINDOW_ON_ACK, "ack"),
         Case(IMKIT, "idle", "idle", ("--mode", "onlyack")),
-        # Later: Case(IMKIT, "catchup", "catchup", ...) (offline catch-up of 10,000
-        # messages) and Case(IMKIT, "10k", "heartbeat", ...) (10,000 concurrent
-        # connections with heartbeats), once imkit.chat exists.
+        # A fresh database per case: the offline user's catch-up from SQLite.
+        Case(
+            IMKIT,
+            "offline",
+            "offline",
+            ("--mode", "onlyack", "--store", "sqlite", "--db", f"{WORKDIR}/imkit-offline.db"),
+        ),
+        Case(IMKIT, "heartbeat", "heartbeat", ("--mode", "onlyack")),
     ]
 
 

@@ -47,6 +47,9 @@ class PeerOptions:
     mode: str
     store: str
     db: str | None
+    ping_interval: float | None = None
+    """Server-initiated keepalive interval, s (``--ping-interval``; used by the socketio
+    peer, whose Engine.IO server pings its clients); None: the library's default."""
 
 
 def raise_nofile_limit(want: int | None = None) -> int:
@@ -105,6 +108,12 @@ def peer_main(
     parser.add_argument("--mode", choices=list(modes), default=modes[0])
     parser.add_argument("--store", choices=["memory", "sqlite"], default="memory")
     parser.add_argument("--db", default=None, help="SQLite file (imkit, --store sqlite)")
+    parser.add_argument(
+        "--ping-interval",
+        type=float,
+        default=None,
+        help="server-initiated ping interval, s (socketio's Engine.IO heartbeat)",
+    )
     parser.add_argument("--check", action="store_true", help="exit 0 if this peer can run")
     args = parser.parse_args(argv)
     if args.check:
@@ -114,7 +123,7 @@ def peer_main(
     raise_nofile_limit()
     die_with_parent()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    options = PeerOptions(args.host, args.port, args.mode, args.store, args.db)
+    options = PeerOptions(args.host, args.port, args.mode, args.store, args.db, args.ping_interval)
     try:
         asyncio.run(serve(options))
     except KeyboardInterrupt:

@@ -1,9 +1,8 @@
 """imkit entry of the relay benchmark.
 
-CLIENT SIDE: done (:class:`ImkitCodec`), written against the wire protocol of
-``DESIGN.md`` §2-§3. SERVER SIDE: NOT WIRED YET. Until :data:`SERVER_WIRED` is true
-and :func:`serve` starts imkit's server, ``--check`` fails and the harness skips every
-imkit row with "imkit server not available yet".
+The client side is :class:`ImkitCodec` (the wire protocol of ``DESIGN.md`` §2-§3);
+:func:`serve` runs imkit's server. ``--check`` fails (and the harness skips every imkit
+row, saying why) if imkit's transport cannot be imported.
 
 Server contract the harness expects (``python -m benchmarks.peers.imkit_relay ...``):
 
@@ -14,9 +13,11 @@ Server contract the harness expects (``python -m benchmarks.peers.imkit_relay ..
 - a route ``relay``: ``data = {"to": <user>, "text": <text>}``; the server pushes a
   Data frame ``{"frameType": 0, "id": <server id>, "ackSeq": 0, "method": "relay",
   "formId": <sender>, "data": {... "text": <text> ...}}`` to the recipient;
-- for the sqlite row, imkit.chat's ``conversation.chat`` on the SQLite store,
-  answering the sender with a Data frame whose ``replyTo`` (top level, or inside
-  ``data``) is the id of the sender's frame;
+- for the sqlite row and the ``offline`` case, imkit.chat's ``conversation.chat`` on
+  the SQLite store, answering the sender with a Data frame whose ``replyTo`` (top level,
+  or inside ``data``) is the id of the sender's frame, and pushing stored messages
+  (``push``, ``data.msg.content`` = the text), live or in the catch-up on connect;
+- the ``heartbeat`` case sends only easy-chat Ping frames, which the server echoes;
 - bind ``--host``/``--port`` (0 = any free port), then call
   :func:`benchmarks.peers._common.announce_ready` with the bound port; run until killed.
 """
@@ -153,9 +154,9 @@ def client_codec(variant: str) -> ImkitCodec:
     """The load generator's codec for an imkit row of the suite."""
     if variant == "noack":
         return ImkitCodec(method=RELAY_METHOD, ack_downstream=False, window_ack=WINDOW_NONE)
-    if variant in ("onlyack", "idle"):
+    if variant in ("onlyack", "idle", "heartbeat"):
         return ImkitCodec(method=RELAY_METHOD, ack_downstream=True, window_ack=WINDOW_TRANSPORT_ACK)
-    if variant == "onlyack+sqlite":
+    if variant in ("onlyack+sqlite", "offline"):
         return ImkitCodec(method=CHAT_METHOD, ack_downstream=True, window_ack=WINDOW_REPLY)
     raise ValueError(f"unknown imkit variant {variant!r}")
 

@@ -5,7 +5,8 @@ polling) and emits ``chat`` with ``{"id", "to", "text"}``; the server emits ``ch
 with ``{"id", "from", "text"}`` to the recipient's sid. In ``--mode ack`` the sender
 emits with a callback and the handler's return value (the message id) is the ack.
 (Socket.IO acks are requested by the client; the server only decides the ack's value.)
-Access logging and the Socket.IO/Engine.IO loggers are off.
+Access logging and the Socket.IO/Engine.IO loggers are off. ``--ping-interval S`` sets
+Engine.IO's ``ping_interval`` (the server pings every client every S seconds; default 25).
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ async def serve(options: PeerOptions) -> None:
     from aiohttp import web
 
     ack = options.mode == "ack"
-    sio = socketio.AsyncServer(async_mode="aiohttp", logger=False, engineio_logger=False)
+    # Engine.IO's heartbeat is server-initiated: "2" every ping_interval, answered "3".
+    ping = {} if options.ping_interval is None else {"ping_interval": options.ping_interval}
+    sio = socketio.AsyncServer(async_mode="aiohttp", logger=False, engineio_logger=False, **ping)
     sid_of: dict[str, str] = {}
     user_of: dict[str, str] = {}
 
