@@ -211,9 +211,7 @@ async def dispatch(server: Server, session: Connection, frame: Frame) -> None:
         session.send_error(ErrorCode.UNKNOWN_METHOD, f"unknown method {frame.method!r}", frame.id)
         return
     limiter = server.handler_limiter
-    try:
-        limiter.acquire_nowait()  # no trip through the event loop while there is room
-    except anyio.WouldBlock:
+    if not limiter.acquire_nowait():
         await limiter.acquire()
     try:
         try:

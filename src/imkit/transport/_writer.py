@@ -29,6 +29,7 @@ import anyio.abc
 from anyio.abc import SocketAttribute
 
 from imkit.transport._asyncio_stream import AsyncioSocketStream
+from imkit.transport._sync import Flag
 
 __all__ = ("STREAM_ERRORS", "StreamWriter", "abort_stream")
 
@@ -83,6 +84,13 @@ class StreamWriter:
         """Whether the stream is closed."""
 
     @property
+    def needs_task(self) -> bool:
+        """Whether :meth:`run` must run for the whole connection. On the lean asyncio
+        stream writes need no task: :meth:`run` is needed only once :meth:`closing` or
+        :meth:`abort` was called, to flush and close."""
+        return self._direct is None
+
+    @property
     def buffered(self) -> int:
         """Bytes waiting to be written."""
         if self._direct is not None:
@@ -133,7 +141,7 @@ class StreamWriter:
             self._wake = None
             wake.set()
 
-    async def run(self, read_done: anyio.Event) -> None:
+    async def run(self, read_done: Flag | anyio.Event) -> None:
         """Write until the connection is closed and flushed, then close the stream.
         ``read_done`` is set once the reader saw the client's end of stream."""
         while not (self.broken or self.aborted):
@@ -174,7 +182,7 @@ class StreamWriter:
             return
         self.broken = True  # not flushed in time: the rest is dropped
 
-    async def _close(self, read_done: anyio.Event) -> None:
+    async def _close(self, read_done: Flag | anyio.Event) -> None:
         self.closed = True
         if self._direct is not None and not (self.aborted or self.broken):
             await self._flush_direct(self._direct)

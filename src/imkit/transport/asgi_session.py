@@ -36,7 +36,6 @@ from imkit.core.events import (
 from imkit.core.frames import Frame, FrameType
 from imkit.core.interfaces import HandshakeRequest, Identity
 from imkit.core.peer import CLOSE_POLICY, Peer
-from imkit.transport._inbox import Inbox
 from imkit.transport._lifecycle import (
     HOOK_TIMEOUT,
     HeldFanOut,
@@ -45,6 +44,7 @@ from imkit.transport._lifecycle import (
     dispatch,
     retire,
 )
+from imkit.transport._sync import Flag, Inbox
 
 if TYPE_CHECKING:
     from imkit.transport.server import Server
@@ -132,15 +132,15 @@ class ASGISession(HeldFanOut):
         # reader and worker
         self._read_scope = anyio.CancelScope()
         self._inbox: Inbox[_Item] = Inbox(server.max_queued_messages)
-        self._worker_done = anyio.Event()
+        self._worker_done = Flag()
         # pushes
-        self._room = anyio.Event()
+        self._room = Flag()
         self._room_waiters = 0
         self._held: list[Frame] | None = []
         # life cycle
-        self._connected_done = anyio.Event()
+        self._connected_done = Flag()
         self._disconnected = False
-        self._finished = anyio.Event()
+        self._finished = Flag()
 
     # ------------------------------------------------------------------ Session API
     @property
@@ -321,7 +321,7 @@ class ASGISession(HeldFanOut):
 
     def _signal_room(self) -> None:
         self._room.set()
-        self._room = anyio.Event()
+        self._room = Flag()
 
     def _deadline(self) -> float | None:
         """When the timer must wake next: the peer's deadline or the credential's expiry."""

@@ -26,6 +26,7 @@ from imkit.core.interfaces import Forward, HandshakeRequest, SingleNode
 from imkit.core.server import App, Registry, Session
 from imkit.exceptions import DiscoverError
 from imkit.transport._asyncio_stream import accept_stream, running_on_asyncio
+from imkit.transport._sync import Slots
 from imkit.transport.clock import AnyioClock, Clock
 from imkit.transport.session import ServerSession
 
@@ -79,7 +80,8 @@ class Server:
         self.shutdown_timeout = shutdown_timeout
         self.logger = logger or app.logger
         self.registry: Registry[ServerSession] = Registry(app.login_policy)
-        self.handler_limiter = anyio.CapacityLimiter(app.max_concurrent_handlers)
+        self.handler_limiter = Slots(app.max_concurrent_handlers)
+        """The server-wide limit on handlers running at once (``max_concurrent_handlers``)."""
         self.single_node = isinstance(app.discover, SingleNode)
         self.port: int | None = None
         self.stopping = False

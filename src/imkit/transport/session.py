@@ -58,7 +58,6 @@ from imkit.core.frames import Frame, FrameType
 from imkit.core.interfaces import HandshakeRequest, Identity
 from imkit.core.peer import CLOSE_POLICY
 from imkit.exceptions import AuthenticationFailed
-from imkit.transport._inbox import Inbox
 from imkit.transport._lifecycle import (
     HeldFanOut,
     announce,
@@ -68,6 +67,7 @@ from imkit.transport._lifecycle import (
     page_response,
     retire,
 )
+from imkit.transport._sync import Flag, Inbox
 from imkit.transport._writer import STREAM_ERRORS, StreamWriter
 
 if TYPE_CHECKING:
@@ -139,21 +139,21 @@ class ServerSession(HeldFanOut):
         self._min_step = min(step for step in steps if step is not None)
         # reader and worker
         self._read_scope = anyio.CancelScope()
-        self._read_done = anyio.Event()
+        self._read_done = Flag()
         self._inbox: Inbox[_Item] = Inbox(server.max_queued_messages)
-        self._worker_done = anyio.Event()
+        self._worker_done = Flag()
         self._handshakes: list[tuple[HandshakeRequest, str | None]] = []
         # pushes
-        self._room = anyio.Event()
+        self._room = Flag()
         self._room_waiters = 0
         self._held: list[Frame] | None = []
         # life cycle
         self._tg: anyio.abc.TaskGroup | None = None
         self._identity: Identity | None = None
         self._registered = False
-        self._connected_done = anyio.Event()
+        self._connected_done = Flag()
         self._disconnected = False
-        self._finished = anyio.Event()
+        self._finished = Flag()
 
     # ------------------------------------------------------------------ Session API
     @property
@@ -305,7 +305,8 @@ class ServerSession(HeldFanOut):
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
-                tg.start_soon(self._write)
+                if self._writer.needs_task:
+                    tg.start_soon(self._write)
                 tg.start_soon(self._timer)
                 tg.start_soon(self._worker)
                 with self._read_scope:
@@ -323,6 +324,7 @@ class ServerSession(HeldFanOut):
                     )
                     tg.cancel_scope.cancel()
         finally:
+            self._tg = None
             with anyio.CancelScope(shield=True):
                 await self._cleanup()
 
@@ -383,7 +385,7 @@ class ServerSession(HeldFanOut):
 
     def _signal_room(self) -> None:
         self._room.set()
-        self._room = anyio.Event()
+        self._room = Flag()
 
     def _on_drained(self) -> None:
         if self._room_waiters:
@@ -394,6 +396,8 @@ class ServerSession(HeldFanOut):
             return
         self.closed_with = event
         self._writer.closing(linger=linger)
+        if not self._writer.needs_task and self._tg is not None:
+            self._tg.start_soon(self._write)  # flush and close (no writer task until now)
         identity = self._identity
         if identity is not None and self._registered:
             self.server.registry.remove(identity.user_id, self.epoch)
