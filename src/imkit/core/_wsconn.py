@@ -7,8 +7,10 @@ Private: import the public names from :mod:`imkit.core.conn`, which re-exports t
 
 from __future__ import annotations
 
+import os
+import struct
 from enum import Enum
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 from wsproto import WSConnection
@@ -51,6 +53,38 @@ DEFAULT_PING_INTERVAL = 20.0
 DEFAULT_PING_TIMEOUT = 20.0
 DEFAULT_CLOSE_TIMEOUT = 10.0
 
+# RFC 6455 §5.2: the first byte of a whole (FIN) text and binary frame; the mask bit.
+_TEXT = 0x81
+_BINARY = 0x82
+_MASK_BIT = 0x80
+_HEAD16 = struct.Struct("!BBH")
+_HEAD64 = struct.Struct("!BBQ")
+
+
+def _xor_mask(payload: bytes, key: bytes) -> bytes:
+    """``payload`` XOR the 4-byte masking ``key`` repeated (RFC 6455 §5.3), as one big
+    integer operation instead of a loop over bytes. Masking and unmasking are the same."""
+    n = len(payload)
+    keys = (key * ((n + 3) >> 2))[:n]
+    return (int.from_bytes(payload, "little") ^ int.from_bytes(keys, "little")).to_bytes(
+        n, "little"
+    )
+
+
+def _head_size(second: int) -> int:
+    """The length of a frame header, from its second byte (length code and mask bit)."""
+    code = second & 0x7F
+    size = 2 if code < 126 else 4 if code == 126 else 10
+    return size + 4 if second & _MASK_BIT else size
+
+
+def _payload_length(head: bytearray) -> int:
+    """The payload length a complete frame header announces."""
+    code = head[1] & 0x7F
+    if code < 126:
+        return code
+    return int.from_bytes(head[2:4] if code == 126 else head[2:10], "big")
+
 
 @attrs.frozen(kw_only=True)
 class ConnLimits:
@@ -84,10 +118,27 @@ class ConnState(str, Enum):
 
 
 class _Conn:
-    """The open-connection machinery both ends share."""
+    """The open-connection machinery both ends share.
+
+    Framing while open has two paths. wsproto does the handshakes, the closing handshake
+    and everything unusual. The common case, a whole text message in one frame, skips
+    its generic machinery: :meth:`_frame` writes outgoing frames, and :meth:`_lean_frame`
+    takes an incoming frame that is complete in one read, unfragmented, masked as the
+    role requires, minimally encoded, within the limits and valid UTF-8, while wsproto
+    is idle (no frame or message of its own in progress). Every other byte goes to
+    wsproto in order, so what it does with them is what it would do alone. To know when
+    it is idle again, :meth:`_pass_through` follows the frame headers of the bytes it
+    gets (any fault in them closes the connection before that matters).
+    """
 
     _ws: WSConnection | None
     peer: Peer | None
+    _lean: bool = True
+    """Take the lean framing path; ``False`` leaves all framing to wsproto (for tests)."""
+    _out_mask: ClassVar[int] = 0
+    """The mask bit of the frames this end sends (a client masks, RFC 6455 §5.3)."""
+    _in_mask: ClassVar[int] = _MASK_BIT
+    """The mask bit the peer's frames must carry (a server gets masked frames)."""
 
     def __init__(self, limits: ConnLimits, now: float) -> None:
         self.limits = limits
@@ -108,6 +159,19 @@ class _Conn:
         self._close_due: float | None = None
         self._close_code = CLOSE_NORMAL
         self._close_reason = ""
+        # The lean incoming path (see the class docstring). _lean_on: wsproto's framing
+        # state is known (it was idle since the last _resync), so the tracker below holds.
+        self._lean_on = False
+        # Largest lean frame: a message within one frame is within max_fragments unless
+        # that is 0 (then every message closes with 1009, which is wsproto's path).
+        self._lean_max = limits.max_message_size if limits.max_fragments >= 1 else -1
+        # The frame wsproto is being given: 0 none, 1 its header (bytes so far in
+        # _pt_head), 2 its payload (_pt_left bytes still to come, always > 0).
+        self._pt_phase = 0
+        self._pt_head = bytearray()
+        self._pt_left = 0
+        # wsproto has a fragmented message in progress.
+        self._pt_msg = False
 
     # ------------------------------------------------------------------ outputs
     def data_to_send(self) -> bytes:
@@ -214,7 +278,14 @@ class _Conn:
             raise LocalProtocolError("send_raw() needs a connection in raw mode")
         if self.state is not ConnState.OPEN:
             return
-        if isinstance(data, str):
+        ws = self._ws
+        assert ws is not None
+        if self._lean and ws.state is ConnectionState.OPEN:
+            if isinstance(data, str):
+                self._out.append(self._frame(_TEXT, data.encode()))
+            else:
+                self._out.append(self._frame(_BINARY, bytes(data)))
+        elif isinstance(data, str):
             self._send_ws(TextMessage(data=data))
         else:
             self._send_ws(BytesMessage(data=bytes(data)))
@@ -269,10 +340,37 @@ class _Conn:
         peer = self.peer
         assert peer is not None
         texts = peer.outgoing()
-        if texts and self._ws is not None and self._ws.state is ConnectionState.OPEN:
-            for text in texts:
-                self._out.append(self._ws.send(TextMessage(data=text)))
+        ws = self._ws
+        if texts and ws is not None and ws.state is ConnectionState.OPEN:
+            out = self._out
+            if self._lean:
+                frame = self._frame
+                for text in texts:
+                    out.append(frame(_TEXT, text.encode()))
+            else:
+                for text in texts:
+                    out.append(ws.send(TextMessage(data=text)))
         self._events.extend(peer.events())
+
+    def _frame(self, first: int, payload: bytes) -> bytes:
+        """A whole frame (``first``: FIN, no RSV bits, the opcode) as wsproto would write
+        it: the shortest length encoding, and masked with a fresh random key by a client.
+
+        Only while wsproto is open and has no outgoing message in progress (it never has:
+        every message it sends is whole).
+        """
+        n = len(payload)
+        mask_bit = self._out_mask
+        if n < 126:
+            head = bytes((first, mask_bit | n))
+        elif n < 0x10000:
+            head = _HEAD16.pack(first, mask_bit | 126, n)
+        else:
+            head = _HEAD64.pack(first, mask_bit | 127, n)
+        if not mask_bit:
+            return head + payload
+        key = os.urandom(4)
+        return head + key + _xor_mask(payload, key)
 
     def _pump(self, now: float) -> None:
         peer = self.peer
@@ -379,9 +477,157 @@ class _Conn:
                 self._finish(CLOSE_ABNORMAL, "connection lost", by_peer=True)
             return
         # wsproto is CLOSED only once this connection is (both ends of a close handshake).
+        if self._lean_on and self.state is ConnState.OPEN:
+            self._feed_lean(data, now)
+            return
         ws.receive_data(data)
         self._receive_frames(now)
         self._check_announced_size()
+        self._resync()
+
+    def _resync(self) -> None:
+        """Turn the lean incoming path on if wsproto is idle: no bytes buffered, no frame
+        and no message in progress.
+
+        Called once wsproto has handled bytes the tracker did not follow (those after the
+        handshake). Its decoder state is private, hence the defensive lookups: anything
+        unexpected counts as busy, which keeps everything on wsproto's path.
+        """
+        if not self._lean or self.state is not ConnState.OPEN:
+            return
+        proto = getattr(getattr(self._ws, "connection", None), "_proto", None)
+        decoder = getattr(proto, "_frame_decoder", None)
+        buffered = getattr(getattr(decoder, "buffer", None), "buffer", None)
+        message = getattr(proto, "_message_decoder", None)
+        if (
+            isinstance(buffered, bytearray)
+            and not buffered
+            and getattr(decoder, "header", False) is None
+            and getattr(message, "opcode", False) is None
+        ):
+            self._lean_on = True
+            self._pt_phase = self._pt_left = 0
+            self._pt_head.clear()
+            self._pt_msg = False
+
+    def _feed_lean(self, data: bytes, now: float) -> None:
+        """Take the whole simple frames wsproto is not needed for, give it the rest in
+        order; each part is handled before the next, so events stay in wire order.
+        """
+        ws = self._ws
+        assert ws is not None
+        pos, end = 0, len(data)
+        while pos < end:
+            if not self._pt_phase and not self._pt_msg:
+                stop = self._lean_frame(data, pos, end, now)
+                if stop:
+                    pos = stop
+                    if self.state is not ConnState.OPEN:
+                        break
+                    continue
+                self._pt_phase = 1  # wsproto's: this frame, and what follows it
+            start = pos
+            pos = self._pass_through(data, pos, end)
+            ws.receive_data(data[start:pos])
+            self._receive_frames(now)
+            self._check_announced_size()
+            if self.state is not ConnState.OPEN:
+                break
+        if self.state is ConnState.CLOSING and pos < end:
+            # Our close frame went out mid-read: wsproto handles the rest, as it would.
+            ws.receive_data(data[pos:])
+            self._receive_frames(now)
+
+    def _lean_frame(self, data: bytes, pos: int, end: int, now: float) -> int:
+        """Handle the frame at ``data[pos:end]`` if it is a simple one (see the class
+        docstring) and return where it ends; else return 0 and leave it to wsproto.
+
+        A frame taken here is one wsproto would turn into one whole ``TextMessage``
+        within the limits, so it goes where that would, without the counting.
+        """
+        if end - pos < 2 or data[pos] != _TEXT:
+            return 0
+        second = data[pos + 1]
+        mask_bit = second & _MASK_BIT
+        if mask_bit != self._in_mask:
+            return 0
+        size = second & 0x7F
+        at = pos + 2
+        if size == 126:
+            at += 2
+            if at > end:
+                return 0
+            size = int.from_bytes(data[pos + 2 : at], "big")
+            if size < 126:
+                return 0
+        elif size == 127:
+            at += 8
+            if at > end:
+                return 0
+            # (A length with the top bit set, refused by wsproto, is never complete.)
+            size = int.from_bytes(data[pos + 2 : at], "big")
+            if size < 0x10000:
+                return 0
+        if size > self._lean_max:
+            return 0
+        if mask_bit:
+            at += 4
+            stop = at + size
+            if stop > end:
+                return 0
+            payload = _xor_mask(data[at:stop], data[at - 4 : at])
+        else:
+            stop = at + size
+            if stop > end:
+                return 0
+            payload = data[at:stop]
+        try:
+            text = payload.decode()
+        except UnicodeDecodeError:
+            return 0
+        if self.raw:
+            self._events.append(RawMessageReceived(text))
+        else:
+            peer = self.peer
+            assert peer is not None
+            peer.receive_text(text, now)
+            self._pump(now)
+        return stop
+
+    def _pass_through(self, data: bytes, pos: int, end: int) -> int:
+        """Follow the frames wsproto is being given from ``data[pos:end]`` up to where it
+        is idle again (or to ``end``); return that position.
+
+        Only lengths, FIN and opcode matter here: wsproto checks everything else, and a
+        fault it finds closes the connection before the tracker's view could be used.
+        """
+        head = self._pt_head
+        while pos < end:
+            phase = self._pt_phase
+            if phase == 2:
+                take = min(self._pt_left, end - pos)
+                pos += take
+                self._pt_left -= take
+                if not self._pt_left:
+                    self._pt_phase = 0
+            elif phase == 1:
+                need = 2 if len(head) < 2 else _head_size(head[1])
+                take = min(need - len(head), end - pos)
+                head += data[pos : pos + take]
+                pos += take
+                if len(head) < 2 or len(head) < _head_size(head[1]):
+                    continue
+                first = head[0]
+                if not first & 0x08:  # a data frame: FIN says whether its message ends
+                    self._pt_msg = not first & 0x80
+                self._pt_left = _payload_length(head)
+                self._pt_phase = 2 if self._pt_left else 0
+                head.clear()
+            elif self._pt_msg:
+                self._pt_phase = 1  # the next frame of wsproto's message
+            else:
+                break
+        return pos
 
     def _check_announced_size(self) -> None:
         """Close with 1009 as soon as a frame header announces a message over the limit.

@@ -235,6 +235,7 @@ class ServerConn(_Conn):
             self._open(None, now)
             self._receive_frames(now)
             self._check_announced_size()
+            self._resync()
             return
         peer = Peer(
             options,
@@ -247,6 +248,7 @@ class ServerConn(_Conn):
         self._open(peer, now)
         self._receive_frames(now)
         self._check_announced_size()
+        self._resync()
 
 
 class ClientConn(_Conn):
@@ -257,6 +259,9 @@ class ClientConn(_Conn):
     ``sender`` and ``receiver`` may be kept across reconnects so that unacknowledged
     messages are resent with their original ids and pushes are not handled twice.
     """
+
+    _out_mask = 0x80  # a client masks what it sends (RFC 6455 §5.3)
+    _in_mask = 0  # and gets unmasked frames
 
     def __init__(
         self,
@@ -334,6 +339,7 @@ class ClientConn(_Conn):
                 ]
                 self._on_accepted(headers, now)
                 self._receive_frames(now)
+                self._resync()
                 return
             if isinstance(event, RejectConnection):
                 headers = [
