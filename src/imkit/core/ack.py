@@ -27,6 +27,7 @@ Rules (DESIGN §3):
 from __future__ import annotations
 
 import heapq
+import math
 from collections import OrderedDict, deque
 from collections.abc import Iterator
 from enum import Enum
@@ -229,45 +230,68 @@ class GaveUp:
 Effect = SendFrame | Dispatch | Delivered | GaveUp
 
 
-@attrs.define(slots=True)
+_Step = tuple[tuple[Action, ...], State]
+
+# TRANSITIONS split by (role, mode), so that a machine looks up (state, input) only.
+_STEPS: dict[tuple[Role, AckMode], dict[tuple[State, Input], _Step]] = {}
+for (_role, _mode, _state, _input), _step in TRANSITIONS.items():
+    _STEPS.setdefault((_role, _mode), {})[_state, _input] = _step
+del _role, _mode, _state, _input, _step
+
+
 class _Entry:
-    frame: Frame
-    state: State
-    give_up_at: float
-    token: int = 0
+    """A message id in flight at one end: its frame, state, give-up time and heap token."""
+
+    __slots__ = ("frame", "give_up_at", "state", "token")
+
+    def __init__(self, frame: Frame, state: State, give_up_at: float) -> None:
+        self.frame = frame
+        self.state = state
+        self.give_up_at = give_up_at
+        self.token = 0
 
 
-class _Memory:
-    """Completed ids with their expiry, oldest first, bounded in time and count."""
+class _Memory(OrderedDict[str, float]):
+    """Completed ids with their expiry, oldest first, bounded in time and count.
+
+    ``head`` is the expiry of the oldest id (infinity when empty): nothing can be pruned
+    before then, so callers skip :meth:`prune` while ``now < head``.
+    """
+
+    __slots__ = ("_max", "_remember_for", "head")
 
     def __init__(self, timers: AckTimers) -> None:
-        self._timers = timers
-        self._done: OrderedDict[str, float] = OrderedDict()
-
-    def __contains__(self, message_id: str) -> bool:
-        return message_id in self._done
-
-    def __len__(self) -> int:
-        return len(self._done)
+        super().__init__()
+        self._remember_for = timers.remember_for
+        self._max = timers.max_remembered
+        self.head = math.inf
 
     def add(self, message_id: str, now: float) -> None:
-        self._done[message_id] = now + self._timers.remember_for
-        self._done.move_to_end(message_id)
-        while len(self._done) > self._timers.max_remembered:
-            self._done.popitem(last=False)
+        expiry = now + self._remember_for
+        if message_id in self:
+            # Remembered again: it moves to the end, and may have been the oldest.
+            self.move_to_end(message_id)
+            self[message_id] = expiry
+            self.head = next(iter(self.values()))
+            return
+        self[message_id] = expiry
+        if len(self) > self._max:
+            self.popitem(last=False)
+            self.head = next(iter(self.values()))
+        elif len(self) == 1:
+            self.head = expiry
 
     def prune(self, now: float) -> None:
-        done = self._done
-        while done:
-            message_id, expiry = next(iter(done.items()))
+        while self:
+            message_id, expiry = next(iter(self.items()))
             if expiry > now:
+                self.head = expiry
                 return
-            del done[message_id]
+            del self[message_id]
+        self.head = math.inf
 
     def next_expiry(self) -> float | None:
-        for expiry in self._done.values():
-            return expiry
-        return None
+        return self.head if self else None
 
 
 class _Machine:
@@ -278,6 +302,7 @@ class _Machine:
     def __init__(self, mode: AckMode, timers: AckTimers) -> None:
         self.mode = AckMode(mode)
         self.timers = timers
+        self._steps = _STEPS[self.role, self.mode]
         self._live: dict[str, _Entry] = {}
         self._memory = _Memory(timers)
         self._heap: list[tuple[float, int, str]] = []
@@ -307,16 +332,19 @@ class _Machine:
     def next_deadline(self) -> float | None:
         """When :meth:`handle_timeout` must next be called, or ``None``."""
         heap = self._heap
+        live = self._live
+        # Finished or rescheduled ids leave their heap items behind; drop them here.
         while heap:
             _when, token, message_id = heap[0]
-            entry = self._live.get(message_id)
+            entry = live.get(message_id)
             if entry is not None and entry.token == token:
                 break
             heapq.heappop(heap)
-        times = [
-            t for t in (heap[0][0] if heap else None, self._memory.next_expiry()) if t is not None
-        ]
-        return min(times) if times else None
+        expiry = self._memory.next_expiry()
+        if not heap:
+            return expiry
+        when = heap[0][0]
+        return when if expiry is None or when < expiry else expiry
 
     def handle_timeout(self, now: float) -> list[Effect]:
         """Fire every deadline at or before ``now``: resends and give-ups."""
@@ -328,35 +356,53 @@ class _Machine:
             if entry is None or entry.token != token:
                 continue
             event = Input.TIMEOUT if now >= entry.give_up_at else Input.RESEND_DUE
-            self._apply(entry, event, now, effects)
-        self._memory.prune(now)
+            self._apply(entry.frame, entry.state, event, now, effects, entry)
+        memory = self._memory
+        if memory.head <= now:
+            memory.prune(now)
         return effects
 
     def _schedule(self, entry: _Entry, now: float) -> None:
-        self._tokens += 1
-        entry.token = self._tokens
-        when = min(now + self.timers.resend_interval, entry.give_up_at)
-        heapq.heappush(self._heap, (when, entry.token, entry.frame.id))
+        self._tokens = token = self._tokens + 1
+        entry.token = token
+        when = now + self.timers.resend_interval
+        if entry.give_up_at < when:
+            when = entry.give_up_at
+        heapq.heappush(self._heap, (when, token, entry.frame.id))
 
-    def _apply(self, entry: _Entry, event: Input, now: float, effects: list[Effect]) -> None:
-        actions, new_state = transition(self.role, self.mode, entry.state, event)
-        frame = entry.frame
+    def _apply(
+        self,
+        frame: Frame,
+        state: State,
+        event: Input,
+        now: float,
+        effects: list[Effect],
+        entry: _Entry | None = None,
+    ) -> None:
+        """Apply ``event`` to the id of ``frame`` in ``state``; ``entry`` is its live entry."""
+        # A pair missing from the table raises LocalProtocolError (every step is truthy).
+        actions, new_state = self._steps.get((state, event)) or transition(
+            self.role, self.mode, state, event
+        )
         for action in actions:
             effects.append(self._effect(action, frame))
         message_id = frame.id
-        if new_state is State.NEW:
+        if new_state is State.NEW or new_state is State.DONE:
+            if entry is not None:
+                entry.token = -1
             self._live.pop(message_id, None)
-            entry.token = -1
-        elif new_state is State.DONE:
-            self._live.pop(message_id, None)
-            entry.token = -1
-            if message_id:
+            if new_state is State.DONE and message_id:
                 self._memory.add(message_id, now)
         else:
-            entry.state = new_state
+            if entry is None:
+                entry = _Entry(frame, new_state, now + self.timers.ack_timeout)
+            else:
+                entry.state = new_state
             self._live[message_id] = entry
             self._schedule(entry, now)
-        self._memory.prune(now)
+        memory = self._memory
+        if memory.head <= now:
+            memory.prune(now)
 
     def _effect(self, action: Action, frame: Frame) -> Effect:
         if action is Action.SEND_DATA:
@@ -364,21 +410,18 @@ class _Machine:
         if action is Action.SEND_ACK:
             # OnlyAck answers ackSeq + 1 (easy-chat); RigorAck always answers 1.
             seq = frame.ack_seq + 1 if self.mode is AckMode.ONLY else 1
-            return SendFrame(Frame(FrameType.ACK, id=frame.id, ack_seq=seq))
-        if action is Action.SEND_CONFIRM:
-            return SendFrame(Frame(FrameType.ACK, id=frame.id, ack_seq=2))
+            return SendFrame(Frame(FrameType.ACK, frame.id, seq))
         if action is Action.DISPATCH:
             return Dispatch(frame)
         if action is Action.DELIVERED:
             return Delivered(frame)
+        if action is Action.SEND_CONFIRM:
+            return SendFrame(Frame(FrameType.ACK, frame.id, 2))
         return GaveUp(frame, self.role)
 
-    def _known(self, message_id: str, stub: Frame, now: float) -> _Entry:
-        entry = self._live.get(message_id)
-        if entry is not None:
-            return entry
-        state = State.DONE if message_id in self._memory else State.NEW
-        return _Entry(stub, state, now + self.timers.ack_timeout)
+    def _known_state(self, message_id: str) -> State:
+        """The state of an id that is not live: remembered (DONE) or not (NEW)."""
+        return State.DONE if message_id in self._memory else State.NEW
 
 
 class Sender(_Machine):
@@ -424,17 +467,20 @@ class Sender(_Machine):
                 self._backlog_ids.add(message_id)
                 return []
         effects: list[Effect] = []
-        self._apply(
-            _Entry(frame, State.NEW, now + self.timers.ack_timeout), Input.SEND, now, effects
-        )
+        self._apply(frame, State.NEW, Input.SEND, now, effects)
         return effects
 
     def on_ack(self, message_id: str, now: float) -> list[Effect]:
         """The peer sent ``Ack{message_id, ackSeq: 1}``."""
         effects: list[Effect] = []
-        entry = self._known(message_id, Frame(FrameType.DATA, id=message_id), now)
-        self._apply(entry, Input.ACK, now, effects)
-        self._drain(now, effects)
+        entry = self._live.get(message_id)
+        if entry is not None:
+            self._apply(entry.frame, entry.state, Input.ACK, now, effects, entry)
+        else:
+            stub = Frame(FrameType.DATA, message_id)
+            self._apply(stub, self._known_state(message_id), Input.ACK, now, effects)
+        if self._backlog:
+            self._drain(now, effects)
         return effects
 
     def handle_timeout(self, now: float) -> list[Effect]:
@@ -463,8 +509,7 @@ class Sender(_Machine):
         while backlog and len(self._live) < self.timers.window:
             frame = backlog.popleft()
             self._backlog_ids.discard(frame.id)
-            entry = _Entry(frame, State.NEW, now + self.timers.ack_timeout)
-            self._apply(entry, Input.SEND, now, effects)
+            self._apply(frame, State.NEW, Input.SEND, now, effects)
 
 
 class Receiver(_Machine):
@@ -484,27 +529,33 @@ class Receiver(_Machine):
     def on_data(self, frame: Frame, now: float, *, acked: bool = True) -> list[Effect]:
         """A ``Data`` frame arrived. With ``acked=False`` (a ``NoAck`` frame) skip the acks."""
         effects: list[Effect] = []
+        message_id = frame.id
         if not acked and self.mode is not AckMode.NONE:
-            if frame.id in self._memory or frame.id in self._live:
+            if message_id in self._memory or message_id in self._live:
                 return effects
-            actions, _state = transition(self.role, AckMode.NONE, State.NEW, Input.DATA)
+            actions, _state = _STEPS[self.role, AckMode.NONE][State.NEW, Input.DATA]
             effects.extend(self._effect(action, frame) for action in actions)
-            if frame.id:
-                self._memory.add(frame.id, now)
+            if message_id:
+                self._memory.add(message_id, now)
             return effects
-        entry = self._live.get(frame.id)
+        entry = self._live.get(message_id)
         if entry is None:
-            entry = self._known(frame.id, frame, now)
-        elif frame.ack_seq != entry.frame.ack_seq:
+            self._apply(frame, self._known_state(message_id), Input.DATA, now, effects)
+            return effects
+        if frame.ack_seq != entry.frame.ack_seq:
             entry.frame = frame
-        self._apply(entry, Input.DATA, now, effects)
+        self._apply(entry.frame, entry.state, Input.DATA, now, effects, entry)
         return effects
 
     def on_confirm(self, message_id: str, now: float) -> list[Effect]:
         """The peer sent ``Ack{message_id, ackSeq: 2}``."""
         effects: list[Effect] = []
-        entry = self._known(message_id, Frame(FrameType.DATA, id=message_id), now)
-        self._apply(entry, Input.CONFIRM, now, effects)
+        entry = self._live.get(message_id)
+        if entry is not None:
+            self._apply(entry.frame, entry.state, Input.CONFIRM, now, effects, entry)
+        else:
+            stub = Frame(FrameType.DATA, message_id)
+            self._apply(stub, self._known_state(message_id), Input.CONFIRM, now, effects)
         return effects
 
     def resend_acks(self, now: float) -> list[Effect]:

@@ -75,9 +75,6 @@ class ErrorCode:
     """A RigorAck message was not confirmed before the ack timeout and was dropped."""
 
 
-_FRAME_TYPES = frozenset(int(t) for t in FrameType)
-
-
 @attrs.frozen(slots=True)
 class Frame:
     """One message of the wire format.
@@ -105,10 +102,39 @@ class DecodeError:
     id: str = ""
 
 
+# One encoder for every message: json.dumps with options builds a new one per call.
+# allow_nan=False: NaN and Infinity are not JSON; no other client could read them.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+_encode_json = _ENCODER.encode
+# The string encoder _ENCODER itself uses (ensure_ascii=False): quotes and escapes a str.
+_quote = json.encoder.encode_basestring
+
+
 def encode_frame(frame: Frame) -> str:
     """Encode ``frame`` as one JSON text message (every easy-chat field is always present)."""
+    # The envelope is written directly; only ``data`` goes through the JSON encoder. The
+    # output is byte for byte that of _ENCODER on the dict of the fields (tests prove it).
+    frame_type = int(frame.frame_type)
+    ack_seq = frame.ack_seq
+    if type(ack_seq) is not int:  # a bool or a float: the general encoder says what it is
+        return _encode_dict(frame, frame_type)
+    try:
+        head = (
+            f'{{"frameType":{frame_type},"id":{_quote(frame.id)},"ackSeq":{ack_seq},'
+            f'"method":{_quote(frame.method)},"formId":{_quote(frame.form_id)},'
+            f'"transpondUid":{_quote(frame.transpond_uid)},"data":'
+        )
+        reply_to = frame.reply_to
+        tail = f',"replyTo":{_quote(reply_to)}}}' if reply_to else "}"
+    except TypeError:  # a field that is not a str: encode it as the general encoder does
+        return _encode_dict(frame, frame_type)
+    data = frame.data
+    return head + ("null" if data is None else _encode_json(data)) + tail
+
+
+def _encode_dict(frame: Frame, frame_type: int) -> str:
     obj: dict[str, Any] = {
-        "frameType": int(frame.frame_type),
+        "frameType": frame_type,
         "id": frame.id,
         "ackSeq": frame.ack_seq,
         "method": frame.method,
@@ -118,8 +144,15 @@ def encode_frame(frame: Frame) -> str:
     }
     if frame.reply_to:
         obj["replyTo"] = frame.reply_to
-    # allow_nan=False: NaN and Infinity are not JSON; no other client could read them.
-    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return _encode_json(obj)
+
+
+def _encode_ping(message_id: str) -> str:
+    """Encode ``Ping{message_id}``: what ``encode_frame`` writes for that frame."""
+    return (
+        f'{{"frameType":1,"id":{_quote(message_id)},"ackSeq":0,'
+        '"method":"","formId":"","transpondUid":"","data":null}'
+    )
 
 
 def _field(obj: dict[str, Any], name: str, kind: type, default: Any) -> Any:
@@ -145,10 +178,26 @@ def _no_constants(name: str) -> Any:
 
 # One decoder for every message (json.loads with options would build one per call).
 _DECODER = json.JSONDecoder(parse_constant=_no_constants)
+_raw_decode = _DECODER.raw_decode
+_decode = _DECODER.decode
+
+
+def _loads(text: str) -> Any:
+    """``_DECODER.decode(text)``: the same value, or the same exception."""
+    # raw_decode parses one value from the start; a message that is exactly one value with
+    # no surrounding whitespace (what every client writes) needs nothing more. Anything
+    # else, an error included, goes through decode(), which says what is wrong.
+    try:
+        obj, end = _raw_decode(text)
+    except (ValueError, RecursionError):
+        return _decode(text)
+    return obj if end == len(text) else _decode(text)
 
 
 # "\ud800".."\udfff": a UTF-16 surrogate escape; paired ones decode to one code point.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+_FRAME_TYPE_OF: dict[int, FrameType] = {int(t): t for t in FrameType}
 
 
 def _encodable(value: Any) -> bool:
@@ -164,48 +213,71 @@ def decode_frame(text: str | bytes) -> Frame | DecodeError:
     """Decode one text message (``bytes`` must be UTF-8). Never raises: bad input gives a
     :class:`DecodeError`.
     """
+    return _decode_frame(text, None)
+
+
+def _decode_frame(text: str | bytes, data_form_id: str | None) -> Frame | DecodeError:
+    """:func:`decode_frame`; a ``Data`` or ``NoAck`` frame gets ``formId = data_form_id``
+    unless that is ``None`` (a server sets the sender it authenticated).
+    """
     try:
         if isinstance(text, bytes):
             text = text.decode("utf-8")
-        obj = _DECODER.decode(text)
+        obj = _loads(text)
     except (ValueError, RecursionError) as exc:
         return DecodeError(ErrorCode.BAD_JSON, f"message is not valid JSON: {exc}")
-    if not isinstance(obj, dict):
+    if type(obj) is not dict:  # the decoder makes plain dicts, never a subclass
         return DecodeError(ErrorCode.BAD_JSON, "message is not a JSON object")
-    raw_id = obj.get("id", "")
-    frame_id = raw_id if isinstance(raw_id, str) else ""
+    get = obj.get
+    frame_type = get("frameType", 0)
+    message_id = get("id", "")
+    ack_seq = get("ackSeq", 0)
+    method = get("method", "")
+    form_id = get("formId", "")
+    transpond_uid = get("transpondUid", "")
+    reply_to = get("replyTo", "")
     if _SURROGATE_ESCAPE.search(text) is not None and not _encodable(obj):
+        frame_id = message_id if type(message_id) is str else ""
         return DecodeError(
             ErrorCode.BAD_JSON,
             "message contains a lone UTF-16 surrogate",
             frame_id if _encodable(frame_id) else "",
         )
-    try:
-        frame_type = _field(obj, "frameType", int, 0)
-        message_id = _field(obj, "id", str, "")
-        ack_seq = _field(obj, "ackSeq", int, 0)
-        method = _field(obj, "method", str, "")
-        form_id = _field(obj, "formId", str, "")
-        transpond_uid = _field(obj, "transpondUid", str, "")
-        reply_to = _field(obj, "replyTo", str, "")
-    except _BadField as bad:
-        kind = "an integer" if bad.kind is int else "a string"
-        return DecodeError(ErrorCode.BAD_FRAME, f"field {bad.name!r} must be {kind}", frame_id)
-    if frame_type not in _FRAME_TYPES:
+    if not (
+        type(frame_type) is int
+        and type(message_id) is str
+        and type(ack_seq) is int
+        and type(method) is str
+        and type(form_id) is str
+        and type(transpond_uid) is str
+        and type(reply_to) is str
+    ):
+        # A null (the default), or a wrong type: check the fields one by one, in order.
+        try:
+            frame_type = _field(obj, "frameType", int, 0)
+            message_id = _field(obj, "id", str, "")
+            ack_seq = _field(obj, "ackSeq", int, 0)
+            method = _field(obj, "method", str, "")
+            form_id = _field(obj, "formId", str, "")
+            transpond_uid = _field(obj, "transpondUid", str, "")
+            reply_to = _field(obj, "replyTo", str, "")
+        except _BadField as bad:
+            kind = "an integer" if bad.kind is int else "a string"
+            frame_id = message_id if type(message_id) is str else ""
+            return DecodeError(ErrorCode.BAD_FRAME, f"field {bad.name!r} must be {kind}", frame_id)
+    known_type = _FRAME_TYPE_OF.get(frame_type)
+    if known_type is None:
         return DecodeError(
             ErrorCode.UNKNOWN_FRAME_TYPE, f"unknown frameType {frame_type}", message_id
         )
     if ack_seq < 0:
         return DecodeError(ErrorCode.BAD_FRAME, "field 'ackSeq' must not be negative", message_id)
+    if data_form_id is not None and (
+        known_type is FrameType.DATA or known_type is FrameType.NO_ACK
+    ):
+        form_id = data_form_id
     return Frame(
-        frame_type=FrameType(frame_type),
-        id=message_id,
-        ack_seq=ack_seq,
-        method=method,
-        form_id=form_id,
-        transpond_uid=transpond_uid,
-        data=obj.get("data"),
-        reply_to=reply_to,
+        known_type, message_id, ack_seq, method, form_id, transpond_uid, get("data"), reply_to
     )
 
 

@@ -46,7 +46,8 @@ from imkit.core.frames import (
     ErrorCode,
     Frame,
     FrameType,
-    decode_frame,
+    _decode_frame,
+    _encode_ping,
     encode_frame,
     error_frame,
 )
@@ -160,11 +161,16 @@ class Peer:
         """When :meth:`handle_timeout` must next be called (``None``: nothing pending)."""
         if self.closed:
             return None
-        candidates = [self.sender.next_deadline(), self.receiver.next_deadline()]
-        if self.options.idle_timeout is not None:
-            candidates.append(self._last_activity + self.options.idle_timeout)
-        present = [c for c in candidates if c is not None]
-        return min(present) if present else None
+        deadline = self.sender.next_deadline()
+        other = self.receiver.next_deadline()
+        if other is not None and (deadline is None or other < deadline):
+            deadline = other
+        idle = self.options.idle_timeout
+        if idle is not None:
+            other = self._last_activity + idle
+            if deadline is None or other < deadline:
+                deadline = other
+        return deadline
 
     # ------------------------------------------------------------------ inputs
     def handle_timeout(self, now: float) -> None:
@@ -182,7 +188,8 @@ class Peer:
         if self.closed:
             return
         self._last_activity = now
-        decoded = decode_frame(text)
+        # A server's Data frames carry the authenticated sender, whatever the client wrote.
+        decoded = _decode_frame(text, self.user_id if self.server else None)
         if isinstance(decoded, DecodeError):
             self._reject(decoded.code, decoded.message, decoded.id, now)
             return
@@ -197,7 +204,7 @@ class Peer:
             self._receive_data(frame, now)
         elif kind is FrameType.PING:
             if self.server:
-                self._out.append(encode_frame(Frame(FrameType.PING, id=frame.id)))
+                self._out.append(_encode_ping(frame.id))
         elif kind is FrameType.ERR:
             self._events.append(ErrorReceived(frame))
         elif self.server:  # TRANSPOND from a client
@@ -227,8 +234,6 @@ class Peer:
                     )
                 )
                 return
-            if frame.form_id != self.user_id:
-                frame = attrs.evolve(frame, form_id=self.user_id)
         acked = frame.frame_type is FrameType.DATA
         if acked and not frame.id and self.receiver.mode is not AckMode.NONE:
             # Nothing could ack it, and two such messages would be taken for one.
@@ -287,11 +292,13 @@ class Peer:
         """
         frame = Frame(
             FrameType.DATA if acked else FrameType.NO_ACK,
-            id=message_id if message_id is not None else self.new_id(),
-            method=method,
-            form_id=form_id,
-            data=data,
-            reply_to=reply_to,
+            message_id if message_id is not None else self.new_id(),
+            0,
+            method,
+            form_id,
+            "",
+            data,
+            reply_to,
         )
         if self.closed:
             self._events.append(DeliveryFailed(frame, "closed"))
