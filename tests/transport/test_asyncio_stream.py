@@ -6,6 +6,7 @@ the server does, and talks to it with a plain anyio client stream.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -14,7 +15,9 @@ import anyio
 import anyio.abc
 import pytest
 from anyio.abc import SocketAttribute
+from tests.transport.helpers import RawWS, make_app, serve_tcp
 
+from imkit import PeerOptions
 from imkit.transport._asyncio_stream import (
     AsyncioSocketStream,
     accept_stream,
@@ -268,3 +271,31 @@ def test_running_on_asyncio_tells_the_backends_apart() -> None:
     assert anyio.run(probe, backend="asyncio") is True
     assert anyio.run(probe, backend="trio") is False
     assert running_on_asyncio() is False  # no loop at all
+
+
+def test_push_mode_works_under_plain_asyncio_run() -> None:
+    """The session takes bytes from the stream's callback (no reader task), where no
+    task is current. Under ``asyncio.run`` (not ``anyio.run``, which marks the whole
+    context as asyncio) a request that arrives once the connection is being served is
+    decided from that callback too: the client gets its 101 and its answers."""
+
+    async def main() -> None:
+        app, _seen = make_app(options=PeerOptions(rate_limit=None))
+        async with serve_tcp(app) as server:
+            assert server.port is not None
+            stream = await anyio.connect_tcp("127.0.0.1", server.port)
+            async with stream:
+                await anyio.sleep(0.2)  # the session is running, waiting for bytes
+                client = RawWS(stream)
+                with anyio.fail_after(5):
+                    await client.handshake("/ws?userId=late")
+                    assert client.status == 101
+                    frame = {"frameType": 0, "id": "e1", "method": "echo", "data": {"n": 1}}
+                    await client.send_json(frame)
+                    answers = [await client.recv_json(), await client.recv_json()]
+                assert answers[0] is not None and answers[1] is not None
+                assert {"frameType": 2, "id": "e1"}.items() <= answers[0].items()  # the ack
+                assert answers[1]["data"] == {"n": 1}
+                assert answers[1]["replyTo"] == "e1"
+
+    asyncio.run(main())

@@ -26,11 +26,23 @@ import asyncio
 import socket
 from collections import deque
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from typing import Any
 
 import anyio
 import anyio.abc
 from anyio.abc import SocketAttribute
+
+
+def _library_cvar() -> ContextVar[str | None] | None:
+    try:
+        import sniffio
+    except ImportError:  # pragma: no cover - anyio then finds asyncio by its running loop
+        return None
+    return sniffio.current_async_library_cvar
+
+
+_LIBRARY = _library_cvar()
 
 __all__ = ("DEFAULT_MAX_READ_BUFFER", "AsyncioSocketStream", "accept_stream", "running_on_asyncio")
 
@@ -72,6 +84,8 @@ class AsyncioSocketStream(anyio.abc.SocketStream, asyncio.Protocol):
         self._writing_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self._low_water = 0
+        self._consumer: Callable[[bytes | None], None] | None = None
+        self._consumer_ended = False
         self.on_drained: Callable[[], None] = _ignore
         """Called when the unwritten bytes fall to half of the write limit or below."""
 
@@ -83,6 +97,9 @@ class AsyncioSocketStream(anyio.abc.SocketStream, asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         """asyncio: bytes arrived."""
+        if self._consumer is not None:
+            self._call_consumer(data)
+            return
         self._chunks.append(data)
         self._unread += len(data)
         if self._unread >= self._max_read_buffer and not self._reading_paused:
@@ -95,6 +112,7 @@ class AsyncioSocketStream(anyio.abc.SocketStream, asyncio.Protocol):
         """asyncio: the client closed its sending side; keep ours open."""
         self._eof = True
         self._wake_reader()
+        self._end_consumer()
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -106,6 +124,7 @@ class AsyncioSocketStream(anyio.abc.SocketStream, asyncio.Protocol):
         self._pending_bytes = 0
         self._wake_reader()
         self._wake_drain()
+        self._end_consumer()
 
     def pause_writing(self) -> None:
         """asyncio: the kernel and the transport hold more than the high-water mark."""
@@ -116,6 +135,59 @@ class AsyncioSocketStream(anyio.abc.SocketStream, asyncio.Protocol):
         self._writing_paused = False
         self._wake_drain()
         self.on_drained()
+
+    def _end_consumer(self) -> None:
+        if self._consumer is not None and not self._consumer_ended:
+            self._consumer_ended = True
+            self._call_consumer(None)
+
+    def _call_consumer(self, data: bytes | None) -> None:
+        """Run the consumer as asyncio code: a protocol callback runs outside any task,
+        where sniffio (which anyio asks) cannot tell which library is running."""
+        consumer = self._consumer
+        assert consumer is not None
+        if _LIBRARY is None:  # pragma: no cover - see _library_cvar
+            consumer(data)
+            return
+        token = _LIBRARY.set("asyncio")
+        try:
+            consumer(data)
+        finally:
+            _LIBRARY.reset(token)
+
+    # ------------------------------------------------------------------ consuming
+    def consume(self, consumer: Callable[[bytes | None], None]) -> None:
+        """Hand every chunk received from now on straight to ``consumer``, from the event
+        loop's callback, instead of keeping it for :meth:`receive`; ``None`` at the end
+        of the stream (end of file, or the socket lost). Chunks already buffered go first.
+
+        ``consumer`` runs inside asyncio's protocol callback: it must not raise and must
+        not block; it calls :meth:`pause_reading` when it cannot take more.
+        """
+        self._consumer = consumer
+        chunks = self._chunks
+        if chunks:
+            data = b"".join(chunks)
+            chunks.clear()
+            self._unread = 0
+            self._call_consumer(data)
+        if self._reading_paused:
+            self._reading_paused = False
+            self.resume_reading()
+        if self._eof or self._lost:
+            self._end_consumer()
+
+    def pause_reading(self) -> None:
+        """Stop reading from the socket (the consumer is full)."""
+        transport = self._transport
+        if transport is not None and not transport.is_closing() and transport.is_reading():
+            transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        """Read from the socket again."""
+        transport = self._transport
+        if transport is not None and not transport.is_closing() and not transport.is_reading():
+            transport.resume_reading()
 
     def _wake_reader(self) -> None:
         waiter = self._reader

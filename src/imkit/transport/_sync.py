@@ -12,6 +12,7 @@ that exists cost no trip through the event loop; a task waits only when it must.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 import anyio
@@ -139,6 +140,7 @@ class Inbox(Generic[T]):
         self._ready: anyio.Event | None = None
         self._room: anyio.Event | None = None
         self._event = EventFactory()
+        self._on_room: Callable[[], None] | None = None
 
     def __len__(self) -> int:
         return len(self._items)
@@ -166,10 +168,26 @@ class Inbox(Generic[T]):
         self._messages += 1
         self.put(item)
 
+    @property
+    def full(self) -> bool:
+        """Whether ``limit`` messages are queued or being handled."""
+        return self._messages >= self._limit
+
+    def when_room(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (once) as soon as the queue is no longer :attr:`full`."""
+        if not self.full:
+            callback()
+        else:
+            self._on_room = callback
+
     def message_done(self) -> None:
         """The consumer is done with one message: room for the next."""
         if self._messages > 0:
             self._messages -= 1
+        on_room = self._on_room
+        if on_room is not None and self._messages < self._limit:
+            self._on_room = None
+            on_room()
         room = self._room
         if room is not None and self._messages < self._limit:
             self._room = None

@@ -58,6 +58,7 @@ from imkit.core.frames import Frame, FrameType
 from imkit.core.interfaces import HandshakeRequest, Identity
 from imkit.core.peer import CLOSE_POLICY
 from imkit.exceptions import AuthenticationFailed
+from imkit.transport._asyncio_stream import AsyncioSocketStream
 from imkit.transport._lifecycle import (
     HeldFanOut,
     announce,
@@ -139,6 +140,11 @@ class ServerSession(HeldFanOut):
         self._min_step = min(step for step in steps if step is not None)
         # reader and worker
         self._read_scope = anyio.CancelScope()
+        # On asyncio's lean stream the bytes are pushed to the session from the event
+        # loop's callback (``_consume``): no reader task. Other streams are read by one.
+        self._lean = stream if isinstance(stream, AsyncioSocketStream) else None
+        self._blocked = False  # push mode: a handshake is being decided, or the inbox is full
+        self._deferred: list[bytes | None] = []
         self._read_done = Flag()
         self._inbox: Inbox[_Item] = Inbox(server.max_queued_messages)
         self._worker_done = Flag()
@@ -310,7 +316,12 @@ class ServerSession(HeldFanOut):
                 tg.start_soon(self._timer)
                 tg.start_soon(self._worker)
                 with self._read_scope:
-                    await self._read()
+                    if self._lean is not None:
+                        self._lean.consume(self._consume)
+                        await self._read_done.wait()
+                    else:
+                        await self._read()
+                self._end_reading()
                 self._lost()
                 grace = self.server.shutdown_timeout
                 with anyio.move_on_after(grace):
@@ -325,6 +336,7 @@ class ServerSession(HeldFanOut):
                     tg.cancel_scope.cancel()
         finally:
             self._tg = None
+            self._end_reading()  # push mode: later bytes are ignored
             with anyio.CancelScope(shield=True):
                 await self._cleanup()
 
@@ -460,6 +472,71 @@ class ServerSession(HeldFanOut):
                 self._inbox.put_message_nowait(message)
             self._inbox.put(_STOP)
             self._read_done.set()
+
+    def _end_reading(self) -> None:
+        """Nothing more is read: the worker gets the stop marker (once)."""
+        if not self._read_done.is_set():
+            self._inbox.put(_STOP)
+            self._read_done.set()
+
+    def _consume(self, data: bytes | None) -> None:
+        """Push mode: bytes (``None``: end of stream) from the lean stream's callback."""
+        if self._read_done.is_set():
+            return
+        if self._blocked:
+            self._deferred.append(data)  # read before the pause took effect: in turn
+            return
+        try:
+            self._feed(data)
+        except Exception:
+            self.server.logger.exception("connection handler failed (%s)", self.remote_addr)
+            self._abort("internal error")
+            self._end_reading()
+
+    def _feed(self, data: bytes | None) -> None:
+        self.conn.receive_data(data, self.clock.now())
+        for message in self._collect():
+            self._inbox.put_message_nowait(message)
+        if data is None:
+            self._end_reading()
+        elif self._handshakes:
+            self._block()
+            assert self._tg is not None
+            self._tg.start_soon(self._decide_in_turn)
+        elif self._inbox.full:
+            self._block()
+            self._inbox.when_room(self._unblock)
+
+    def _block(self) -> None:
+        assert self._lean is not None
+        self._blocked = True
+        self._lean.pause_reading()
+
+    def _unblock(self) -> None:
+        assert self._lean is not None
+        self._blocked = False
+        deferred = self._deferred
+        while deferred and not self._blocked and not self._read_done.is_set():
+            self._consume(deferred.pop(0))
+        if not self._blocked:
+            self._lean.resume_reading()
+
+    async def _decide_in_turn(self) -> None:
+        """Push mode: decide the handshake (or answer the page) the bytes asked for, with
+        reading paused meanwhile, then read on."""
+        while self._handshakes:
+            request, method = self._handshakes.pop(0)
+            if method is None:
+                messages = await self._handshake(request)
+            else:
+                await self._page(request, method)
+                messages = []
+            for message in messages:
+                self._inbox.put_message_nowait(message)
+        if self._inbox.full:
+            self._inbox.when_room(self._unblock)
+        else:
+            self._unblock()
 
     async def _write(self) -> None:
         await self._writer.run(self._read_done)
