@@ -306,6 +306,40 @@ async def test_pending_orders_by_conversation_and_seq(store: MessageStore) -> No
     assert await store.pending("zed", "phone", limit=100) == []
 
 
+async def test_pending_cursor_and_watermark_combine(store: MessageStore) -> None:
+    """A cursor inside a conversation continues above the higher of it and the device's
+    watermark there; conversations after the cursor's start above their watermarks."""
+    for i in range(6):
+        await send(store, "a_b", "a", "b", f"ab{i}")
+    await send(store, "a_b", "b", "a", "own")  # seq 7: b's own, never pending for b
+    await send(store, "a_b", "a", "b", "ab7")  # seq 8
+    for i in range(3):
+        await send(store, "b_c", "c", "b", f"bc{i}")
+    await send(store, "a_c", "a", "c", "not b's")
+    await store.set_delivered("b", "d", "a_b", 4)
+    await store.set_delivered("b", "d", "b_c", 1)
+
+    def keys(messages: list[StoredMessage]) -> list[tuple[str, int]]:
+        return [(m.conversation_id, m.seq) for m in messages]
+
+    rest = [("b_c", 2), ("b_c", 3)]
+    everything = [("a_b", 5), ("a_b", 6), ("a_b", 8), *rest]
+    assert keys(await store.pending("b", "d", limit=100)) == everything
+    # A cursor below the watermark: the watermark holds; above it: the cursor does.
+    assert keys(await store.pending("b", "d", limit=100, after=("a_b", 2))) == everything
+    assert keys(await store.pending("b", "d", limit=100, after=("a_b", 5))) == everything[1:]
+    assert keys(await store.pending("b", "d", limit=100, after=("a_b", 6))) == everything[2:]
+    # A cursor on a conversation that is not the user's, or before every conversation.
+    assert keys(await store.pending("b", "d", limit=100, after=("a_c", 99))) == rest
+    assert keys(await store.pending("b", "d", limit=100, after=("a", 99))) == everything
+    assert keys(await store.pending("b", "d", limit=100, after=("zz", 0))) == []
+    # Pages across a conversation boundary.
+    page = await store.pending("b", "d", limit=2, after=("a_b", 5))
+    assert keys(page) == [("a_b", 6), ("a_b", 8)]
+    page = await store.pending("b", "d", limit=2, after=(page[-1].conversation_id, page[-1].seq))
+    assert keys(page) == rest
+
+
 async def test_conversations_and_unread_counts(store: MessageStore) -> None:
     await send(store, "alice_bob", "alice", "bob", "1", "hello", send_time=100)
     await send(store, "alice_bob", "bob", "alice", "2", "hi", send_time=110)

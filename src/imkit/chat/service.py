@@ -38,10 +38,11 @@ the connection.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, Protocol, runtime_checkable
 
 import anyio
@@ -167,6 +168,7 @@ class _Device:
         self.peer: dict[str, set[int]] = {}
         self.expect: dict[str, int] = {}
         self.dirty: set[str] = set()
+        self.members: set[str] = set()
         self.sessions: set[str] = set()
         self.live: set[str] = set()
         self.lock = anyio.Lock()
@@ -469,6 +471,8 @@ class ChatService:
         self._replay(key, session)
         covered: dict[str, int] = {}
         after: tuple[str, int] | None = None
+        levels, acks, expect = device.level, device.acked, device.expect
+        push, no_ack = session.push, self.no_ack
         while getattr(session, "is_open", True):
             try:
                 page = await self.store.pending(key[0], key[1], limit=self.page_size, after=after)
@@ -477,16 +481,15 @@ class ChatService:
                 break
             for message in page:
                 conversation, seq = message.conversation_id, message.seq
-                if seq <= device.level.get(conversation, 0) or seq in device.acked.get(
-                    conversation, ()
-                ):
+                if seq <= levels.get(conversation, 0) or seq in acks.get(conversation, ()):
                     continue
                 if not getattr(session, "is_open", True):
                     break
-                await session.push(PUSH_METHOD, message.to_wire(), form_id=message.sender_id)
+                await push(PUSH_METHOD, message.to_wire(), form_id=message.sender_id)
                 covered[conversation] = seq
-                device.expect[conversation] = max(device.expect.get(conversation, 0), seq)
-                if self.no_ack:
+                if expect.get(conversation, 0) < seq:
+                    expect[conversation] = seq
+                if no_ack:
                     await self._advance(key, conversation, [(seq, False)])
             if len(page) < self.page_size:
                 break
@@ -529,13 +532,33 @@ class ChatService:
     # ------------------------------------------------------------------ watermarks
     async def delivered(self, session: Session, frame: Frame) -> None:
         """A device acknowledged a frame: advance its watermarks over what it carried."""
+        user = session.user_id
+        key = (user, session.device_id)
+        data = frame.data
+        if frame.method == PUSH_METHOD and isinstance(data, dict):  # one message: most acks
+            conversation, seq = data.get("conversationId"), data.get("seq")
+            if isinstance(conversation, str) and isinstance(seq, int) and seq > 0:
+                if self._is_member(key, conversation):
+                    await self._advance(key, conversation, ((seq, data.get("sendId") == user),))
+            return
         by_conversation: dict[str, list[tuple[int, bool]]] = {}
-        for conversation, seq, own in _carried(frame, session.user_id):
+        for conversation, seq, own in _carried(frame, user):
             by_conversation.setdefault(conversation, []).append((seq, own))
-        key = (session.user_id, session.device_id)
         for conversation, seqs in by_conversation.items():
-            if session.user_id in _members(conversation):
+            if self._is_member(key, conversation):
                 await self._advance(key, conversation, seqs)
+
+    def _is_member(self, key: Key, conversation: str) -> bool:
+        """Whether the device's user is a member of ``conversation`` (remembered per
+        connected device: the id is parsed once, not on every ack)."""
+        device = self._devices.get(key)
+        if device is not None and conversation in device.members:
+            return True
+        if key[0] not in _members(conversation):
+            return False
+        if device is not None:
+            device.members.add(conversation)
+        return True
 
     async def delivery_failed(self, session: Session, frame: Frame, reason: str) -> None:
         """A frame was given up: keep a lost chat answer for the next connection; close a
@@ -560,24 +583,73 @@ class ChatService:
         device = self._devices.get(key)
         if device is None:
             return  # not connected here (any more): the store keeps the truth
-        async with device.lock:
-            level = await self._level(key, device, conversation)
-            acked = device.acked.setdefault(conversation, set())
-            own = device.own.setdefault(conversation, set())
-            for seq, is_own in seqs:
-                if seq > level:
-                    (own if is_own else acked).add(seq)
-            device.peer.get(conversation, set()).difference_update(acked)
-            new_level, passed_peer = await self._climb(key, device, conversation, level)
-            device.level[conversation] = new_level
-            if passed_peer:
-                device.dirty.add(conversation)
-            written = device.written.get(conversation, 0)
-            if conversation in device.dirty and (
-                new_level >= device.expect.get(conversation, 0)
-                or new_level - written >= self.flush_every
+        if not device.lock.locked() and conversation in device.level:
+            # Nobody is between awaits on this device, and its watermark is known: note the
+            # seqs at once (no await, no checkpoint). Only a hole to read or a watermark to
+            # write needs the store, and with it the lock.
+            level = self._note(device, conversation, device.level[conversation], seqs)
+            if not self._hole(device, conversation, level) and not self._due(
+                device, conversation, level
             ):
+                return
+            seqs = ()
+        async with _locked(device.lock):
+            level = await self._level(key, device, conversation)
+            level = self._note(device, conversation, level, seqs)
+            if self._hole(device, conversation, level):
+                level = await self._climb(key, device, conversation, level)
+            if self._due(device, conversation, level):
                 await self._write(key, device, conversation)
+
+    @staticmethod
+    def _note(
+        device: _Device, conversation: str, level: int, seqs: Iterable[tuple[int, bool]]
+    ) -> int:
+        """Add ``seqs`` to what the device has, raise its watermark over the contiguous
+        ones (without the store), and return the new watermark."""
+        acked = device.acked.get(conversation)
+        if acked is None:
+            acked = device.acked[conversation] = set()
+        own = device.own.get(conversation)
+        if own is None:
+            own = device.own[conversation] = set()
+        for seq, is_own in seqs:
+            if seq > level:
+                (own if is_own else acked).add(seq)
+        peer = device.peer.get(conversation)
+        if peer and acked:
+            peer.difference_update(acked)
+        passed_peer = False
+        while level + 1 in acked or level + 1 in own:
+            level += 1
+            if level in own:
+                own.discard(level)
+                acked.discard(level)
+            else:
+                passed_peer = True
+                acked.discard(level)
+        for seen in (own, peer):
+            if seen:
+                seen.difference_update([s for s in seen if s <= level])
+        device.level[conversation] = level
+        if passed_peer:
+            device.dirty.add(conversation)
+        return level
+
+    @staticmethod
+    def _hole(device: _Device, conversation: str, level: int) -> bool:
+        """Whether acked seqs wait above a hole whose next seq is not known to be the
+        peer's (who sent it must be read from the store)."""
+        return bool(device.acked.get(conversation)) and level + 1 not in device.peer.get(
+            conversation, ()
+        )
+
+    def _due(self, device: _Device, conversation: str, level: int) -> bool:
+        """Whether the watermark must be written now."""
+        return conversation in device.dirty and (
+            level >= device.expect.get(conversation, 0)
+            or level - device.written.get(conversation, 0) >= self.flush_every
+        )
 
     async def _level(self, key: Key, device: _Device, conversation: str) -> int:
         if conversation not in device.level:
@@ -590,26 +662,13 @@ class ChatService:
             device.written.setdefault(conversation, level)
         return device.level[conversation]
 
-    async def _climb(
-        self, key: Key, device: _Device, conversation: str, level: int
-    ) -> tuple[int, bool]:
-        """The watermark after ``level`` (over acked and own seqs, reading who sent the seqs
-        of a hole from the store once), and whether it passed a peer's message."""
+    async def _climb(self, key: Key, device: _Device, conversation: str, level: int) -> int:
+        """Read who sent the seqs of the hole above ``level`` from the store, and raise the
+        watermark over those the device's user sent (and what follows them); the result."""
         acked = device.acked[conversation]
         own = device.own.setdefault(conversation, set())
         peer = device.peer.setdefault(conversation, set())
-        passed_peer = False
-        while True:
-            while level + 1 in acked or level + 1 in own:
-                level += 1
-                if level in own:
-                    own.discard(level)
-                    acked.discard(level)
-                else:
-                    passed_peer = True
-                    acked.discard(level)
-            if not acked or level + 1 in peer:
-                break
+        while acked and level + 1 not in peer:
             top = min(acked) - 1  # the hole is level+1 .. top
             try:
                 page = await self.store.read_after(
@@ -623,9 +682,8 @@ class ChatService:
                     (own if message.sender_id == key[0] else peer).add(message.seq)
             if level + 1 not in own:
                 break
-        for seqs in (own, peer):
-            seqs.difference_update([s for s in seqs if s <= level])
-        return level, passed_peer
+            level = self._note(device, conversation, level, ())
+        return level
 
     async def _write(self, key: Key, device: _Device, conversation: str) -> None:
         target = device.level[conversation]
@@ -657,6 +715,20 @@ class ChatService:
         if not device.sessions and self._devices.get(key) is device:
             del self._devices[key]
         device.notify()
+
+
+@contextlib.asynccontextmanager
+async def _locked(lock: anyio.Lock) -> AsyncIterator[None]:
+    """Hold ``lock``; taken without a checkpoint when it is free (as it is for nearly every
+    ack), so a run of acks does not cost an event-loop round trip each."""
+    try:
+        lock.acquire_nowait()
+    except anyio.WouldBlock:
+        await lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _members(conversation_id: str) -> tuple[str, ...]:

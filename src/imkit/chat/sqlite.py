@@ -634,15 +634,19 @@ class SQLiteStore(StoreLifecycle):
         check_text("device_id", device_id, allow_empty=True)
         check_limit(limit)
         cursor_conversation, cursor_seq = check_cursor(after)
+        # Conversations in key order, each one's watermark, then its messages by primary
+        # key from above the watermark (or the cursor): a range read per conversation, no
+        # sort. CROSS JOIN keeps that join order (SQLite does not reorder it).
         return await self._select(
             f"SELECT {_M_COLUMNS} FROM imkit_members mb"
-            " JOIN imkit_messages m ON m.conversation_id = mb.conversation_id"
             " LEFT JOIN imkit_delivered d ON d.user_id = mb.user_id AND d.device_id = ?"
             "  AND d.conversation_id = mb.conversation_id"
-            " WHERE mb.user_id = ? AND m.seq > COALESCE(d.seq, 0) AND m.sender_id <> mb.user_id"
-            "  AND (m.conversation_id > ? OR (m.conversation_id = ? AND m.seq > ?))"
-            " ORDER BY m.conversation_id, m.seq LIMIT ?",
-            (device_id, user_id, cursor_conversation, cursor_conversation, cursor_seq, limit),
+            " CROSS JOIN imkit_messages m ON m.conversation_id = mb.conversation_id"
+            "  AND m.seq > CASE WHEN mb.conversation_id = ? THEN max(COALESCE(d.seq, 0), ?)"
+            "   ELSE COALESCE(d.seq, 0) END"
+            " WHERE mb.user_id = ? AND mb.conversation_id >= ? AND m.sender_id <> mb.user_id"
+            " ORDER BY mb.conversation_id, m.seq LIMIT ?",
+            (device_id, cursor_conversation, cursor_seq, user_id, cursor_conversation, limit),
         )
 
     async def get_read(self, user_id: str, conversation_id: str) -> int:
