@@ -112,6 +112,31 @@ async def test_on_connect_pushes_come_before_fan_out_sent_meanwhile() -> None:
     assert log == [("connect", "dora"), ("disconnect", "dora", 0)]
 
 
+async def test_a_hooks_release_filter_outlives_the_servers_own_release() -> None:
+    """An ``on_connect`` hook that releases the fan-out with a filter (as the chat
+    catch-up does) keeps that filter for the pushes that arrive later: the server's own
+    release after the hooks does not drop it. (It did: a message stored just as a device
+    connected was pushed twice, by the catch-up and live.)"""
+    app, _seen = make_app()
+
+    @app.on_connect
+    async def catch_up(session: imkit.Session, server: imkit.ServerAPI) -> None:
+        await session.push("caught_up", {"n": 1})
+        await session.release(lambda frame: frame.data != {"n": 1})
+
+    with anyio.fail_after(10):
+        async with MemoryServer(app) as server:
+            async with server.connect(user_id="erin") as client:
+                first = await client.receive()
+                assert (first.method, first.data) == ("caught_up", {"n": 1})
+                # The hooks are over, so is the server's release; the live copy comes now.
+                await anyio.wait_all_tasks_blocked()
+                await server.send_to_users(["erin"], "live", {"n": 1})  # already sent
+                await server.send_to_users(["erin"], "live", {"n": 2})
+                got = await client.receive()
+                assert (got.method, got.data) == ("live", {"n": 2})
+
+
 async def test_delivery_hooks_report_acks_timeouts_and_closes() -> None:
     clock = FakeClock()
     app, _seen = make_app()

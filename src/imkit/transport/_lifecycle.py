@@ -96,8 +96,12 @@ class HeldFanOut:
 
         ``keep`` goes on filtering later fan-out pushes: one that was on its way while
         the hold ended (its handler read the store before the release) is judged alike.
+        A call without ``keep`` on a session that is not held changes nothing (the server
+        releases once more after the ``on_connect`` hooks; a hook's filter must survive).
         """
         held, self._held = self._held, None
+        if held is None and keep is None:
+            return  # not held: nothing to send, and the filter of the last release stays
         self._keep = keep
         for frame in held or ():
             if keep is None or keep(frame):
