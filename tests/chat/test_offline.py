@@ -126,6 +126,26 @@ async def test_catch_up_holds_live_pushes_so_bob_sees_seqs_rising(tmp_path: Path
     assert all(s > 600 for s in repeated), f"catch-up messages came twice: {sorted(repeated)}"
 
 
+async def test_a_catch_up_in_pages_crosses_conversations_in_order(tmp_path: Path) -> None:
+    """Read five at a time, Bob's catch-up of three conversations (with one message of
+    his own among them) brings each peer message once, by conversation, then seq."""
+    with anyio.fail_after(30):
+        async with chat_server(SQLiteStore(tmp_path / "chat.db")) as srv:
+            srv.service.catch_up_page = 5
+            await send_many(srv.url, 1, sender="bob", to="carol")  # before any is pending
+            for sender in ("alice", "carol", "dave"):
+                await send_many(srv.url, 4, sender=sender)
+            async with connect(ws_url(srv.url, "bob")) as bob:
+                pushes = await raw_pushes(bob, 12)
+                assert await nothing_more(bob) == []
+    got = [(p["conversationId"], p["seq"]) for p in pushes]
+    assert got == [
+        (private_conversation_id(sender, "bob"), seq)
+        for sender in ("alice", "carol", "dave")
+        for seq in (range(2, 6) if sender == "carol" else range(1, 5))
+    ]
+
+
 @pytest.mark.parametrize("ack_mode", ["none", "only", "rigor"])
 async def test_offline_and_live_delivery_in_every_ack_mode(ack_mode: str) -> None:
     """In each ack mode Bob gets the offline messages, then live ones, and a reconnect

@@ -57,6 +57,7 @@ from imkit.exceptions import HandlerError, StoreError, StoreUnavailable
 __all__ = (
     "CHAT_METHOD",
     "CHAT_TYPE_PRIVATE",
+    "DEFAULT_CATCH_UP_PAGE",
     "DEFAULT_FLUSH_EVERY",
     "DEFAULT_HANDOVER_TIMEOUT",
     "DEFAULT_MAX_CONTENT_BYTES",
@@ -75,6 +76,8 @@ READ_METHOD = "conversation.read"
 # Precedent: CASES.md §C23 (a 64 KB IM limit under the 1 MiB WebSocket limit).
 DEFAULT_MAX_CONTENT_BYTES = 64 * 1024
 DEFAULT_PAGE_SIZE = 200
+# Messages the catch-up reads from the store at a time (one query each).
+DEFAULT_CATCH_UP_PAGE = 1000
 # Acked messages a watermark may run ahead of the store (what a crash may push again).
 DEFAULT_FLUSH_EVERY = 64
 # How long a new connection waits for the device's previous one to finish closing.
@@ -186,7 +189,9 @@ class ChatService:
     ``install(app)`` registers the routes and hooks. ``now_ms`` gives the server time in
     milliseconds since the epoch (tests pass a fake one). ``echo_to_sender`` pushes each
     message to the sender's connections too (its other devices); by default it is on
-    exactly when the app's login policy is ``"multi"``.
+    exactly when the app's login policy is ``"multi"``. ``page_size`` caps what one
+    ``conversation.sync`` or ``getChatLog`` answer carries per conversation;
+    ``catch_up_page`` is how many messages the catch-up reads from the store at a time.
     """
 
     def __init__(
@@ -195,17 +200,21 @@ class ChatService:
         *,
         max_content_bytes: int = DEFAULT_MAX_CONTENT_BYTES,
         page_size: int = DEFAULT_PAGE_SIZE,
+        catch_up_page: int = DEFAULT_CATCH_UP_PAGE,
         flush_every: int = DEFAULT_FLUSH_EVERY,
         handover_timeout: float = DEFAULT_HANDOVER_TIMEOUT,
         echo_to_sender: bool | None = None,
         now_ms: Callable[[], int] = _now_ms,
         logger: logging.Logger | None = None,
     ) -> None:
-        if max_content_bytes < 0 or page_size < 1 or flush_every < 1:
-            raise ValueError("max_content_bytes >= 0, page_size >= 1 and flush_every >= 1")
+        if max_content_bytes < 0 or min(page_size, catch_up_page, flush_every) < 1:
+            raise ValueError(
+                "max_content_bytes >= 0; page_size, catch_up_page and flush_every >= 1"
+            )
         self.store = store
         self.max_content_bytes = max_content_bytes
         self.page_size = page_size
+        self.catch_up_page = catch_up_page
         self.flush_every = flush_every
         self.handover_timeout = handover_timeout
         self.echo_to_sender = echo_to_sender
@@ -472,10 +481,10 @@ class ChatService:
         covered: dict[str, int] = {}
         after: tuple[str, int] | None = None
         levels, acks, expect = device.level, device.acked, device.expect
-        push, no_ack = session.push, self.no_ack
+        push, no_ack, limit = session.push, self.no_ack, self.catch_up_page
         while getattr(session, "is_open", True):
             try:
-                page = await self.store.pending(key[0], key[1], limit=self.page_size, after=after)
+                page = await self.store.pending(key[0], key[1], limit=limit, after=after)
             except (StoreError, ValueError) as exc:
                 self.logger.warning("catch-up for %r stopped (sent later): %s", key[0], exc)
                 break
@@ -491,7 +500,7 @@ class ChatService:
                     expect[conversation] = seq
                 if no_ack:
                     await self._advance(key, conversation, [(seq, False)])
-            if len(page) < self.page_size:
+            if len(page) < limit:
                 break
             after = (page[-1].conversation_id, page[-1].seq)
         released: list[tuple[str, int, bool]] = []
