@@ -438,8 +438,9 @@ class Sender(_Machine):
         self, mode: AckMode, timers: AckTimers | None = None, *, partner: Receiver | None = None
     ) -> None:
         super().__init__(mode, timers or AckTimers())
-        self._backlog: deque[Frame] = deque()
-        self._backlog_ids: set[str] = set()
+        # Made on first use: most senders never fill their window.
+        self._backlog: deque[Frame] | None = None
+        self._backlog_ids: set[str] | None = None
         if partner is not None:
             # A server keeps one Receiver per identity across its connections; each
             # connection's Sender shares, through it, the memory of the ids that were
@@ -450,7 +451,7 @@ class Sender(_Machine):
     @property
     def backlog(self) -> int:
         """How many messages wait for room in the window."""
-        return len(self._backlog)
+        return len(self._backlog) if self._backlog is not None else 0
 
     def send(self, frame: Frame, now: float) -> list[Effect]:
         """Send a new ``Data`` frame; its id must not be in flight or remembered."""
@@ -458,11 +459,13 @@ class Sender(_Machine):
             message_id = frame.id
             if message_id in self._live or message_id in self._memory:
                 raise LocalProtocolError(f"message id {message_id!r} is already in use")
-            if message_id in self._backlog_ids:
+            if self._backlog_ids is not None and message_id in self._backlog_ids:
                 raise LocalProtocolError(f"message id {message_id!r} is already queued")
             if not message_id:
                 raise LocalProtocolError("an acked message needs a non-empty id")
             if self._backlog or len(self._live) >= self.timers.window:
+                if self._backlog is None or self._backlog_ids is None:
+                    self._backlog, self._backlog_ids = deque(), set()
                 self._backlog.append(frame)
                 self._backlog_ids.add(message_id)
                 return []
@@ -499,16 +502,15 @@ class Sender(_Machine):
 
     def drop_backlog(self) -> list[Frame]:
         """Remove and return the messages that never left the backlog."""
-        frames = list(self._backlog)
-        self._backlog.clear()
-        self._backlog_ids.clear()
+        frames = list(self._backlog or ())
+        self._backlog = self._backlog_ids = None
         return frames
 
     def _drain(self, now: float, effects: list[Effect]) -> None:
-        backlog = self._backlog
-        while backlog and len(self._live) < self.timers.window:
+        backlog, ids = self._backlog, self._backlog_ids
+        while backlog and ids is not None and len(self._live) < self.timers.window:
             frame = backlog.popleft()
-            self._backlog_ids.discard(frame.id)
+            ids.discard(frame.id)
             self._apply(frame, State.NEW, Input.SEND, now, effects)
 
 

@@ -225,7 +225,7 @@ class ServerConn(_Conn):
             self._refuse(400, "bad WebSocket handshake")
             return
         del request
-        self._head.clear()
+        self._head = bytearray()  # a new, empty one: clear() keeps the grown buffer
         extra = [] if self.raw else [(b"imkit-ack-mode", options.ack_mode.value.encode())]
         extra.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in headers)
         self._out.append(ws.send(AcceptConnection(extra_headers=extra, subprotocol=subprotocol)))

@@ -138,7 +138,7 @@ class Peer:
         self._next_id = 0
         self._out: list[str] = []
         self._events: list[Event] = []
-        self._strikes: deque[float] = deque()
+        self._strikes: deque[float] | None = None  # made at the first strike
         self._last_activity = now
         self._tokens = float(options.rate_burst)
         self._tokens_at = now
@@ -257,6 +257,8 @@ class Peer:
         self._out.append(encode_frame(error_frame(code, message, frame_id, **extra)))
         window = self.options.strike_window
         strikes = self._strikes
+        if strikes is None:
+            strikes = self._strikes = deque()
         strikes.append(now)
         while strikes and strikes[0] <= now - window:
             strikes.popleft()

@@ -24,10 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections import deque
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
@@ -44,7 +43,15 @@ def _library_cvar() -> ContextVar[str | None] | None:
 
 _LIBRARY = _library_cvar()
 
-__all__ = ("DEFAULT_MAX_READ_BUFFER", "AsyncioSocketStream", "accept_stream", "running_on_asyncio")
+T = TypeVar("T")
+
+__all__ = (
+    "DEFAULT_MAX_READ_BUFFER",
+    "AsyncioSocketStream",
+    "accept_stream",
+    "run_as_asyncio",
+    "running_on_asyncio",
+)
 
 DEFAULT_MAX_READ_BUFFER = 256 * 1024
 """Unread bytes at which a connection stops reading from its socket."""
@@ -70,7 +77,7 @@ class AsyncioSocketStream(anyio.abc.SocketStream, asyncio.Protocol):
         self._loop = loop
         self._transport: asyncio.Transport | None = None
         self._max_read_buffer = max_read_buffer
-        self._chunks: deque[bytes] = deque()
+        self._chunks: list[bytes] = []  # few: a list is lighter than a deque
         self._unread = 0
         self._reading_paused = False
         self._eof = False
@@ -142,18 +149,14 @@ class AsyncioSocketStream(anyio.abc.SocketStream, asyncio.Protocol):
             self._call_consumer(None)
 
     def _call_consumer(self, data: bytes | None) -> None:
-        """Run the consumer as asyncio code: a protocol callback runs outside any task,
-        where sniffio (which anyio asks) cannot tell which library is running."""
         consumer = self._consumer
         assert consumer is not None
-        if _LIBRARY is None:  # pragma: no cover - see _library_cvar
-            consumer(data)
-            return
-        token = _LIBRARY.set("asyncio")
-        try:
-            consumer(data)
-        finally:
-            _LIBRARY.reset(token)
+        run_as_asyncio(consumer, data)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop this connection lives in."""
+        return self._loop
 
     # ------------------------------------------------------------------ consuming
     def consume(self, consumer: Callable[[bytes | None], None]) -> None:
@@ -299,10 +302,10 @@ class AsyncioSocketStream(anyio.abc.SocketStream, asyncio.Protocol):
                 await waiter
             finally:
                 self._reader = None
-        chunk = chunks.popleft()
+        chunk = chunks.pop(0)
         if len(chunk) > max_bytes:
             chunk, rest = chunk[:max_bytes], chunk[max_bytes:]
-            chunks.appendleft(rest)
+            chunks.insert(0, rest)
         self._unread -= len(chunk)
         if self._reading_paused and self._unread < self._max_read_buffer // 2:
             self._reading_paused = False
@@ -373,6 +376,20 @@ class AsyncioSocketStream(anyio.abc.SocketStream, asyncio.Protocol):
             SocketAttribute.remote_address: lambda: transport.get_extra_info("peername"),
             SocketAttribute.remote_port: lambda: transport.get_extra_info("peername")[1],
         }
+
+
+def run_as_asyncio(function: Callable[[T], None], argument: T) -> None:
+    """Call ``function(argument)`` from an asyncio callback (a protocol method, a
+    ``call_at`` timer) as asyncio code: outside any task, sniffio (which anyio asks)
+    cannot tell which library is running, and anyio calls would fail."""
+    if _LIBRARY is None:  # pragma: no cover - see _library_cvar
+        function(argument)
+        return
+    token = _LIBRARY.set("asyncio")
+    try:
+        function(argument)
+    finally:
+        _LIBRARY.reset(token)
 
 
 def running_on_asyncio() -> bool:

@@ -28,6 +28,7 @@ pushes that failed, then ``on_disconnect``.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import secrets
 from typing import TYPE_CHECKING, Any
@@ -58,7 +59,7 @@ from imkit.core.frames import Frame, FrameType
 from imkit.core.interfaces import HandshakeRequest, Identity
 from imkit.core.peer import CLOSE_POLICY
 from imkit.exceptions import AuthenticationFailed
-from imkit.transport._asyncio_stream import AsyncioSocketStream
+from imkit.transport._asyncio_stream import AsyncioSocketStream, run_as_asyncio
 from imkit.transport._lifecycle import (
     HeldFanOut,
     announce,
@@ -70,6 +71,7 @@ from imkit.transport._lifecycle import (
 )
 from imkit.transport._sync import Flag, Inbox
 from imkit.transport._writer import STREAM_ERRORS, StreamWriter
+from imkit.transport.clock import AnyioClock
 
 if TYPE_CHECKING:
     from imkit.transport.server import Server
@@ -125,6 +127,10 @@ class ServerSession(HeldFanOut):
         # timer
         self._timer_scope: anyio.CancelScope | None = None
         self._timer_at = math.inf
+        # On the lean asyncio stream with the real clock the timer is an event-loop
+        # timer (``call_at``), not a task: an idle connection then costs no timer task.
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
+        self._timer_handle: asyncio.TimerHandle | None = None
         self._expires_at: float | None = None
         self._revalidate_at: float | None = None
         # No activity sets a deadline sooner than this from now (the smallest of the
@@ -313,7 +319,11 @@ class ServerSession(HeldFanOut):
                 self._tg = tg
                 if self._writer.needs_task:
                     tg.start_soon(self._write)
-                tg.start_soon(self._timer)
+                if self._lean is not None and isinstance(self.clock, AnyioClock):
+                    self._timer_loop = self._lean.loop
+                    self._arm_timer()
+                else:
+                    tg.start_soon(self._timer)
                 tg.start_soon(self._worker)
                 with self._read_scope:
                     if self._lean is not None:
@@ -337,6 +347,9 @@ class ServerSession(HeldFanOut):
         finally:
             self._tg = None
             self._end_reading()  # push mode: later bytes are ignored
+            if self._timer_handle is not None:
+                self._timer_handle.cancel()
+                self._timer_handle = None
             with anyio.CancelScope(shield=True):
                 await self._cleanup()
 
@@ -373,7 +386,7 @@ class ServerSession(HeldFanOut):
                 self._handshakes.append((event.request, event.method))
         if room and self._room_waiters:
             self._signal_room()
-        if self._timer_scope is not None and (
+        if (self._timer_scope is not None or self._timer_loop is not None) and (
             self.closed_with is not None or self._timer_at > self.clock.now() + self._min_step
         ):
             deadline = self._deadline()
@@ -391,6 +404,9 @@ class ServerSession(HeldFanOut):
         return deadline
 
     def _wake_timer(self) -> None:
+        if self._timer_loop is not None:
+            self._arm_timer()
+            return
         scope, self._timer_scope = self._timer_scope, None
         if scope is not None:
             scope.cancel()
@@ -544,11 +560,10 @@ class ServerSession(HeldFanOut):
 
     # ------------------------------------------------------------------ timer
     async def _timer(self) -> None:
-        conn = self.conn
+        """The timer as a task: sleeps on the session's clock until the next deadline."""
         clock = self.clock
         while self.closed_with is None:
             deadline = self._deadline()
-            expires, revalidate = self._expires_at, self._revalidate_at
             target = math.inf if deadline is None else deadline
             with anyio.CancelScope() as scope:
                 self._timer_at = target
@@ -558,19 +573,47 @@ class ServerSession(HeldFanOut):
             self._timer_at = math.inf
             if self.closed_with is not None:
                 return
-            now = clock.now()
-            if expires is not None and now >= expires:
-                self._expires_at = None
-                self.close_nowait(CLOSE_POLICY, "credential expired")
-            elif revalidate is not None and now >= revalidate:
-                self._revalidate_at = now + (self.app.revalidate_interval or math.inf)
-                assert self._tg is not None
-                self._tg.start_soon(self._revalidate)
-            elif deadline is not None and now >= deadline:
-                conn.handle_timeout(now)
+            self._timer_due(clock.now())
+            await anyio.lowlevel.checkpoint()
+
+    def _arm_timer(self) -> None:
+        """The timer as an event-loop timer: (re)schedule it for the next deadline."""
+        assert self._timer_loop is not None
+        if self._timer_handle is not None:
+            self._timer_handle.cancel()
+            self._timer_handle = None
+        self._timer_at = math.inf
+        if self.closed_with is not None or self._tg is None:
+            return
+        deadline = self._deadline()
+        if deadline is not None:
+            self._timer_at = deadline
+            self._timer_handle = self._timer_loop.call_at(deadline, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        self._timer_handle = None
+        self._timer_at = math.inf
+        run_as_asyncio(self._timer_due, self.clock.now())
+        self._arm_timer()
+
+    def _timer_due(self, now: float) -> None:
+        """Fire what is due at ``now``: expiry, revalidation, the core's deadlines."""
+        if self.closed_with is not None:
+            return
+        expires, revalidate = self._expires_at, self._revalidate_at
+        if expires is not None and now >= expires:
+            self._expires_at = None
+            self.close_nowait(CLOSE_POLICY, "credential expired")
+        elif revalidate is not None and now >= revalidate:
+            self._revalidate_at = now + (self.app.revalidate_interval or math.inf)
+            assert self._tg is not None
+            self._tg.start_soon(self._revalidate)
+        else:
+            deadline = self.conn.next_deadline()
+            if deadline is not None and now >= deadline:
+                self.conn.handle_timeout(now)
                 for message in self._collect():  # pragma: no cover - timeouts never dispatch
                     self._inbox.put_message_nowait(message)
-            await anyio.lowlevel.checkpoint()
 
     # ------------------------------------------------------------------ worker
     async def _worker(self) -> None:
