@@ -142,13 +142,26 @@ class Inbox(Generic[T]):
         self._room: anyio.Event | None = None
         self._event = EventFactory()
         self._on_room: Callable[[], None] | None = None
+        self._on_first: Callable[[], None] | None = None
 
     def __len__(self) -> int:
         return len(self._items)
 
+    def when_first_item(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (once) when the first item is queued (the consumer can be
+        started lazily: an idle connection then has none)."""
+        if self._items:
+            callback()
+        else:
+            self._on_first = callback
+
     def put(self, item: T) -> None:
         """Queue an item that is not counted against the limit (an event, the end)."""
         self._items.append(item)
+        on_first = self._on_first
+        if on_first is not None:
+            self._on_first = None
+            on_first()
         ready = self._ready
         if ready is not None:
             self._ready = None

@@ -324,7 +324,8 @@ class ServerSession(HeldFanOut):
                     self._arm_timer()
                 else:
                     tg.start_soon(self._timer)
-                tg.start_soon(self._worker)
+                # The worker starts with the first message or event: none while idle.
+                self._inbox.when_first_item(self._start_worker)
                 with self._read_scope:
                     if self._lean is not None:
                         self._lean.consume(self._consume)
@@ -616,6 +617,11 @@ class ServerSession(HeldFanOut):
                     self._inbox.put_message_nowait(message)
 
     # ------------------------------------------------------------------ worker
+    def _start_worker(self) -> None:
+        if self._tg is not None:
+            self._tg.start_soon(self._worker)
+        # else: the session is ending; _cleanup runs the hooks of what is queued
+
     async def _worker(self) -> None:
         inbox = self._inbox
         try:
