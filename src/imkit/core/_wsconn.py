@@ -131,6 +131,35 @@ class _Conn:
     gets (any fault in them closes the connection before that matters).
     """
 
+    # Slots keep a connection small; ``__dict__`` stays for subclasses' own fields.
+    __slots__ = (
+        "__dict__",
+        "_bin_parts",
+        "_close_code",
+        "_close_due",
+        "_close_reason",
+        "_created",
+        "_events",
+        "_fragments",
+        "_lean_max",
+        "_lean_on",
+        "_next_ping",
+        "_out",
+        "_part_bytes",
+        "_parts",
+        "_ping_count",
+        "_pong_due",
+        "_pt_head",
+        "_pt_left",
+        "_pt_msg",
+        "_pt_phase",
+        "_ws",
+        "limits",
+        "peer",
+        "raw",
+        "state",
+    )
+
     _ws: WSConnection | None
     peer: Peer | None
     _lean: bool = True

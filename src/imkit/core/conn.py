@@ -92,6 +92,16 @@ class ServerConn(_Conn):
     event and :meth:`send_raw` sends one. The limits of :class:`ConnLimits` still apply.
     """
 
+    __slots__ = (
+        "_deciding",
+        "_head",
+        "allowed_origins",
+        "identity",
+        "path",
+        "remote_addr",
+        "request",
+    )
+
     def __init__(
         self,
         *,
@@ -259,6 +269,15 @@ class ClientConn(_Conn):
     ``sender`` and ``receiver`` may be kept across reconnects so that unacknowledged
     messages are resent with their original ids and pushes are not handled twice.
     """
+
+    __slots__ = (
+        "_receiver_factory",
+        "_reject",
+        "_reject_body",
+        "_sender_factory",
+        "ack_mode",
+        "options",
+    )
 
     _out_mask = 0x80  # a client masks what it sends (RFC 6455 §5.3)
     _in_mask = 0  # and gets unmasked frames

@@ -112,6 +112,27 @@ class Peer:
     keeps both across reconnects.
     """
 
+    # Slots keep a connection small; ``__dict__`` stays for subclasses' own fields.
+    __slots__ = (
+        "__dict__",
+        "_accepts_method",
+        "_events",
+        "_last_activity",
+        "_next_id",
+        "_out",
+        "_prefix",
+        "_strikes",
+        "_tokens",
+        "_tokens_at",
+        "close_request",
+        "closed",
+        "options",
+        "receiver",
+        "sender",
+        "server",
+        "user_id",
+    )
+
     def __init__(
         self,
         options: PeerOptions,

@@ -54,6 +54,10 @@ class HeldFanOut:
     :meth:`release` sends those its filter keeps. A session provides ``send_now`` and
     ``_new_id``."""
 
+    # Slots (with a __dict__ for what applications attach to a session) keep an idle
+    # connection small; a session's own attributes are listed in its class.
+    __slots__ = ("__dict__", "_held", "_keep")
+
     _held: list[Frame] | None
 
     def send_now(
@@ -71,7 +75,7 @@ class HeldFanOut:
     def _new_id(self) -> str:
         raise NotImplementedError  # pragma: no cover - every session defines it
 
-    _keep: Callable[[Frame], bool] | None = None
+    _keep: Callable[[Frame], bool] | None
 
     def deliver(self, method: str, data: Any, *, form_id: str = "") -> None:
         """Fan-out delivery: queued while the session is held, else sent at once (if the

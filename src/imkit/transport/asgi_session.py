@@ -137,6 +137,7 @@ class ASGISession(HeldFanOut):
         self._room = Flag()
         self._room_waiters = 0
         self._held: list[Frame] | None = []
+        self._keep: Callable[[Frame], bool] | None = None
         # life cycle
         self._connected_done = Flag()
         self._disconnected = False

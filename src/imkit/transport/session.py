@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import math
 import secrets
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -98,6 +99,41 @@ class ServerSession(HeldFanOut):
     ``ctx.session``, ``server.sessions(user_id)`` and the hooks.
     """
 
+    __slots__ = (
+        "_blocked",
+        "_connected_done",
+        "_deferred",
+        "_disconnected",
+        "_expires_at",
+        "_finished",
+        "_handshakes",
+        "_identity",
+        "_inbox",
+        "_lean",
+        "_min_step",
+        "_read_done",
+        "_read_scope",
+        "_registered",
+        "_revalidate_at",
+        "_room",
+        "_room_waiters",
+        "_stream",
+        "_tg",
+        "_timer_at",
+        "_timer_handle",
+        "_timer_loop",
+        "_timer_scope",
+        "_worker_done",
+        "_writer",
+        "app",
+        "clock",
+        "closed_with",
+        "conn",
+        "epoch",
+        "remote_addr",
+        "server",
+    )
+
     def __init__(self, server: Server, stream: anyio.abc.ByteStream, remote_addr: str = "") -> None:
         app = server.app
         self.server = server
@@ -159,6 +195,7 @@ class ServerSession(HeldFanOut):
         self._room = Flag()
         self._room_waiters = 0
         self._held: list[Frame] | None = []
+        self._keep: Callable[[Frame], bool] | None = None
         # life cycle
         self._tg: anyio.abc.TaskGroup | None = None
         self._identity: Identity | None = None
