@@ -236,9 +236,20 @@ async def test_two_processes_share_one_file(tmp_path: Path) -> None:
         try:
             with anyio.fail_after(30):
                 for proc in (proc_a, proc_b):
-                    assert proc.stdout is not None
+                    assert proc.stdout is not None and proc.stderr is not None
                     lines = BufferedByteReceiveStream(proc.stdout)
-                    assert await lines.receive_until(b"\n", 100) == b"ready"
+                    try:
+                        ready = await lines.receive_until(b"\n", 100)
+                    except anyio.IncompleteRead:  # it died: say why
+                        errors = b""
+                        with anyio.move_on_after(5):
+                            try:
+                                while True:
+                                    errors += await proc.stderr.receive()
+                            except anyio.EndOfStream:
+                                pass
+                        pytest.fail(f"a writer died: {errors[-2000:]!r}")
+                    assert ready == b"ready"
                 go.touch()
                 for proc in (proc_a, proc_b):
                     assert await proc.wait() == 0
@@ -293,3 +304,41 @@ async def test_acknowledged_appends_survive_kill_9(tmp_path: Path, synchronous: 
     by_id = {m.msg_id: m.seq for m in stored}
     for msg_id, seq in acked:
         assert by_id[msg_id] == seq
+
+
+async def test_opening_waits_for_another_process_lock_then_says_unavailable(
+    tmp_path: Path,
+) -> None:
+    """Another process holds the file's write lock while a server starts: opening waits
+    (up to ``busy_timeout``) and succeeds once the lock is gone; a lock held for longer
+    than that makes ``open`` fail with ``StoreUnavailable``, not hang."""
+    path = tmp_path / "chat.db"
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("CREATE TABLE held (x)")
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(StoreUnavailable):
+            with anyio.fail_after(10):
+                await SQLiteStore(path, busy_timeout=0.2).open()
+
+        async def release_soon() -> None:
+            await anyio.sleep(0.3)
+            other.execute("COMMIT")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(release_soon)
+            with anyio.fail_after(10):
+                async with SQLiteStore(path, busy_timeout=5) as store:
+                    message, created = await store.append(
+                        conversation_id="a_b",
+                        sender_id="a",
+                        recv_id="b",
+                        msg_id="m1",
+                        chat_type=2,
+                        m_type=0,
+                        content="after the lock",
+                        send_time=1,
+                    )
+        assert created and message.seq == 1
+    finally:
+        other.close()

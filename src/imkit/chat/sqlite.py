@@ -48,6 +48,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeVar
 
@@ -319,6 +320,25 @@ class SQLiteStore(StoreLifecycle):
             raise
 
     def _connect(self) -> sqlite3.Connection:
+        """Open, set up and migrate the database. Another process opening the same new
+        file at once can make this fail with "database is locked" at once, without the
+        busy handler (a lock upgrade SQLite refuses to wait for, to avoid a deadlock):
+        such failures are retried with a growing pause for up to ``busy_timeout``."""
+        deadline = time.monotonic() + self._busy_timeout
+        pause = 0.005
+        while True:
+            try:
+                return self._connect_once()
+            except sqlite3.OperationalError as exc:
+                code = getattr(exc, "sqlite_errorcode", None)
+                busy = (code & 0xFF) in (5, 6) if code is not None else "locked" in str(exc)
+                if not busy or time.monotonic() + pause > deadline:
+                    raise
+                logger.debug("%s is locked while opening; retrying: %s", self._path, exc)
+                time.sleep(pause)
+                pause = min(pause * 2, 0.2)
+
+    def _connect_once(self) -> sqlite3.Connection:
         conn = sqlite3.connect(
             self._path,
             timeout=self._busy_timeout,
