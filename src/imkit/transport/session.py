@@ -1,21 +1,29 @@
 """One client connection on the server: a core :class:`~imkit.core.conn.ServerConn` driven
 over an anyio byte stream.
 
-Four tasks per connection, all in one task group so that no failure goes unseen:
+Four jobs per connection, all in one task group so that no failure goes unseen:
 
-* the **reader** reads bytes, feeds the core, and hands messages to the worker through a
-  bounded queue (``max_queued_messages``): when the worker falls behind, the reader stops
-  reading and TCP pushes back on the client;
+* the **reader** feeds the bytes read to the core and hands messages to the worker through
+  a bounded queue (``max_queued_messages``): when the worker falls behind, reading stops
+  and TCP pushes back on the client;
 * the **worker** runs the route handlers of this connection in order (under the
   server-wide handler limit), the delivery hooks, and at the end the disconnect hooks;
 * the **writer** (:class:`~imkit.transport._writer.StreamWriter`) writes what the core
-  produced. Writes never block a pusher: bytes go to a buffer that the writer drains, and
-  a client whose unsent bytes pass ``max_write_buffer`` is cut off at once: its socket is
+  produced. Writes never block a pusher: bytes go to a buffer that is drained, and a
+  client whose unsent bytes pass ``max_write_buffer`` is cut off at once: its socket is
   reset, so it sees no close frame (a WebSocket client reports 1006);
-* the **timer** sleeps until the next deadline (the core's resends, keepalive, idle and
+* the **timer** waits for the next deadline (the core's resends, keepalive, idle and
   close timeouts; the credential's expiry; the next revalidation) and fires it. It is
   apart from the writer so that a client that stops reading still meets its ping timeout
   (1011) and close timeout.
+
+On trio, on TLS and on any other anyio stream each job is a task. On asyncio over plain
+TCP the server uses the lean stream of :mod:`imkit.transport._asyncio_stream`, and an idle
+connection has no task but its own: the reader runs in the stream's protocol callback
+(``_consume``: a handshake is decided in a task while reading is paused; a full queue
+pauses reading), the writer's bytes leave once per event-loop iteration and a task
+starts only to flush and close, the timer is an event-loop timer, and the worker task
+starts with the first message or event.
 
 How a connection ends: when the core reports ``Closed`` the session leaves the registry at
 once (no push goes to it, and a newer connection of the same user is never touched). The
