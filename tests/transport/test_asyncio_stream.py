@@ -28,10 +28,16 @@ from imkit.transport._writer import abort_stream
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    """The lean stream exists on asyncio only."""
-    return "asyncio"
+@pytest.fixture(
+    params=[
+        pytest.param("asyncio", id="asyncio"),
+        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
+    ]
+)
+def anyio_backend(request: pytest.FixtureRequest) -> object:
+    """The lean stream exists on asyncio only: the standard loop and uvloop (which
+    ``imkit.run`` uses when it is installed; its transports are not asyncio's classes)."""
+    return request.param
 
 
 @asynccontextmanager

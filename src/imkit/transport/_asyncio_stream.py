@@ -26,7 +26,7 @@ import asyncio
 import socket
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import anyio
 import anyio.abc
@@ -99,8 +99,8 @@ class AsyncioSocketStream(anyio.abc.SocketStream, asyncio.Protocol):
     # ------------------------------------------------------------------ asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """asyncio: the socket is connected."""
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # Not always an asyncio.Transport subclass (uvloop's are not), but one in kind.
+        self._transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         """asyncio: bytes arrived."""
