@@ -165,13 +165,15 @@ async def test_c25_flood_gets_rate_limited_then_1008_and_others_are_unaffected()
             # bob's latency while alice floods stays close to the baseline.
             during = await round_trip(bob, "bob-during")
             assert during < max(0.25, 10 * baseline)
-            # Going on: 1008 after max_strikes refusals.
+            # Going on past the time it was told to wait: each retry window (0.2 s at
+            # 5 msg/s) with refused frames is one more strike; 1008 after max_strikes.
             closed = None
-            for i in range(50):
+            for i in range(150):  # a frame every 20 ms, for at most 3 s
                 try:
                     await alice.send_text(data_frame("echo", i, f"flood{i}", frameType=3))
                 except (anyio.BrokenResourceError, ConnectionError, OSError):
                     break
+                await anyio.sleep(0.02)
             closed = await alice.finish_close()
             assert closed == 1008
             await round_trip(bob, "bob-after")

@@ -5,6 +5,8 @@ Verbatim copies of the old JSON codec (``frames.py``), ack machines (``ack.py``)
 effects, events, the transition table) with ``imkit.core``, so that the differential tests
 in ``test_core_differential.py`` can compare both implementations' outputs with ``==``.
 Not a reference to maintain: it only pins down the behaviour the fast paths must keep.
+One deliberate behaviour change since was made here too: a rate-limited frame is a strike
+only once per retry window (``_rate_strike_at``).
 """
 
 from __future__ import annotations
@@ -484,6 +486,7 @@ class Peer:
         self._last_activity = now
         self._tokens = float(options.rate_burst)
         self._tokens_at = now
+        self._rate_strike_at = now
         self.close_request: tuple[int, str] | None = None
         """Set when this layer wants the connection closed: ``(code, reason)``."""
         self.closed = False
@@ -552,11 +555,15 @@ class Peer:
         if self.server:
             if not self._take_token(now):
                 retry = (1.0 - self._tokens) / (self.options.rate_limit or 1.0)
+                strike = now >= self._rate_strike_at
+                if strike:
+                    self._rate_strike_at = now + retry
                 self._reject(
                     ErrorCode.RATE_LIMITED,
                     "rate limit exceeded; resend this message later",
                     frame.id,
                     now,
+                    strike=strike,
                     retryAfter=round(retry, 3),
                 )
                 return
@@ -591,8 +598,19 @@ class Peer:
         self._tokens = tokens - 1.0
         return True
 
-    def _reject(self, code: str, message: str, frame_id: str, now: float, **extra: Any) -> None:
+    def _reject(
+        self,
+        code: str,
+        message: str,
+        frame_id: str,
+        now: float,
+        *,
+        strike: bool = True,
+        **extra: Any,
+    ) -> None:
         self._out.append(encode_frame(error_frame(code, message, frame_id, **extra)))
+        if not strike:
+            return
         window = self.options.strike_window
         strikes = self._strikes
         strikes.append(now)

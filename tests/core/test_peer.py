@@ -184,8 +184,15 @@ def test_rate_limit_answers_rate_limited_then_closes_if_continued() -> None:
     peer.receive_text(text(frameType=0, id="m2", method="chat"), 0.75)
     assert kinds(peer.events()) == ["MessageReceived"]
     assert out(peer)[0].frame_type is FrameType.ACK
-    for _ in range(3):  # a client that keeps hammering is closed
+    # A burst refused within one retry window is one strike: 20 frames at once (sent
+    # before the client could read the first refusal) do not close the connection.
+    for _ in range(20):
         peer.receive_text(text(frameType=3, id="n", method="chat"), 0.75)
+    assert len(out(peer)) == 20 and peer.close_request is None
+    # A client that goes on past the time it was told to wait strikes again, once per
+    # window: hammering closes it (strikes at 0.0, 0.75, then 1.0: max_strikes 3).
+    for _ in range(5):
+        peer.receive_text(text(frameType=3, id="n", method="chat"), 1.0)
     assert peer.close_request == (1008, "too many bad messages (rate_limited)")
 
 

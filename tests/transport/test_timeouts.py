@@ -179,3 +179,34 @@ async def test_revoked_credential_closes_1008_at_the_next_revalidation(
                     await gone.receive()
                 assert (closed.value.code, closed.value.reason) == (1008, "credential revoked")
                 assert await kept.request("echo", "still in") == "still in"
+
+
+async def test_a_burst_over_the_rate_limit_is_slowed_down_not_closed() -> None:
+    """A client sends 40 messages at once against 10 msg/s (burst 10, 10 strikes): the
+    30 refused come back as ``rate_limited``, one strike for them all (they were sent
+    before the client could read the first refusal; it used to be 30 strikes, so 1008);
+    its sender resends them in waves (each wave over the limit is one more strike), and
+    every message is handled once, with the connection still open."""
+    clock = FakeClock()
+    options = imkit.PeerOptions(rate_limit=10.0, rate_burst=10, max_strikes=10)
+    app, seen = make_app(options=options)
+    with anyio.fail_after(20):
+        async with MemoryServer(app, clock=clock) as server:
+            async with server.connect(user_id="burst", keepalive=None, reconnect=False) as client:
+                done: list[int] = []
+
+                async def send(i: int) -> None:
+                    await client.send("count", i, message_id=f"b{i}")
+                    done.append(i)
+
+                async with anyio.create_task_group() as tg:
+                    for i in range(40):
+                        tg.start_soon(send, i)
+                    for _ in range(60):  # 30 s of fake time at most
+                        await anyio.wait_all_tasks_blocked()
+                        if len(done) == 40:
+                            break
+                        await clock.advance_by(0.5)
+                assert sorted(done) == list(range(40))
+                assert client.connected
+    assert sorted(seen.dispatched.values()) == [1] * 40

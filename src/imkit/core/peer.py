@@ -89,7 +89,8 @@ class PeerOptions:
     idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT
     """Close (1000, "idle timeout") after this long without a message; ``None``: never."""
     max_strikes: int = DEFAULT_MAX_STRIKES
-    """Bad frames (or rate-limited ones) within ``strike_window`` that close with 1008."""
+    """Bad frames (and rate-limited ones, one per retry window) within ``strike_window``
+    that close with 1008."""
     strike_window: float = DEFAULT_STRIKE_WINDOW
     """The window, in seconds, over which strikes are counted."""
     rate_limit: float | None = DEFAULT_RATE_LIMIT
@@ -121,6 +122,7 @@ class Peer:
         "_next_id",
         "_out",
         "_prefix",
+        "_rate_strike_at",
         "_strikes",
         "_tokens",
         "_tokens_at",
@@ -163,6 +165,7 @@ class Peer:
         self._last_activity = now
         self._tokens = float(options.rate_burst)
         self._tokens_at = now
+        self._rate_strike_at = now  # a rate-limited frame before this time is no new strike
         self.close_request: tuple[int, str] | None = None
         """Set when this layer wants the connection closed: ``(code, reason)``."""
         self.closed = False
@@ -237,11 +240,19 @@ class Peer:
         if self.server:
             if not self._take_token(now):
                 retry = (1.0 - self._tokens) / (self.options.rate_limit or 1.0)
+                # One strike per retry window: the frames a client sent before it could
+                # read the first refusal are refused too, but only a client that goes on
+                # past the time it was told to wait is striking again. A burst is slowed
+                # down (its messages resent later); a sustained flood is closed.
+                strike = now >= self._rate_strike_at
+                if strike:
+                    self._rate_strike_at = now + retry
                 self._reject(
                     ErrorCode.RATE_LIMITED,
                     "rate limit exceeded; resend this message later",
                     frame.id,
                     now,
+                    strike=strike,
                     retryAfter=round(retry, 3),
                 )
                 return
@@ -274,8 +285,19 @@ class Peer:
         self._tokens = tokens - 1.0
         return True
 
-    def _reject(self, code: str, message: str, frame_id: str, now: float, **extra: Any) -> None:
+    def _reject(
+        self,
+        code: str,
+        message: str,
+        frame_id: str,
+        now: float,
+        *,
+        strike: bool = True,
+        **extra: Any,
+    ) -> None:
         self._out.append(encode_frame(error_frame(code, message, frame_id, **extra)))
+        if not strike:
+            return
         window = self.options.strike_window
         strikes = self._strikes
         if strikes is None:
