@@ -24,6 +24,7 @@ INPUT_TEXT = {
     Input.CONFIRM: "an `Ack{ackSeq: 2}` for this id arrives",
     Input.RESEND_DUE: "`resend_interval` passed without an answer",
     Input.TIMEOUT: "`ack_timeout` passed since the first send (or receipt)",
+    Input.REFUSED: "a final `Err` (`unknown_method`, `bad_request`, ...) answers this id",
 }
 ACTION_TEXT = {
     Action.SEND_DATA: "send `Data{id, ackSeq: 0}`",
@@ -32,6 +33,7 @@ ACTION_TEXT = {
     Action.DISPATCH: "hand the message to the application (`MessageReceived`)",
     Action.DELIVERED: "report `Delivered`",
     Action.GIVE_UP: "report the loss (`DeliveryFailed` / `MessageExpired` + `Err expired`)",
+    Action.REFUSE: "stop resending; report `DeliveryFailed` (reason `refused`)",
 }
 
 HEADER = """\

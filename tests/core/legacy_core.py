@@ -5,8 +5,9 @@ Verbatim copies of the old JSON codec (``frames.py``), ack machines (``ack.py``)
 effects, events, the transition table) with ``imkit.core``, so that the differential tests
 in ``test_core_differential.py`` can compare both implementations' outputs with ``==``.
 Not a reference to maintain: it only pins down the behaviour the fast paths must keep.
-One deliberate behaviour change since was made here too: a rate-limited frame is a strike
-only once per retry window (``_rate_strike_at``).
+Deliberate behaviour changes since were made here too: a rate-limited frame is a strike
+only once per retry window (``_rate_strike_at``); a final ``Err`` stops the resends of the
+message it answers (``Sender.refuse``, reason ``"refused"``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from imkit.core.ack import (
     Effect,
     GaveUp,
     Input,
+    Refused,
     Role,
     SendFrame,
     State,
@@ -43,7 +45,14 @@ from imkit.core.events import (
     MessageExpired,
     MessageReceived,
 )
-from imkit.core.frames import DecodeError, ErrorCode, Frame, FrameType, error_frame
+from imkit.core.frames import (
+    FINAL_ERROR_CODES,
+    DecodeError,
+    ErrorCode,
+    Frame,
+    FrameType,
+    error_frame,
+)
 from imkit.core.peer import CLOSE_IDLE, CLOSE_POLICY, PeerOptions
 from imkit.exceptions import LocalProtocolError
 
@@ -298,6 +307,8 @@ class _Machine:
             return Dispatch(frame)
         if action is Action.DELIVERED:
             return Delivered(frame)
+        if action is Action.REFUSE:
+            return Refused(frame)
         return GaveUp(frame, self.role)
 
     def _known(self, message_id: str, stub: Frame, now: float) -> _Entry:
@@ -361,6 +372,14 @@ class Sender(_Machine):
         effects: list[Effect] = []
         entry = self._known(message_id, Frame(FrameType.DATA, id=message_id), now)
         self._apply(entry, Input.ACK, now, effects)
+        self._drain(now, effects)
+        return effects
+
+    def refuse(self, message_id: str, now: float) -> list[Effect]:
+        """The peer answered ``message_id`` with a final ``Err``."""
+        effects: list[Effect] = []
+        entry = self._known(message_id, Frame(FrameType.DATA, id=message_id), now)
+        self._apply(entry, Input.REFUSED, now, effects)
         self._drain(now, effects)
         return effects
 
@@ -546,6 +565,9 @@ class Peer:
                 self._out.append(encode_frame(Frame(FrameType.PING, id=frame.id)))
         elif kind is FrameType.ERR:
             self._events.append(ErrorReceived(frame))
+            data = frame.data
+            if frame.id and isinstance(data, dict) and data.get("code") in FINAL_ERROR_CODES:
+                self._effects(self.sender.refuse(frame.id, now), now)
         elif self.server:  # TRANSPOND from a client
             self._reject(
                 ErrorCode.FORBIDDEN, "clients may not send Transpond frames", frame.id, now
@@ -722,6 +744,8 @@ class Peer:
                 events.append(MessageReceived(effect.frame))
             elif isinstance(effect, Delivered):
                 events.append(DeliveredEvent(effect.frame))
+            elif isinstance(effect, Refused):
+                events.append(DeliveryFailed(effect.frame, "refused"))
             elif effect.role is Role.SENDER:
                 events.append(DeliveryFailed(effect.frame, "timeout"))
             else:

@@ -37,9 +37,10 @@ S, R = Role.SENDER, Role.RECEIVER
 ALL = set(itertools.product(Role, AckMode, State, Input))
 
 # Inputs each end can be given at all: the peer routes Data and Ack{2} to the receiver,
-# Ack{1} to the sender; SEND is the application's call on the sender.
+# Ack{1} and a final Err (REFUSED) to the sender; SEND is the application's call on the
+# sender.
 INPUTS_OF = {
-    S: {Input.SEND, Input.ACK, Input.RESEND_DUE, Input.TIMEOUT},
+    S: {Input.SEND, Input.ACK, Input.RESEND_DUE, Input.TIMEOUT, Input.REFUSED},
     R: {Input.DATA, Input.CONFIRM, Input.RESEND_DUE, Input.TIMEOUT},
 }
 # States each machine can hold, per mode. A NoAck sender remembers nothing; only a
@@ -147,6 +148,21 @@ def test_give_ups_are_visible_and_forget_the_id() -> None:
             assert event is Input.TIMEOUT
         if Action.DELIVERED in actions:
             assert role is S and state is State.AWAIT_ACK and event is Input.ACK
+
+
+def test_a_refusal_stops_only_a_waiting_message_visibly() -> None:
+    """A final Err ends a message still waiting for its ack (a visible REFUSE, the id
+    forgotten, so no more resends); after the ack, or for an unknown id, it changes
+    nothing."""
+    for (role, _mode, state, event), (actions, new_state) in TRANSITIONS.items():
+        if event is Input.REFUSED:
+            assert role is S
+            if state is State.AWAIT_ACK:
+                assert (actions, new_state) == ((Action.REFUSE,), State.NEW)
+            else:
+                assert (actions, new_state) == ((), state)
+        if Action.REFUSE in actions:
+            assert event is Input.REFUSED
 
 
 def test_modes_differ_as_documented() -> None:

@@ -398,3 +398,63 @@ def test_a_client_sender_does_not_share_memory_with_its_receiver() -> None:
     peer.receive_text(text(frameType=0, id="x", method="m"), 0.0)
     peer.receive_text(text(frameType=2, id="x", ackSeq=2), 0.0)  # dispatched, remembered
     assert peer.send("chat", 1, 0.0, message_id="x").id == "x"  # our own id space
+
+
+def err_text(frame_id: str, code: str) -> str:
+    return text(frameType=9, id=frame_id, data={"code": code, "message": "no"})
+
+
+def test_a_final_err_stops_the_resends_of_the_message_it_answers() -> None:
+    """A client's message answered with ``Err{unknown_method}`` is not resent (the server
+    would refuse every copy until the ack timeout): the sender forgets it and reports
+    ``DeliveryFailed`` with reason ``"refused"``, after the ``ErrorReceived``."""
+    peer = client(quiet_options(ack_mode=AckMode.ONLY))
+    sent = peer.send("nope", {"n": 1}, 0.0, message_id="m1")
+    assert [f.id for f in out(peer)] == ["m1"]
+    peer.receive_text(err_text("m1", ErrorCode.UNKNOWN_METHOD), 0.5)
+    events = peer.events()
+    assert kinds(events) == ["ErrorReceived", "DeliveryFailed"]
+    failed = events[1]
+    assert isinstance(failed, DeliveryFailed)
+    assert (failed.frame, failed.reason) == (sent, "refused")
+    assert peer.sender.in_flight == 0
+    peer.handle_timeout(10.0)  # past resend_interval and more: nothing is sent again
+    assert out(peer) == [] and peer.events() == []
+
+
+def test_a_retryable_err_leaves_the_message_to_its_resends() -> None:
+    peer = client(quiet_options(ack_mode=AckMode.ONLY))
+    peer.send("chat", {"n": 1}, 0.0, message_id="m1")
+    out(peer)
+    peer.receive_text(err_text("m1", ErrorCode.RATE_LIMITED), 0.1)
+    assert kinds(peer.events()) == ["ErrorReceived"]
+    assert peer.sender.in_flight == 1
+    peer.handle_timeout(AckTimers().resend_interval)
+    assert [f.id for f in out(peer)] == ["m1"]  # resent, same id
+
+
+def test_a_final_err_for_an_acked_or_unknown_id_changes_nothing() -> None:
+    """A handler's error comes after the ack (the message is delivered), and an Err may
+    name an id this end never sent: neither stops or reports anything more."""
+    for mode in (AckMode.ONLY, AckMode.RIGOR, AckMode.NONE):
+        peer = client(quiet_options(ack_mode=mode))
+        peer.send("chat", 1, 0.0, message_id="m1")
+        out(peer)
+        peer.receive_text(text(frameType=2, id="m1", ackSeq=1), 0.1)
+        peer.events()
+        out(peer)
+        peer.receive_text(err_text("m1", ErrorCode.HANDLER_ERROR), 0.2)
+        peer.receive_text(err_text("other", ErrorCode.BAD_REQUEST), 0.2)
+        peer.receive_text(err_text("", ErrorCode.BAD_JSON), 0.2)
+        peer.receive_text(text(frameType=9, id="m1", data="not a dict"), 0.2)
+        assert kinds(peer.events()) == ["ErrorReceived"] * 4
+        assert out(peer) == []
+
+
+def test_a_refusal_makes_room_for_the_backlog() -> None:
+    peer = client(quiet_options(ack_mode=AckMode.ONLY, timers=AckTimers(window=1)))
+    peer.send("nope", 1, 0.0, message_id="m1")
+    peer.send("chat", 2, 0.0, message_id="m2")  # waits for room in the window
+    assert [f.id for f in out(peer)] == ["m1"]
+    peer.receive_text(err_text("m1", ErrorCode.UNKNOWN_METHOD), 0.1)
+    assert [f.id for f in out(peer)] == ["m2"]

@@ -48,6 +48,7 @@ __all__ = (
     "GaveUp",
     "Input",
     "Receiver",
+    "Refused",
     "Role",
     "SendFrame",
     "Sender",
@@ -94,6 +95,8 @@ class Input(str, Enum):
     """The resend deadline passed."""
     TIMEOUT = "timeout"
     """The ack timeout passed."""
+    REFUSED = "refused"
+    """The peer answered the message with a final ``Err`` (sender): resending is useless."""
 
 
 class Action(str, Enum):
@@ -105,6 +108,7 @@ class Action(str, Enum):
     DISPATCH = "dispatch"
     DELIVERED = "delivered"
     GIVE_UP = "give_up"
+    REFUSE = "refuse"
 
 
 _S, _R = Role.SENDER, Role.RECEIVER
@@ -117,6 +121,7 @@ TRANSITIONS: dict[tuple[Role, AckMode, State, Input], tuple[tuple[Action, ...], 
     # --- sender, NoAck: send once, remember nothing, ignore stray acks
     (_S, _N, _NEW, Input.SEND): ((Action.SEND_DATA,), _FORGET),
     (_S, _N, _NEW, Input.ACK): ((), _FORGET),
+    (_S, _N, _NEW, Input.REFUSED): ((), _FORGET),
     # --- sender, OnlyAck
     (_S, _ONLY, _NEW, Input.SEND): ((Action.SEND_DATA,), _AA),
     (_S, _ONLY, _NEW, Input.ACK): ((), _FORGET),  # stale: given up or long forgotten
@@ -124,6 +129,9 @@ TRANSITIONS: dict[tuple[Role, AckMode, State, Input], tuple[tuple[Action, ...], 
     (_S, _ONLY, _AA, Input.RESEND_DUE): ((Action.SEND_DATA,), _AA),
     (_S, _ONLY, _AA, Input.TIMEOUT): ((Action.GIVE_UP,), _FORGET),
     (_S, _ONLY, _DONE, Input.ACK): ((), _DONE),  # duplicate ack
+    (_S, _ONLY, _AA, Input.REFUSED): ((Action.REFUSE,), _FORGET),
+    (_S, _ONLY, _NEW, Input.REFUSED): ((), _FORGET),  # stale
+    (_S, _ONLY, _DONE, Input.REFUSED): ((), _DONE),  # refused after the ack (by a handler)
     # --- sender, RigorAck: as OnlyAck, and confirm every ack of a delivered id
     (_S, _RIG, _NEW, Input.SEND): ((Action.SEND_DATA,), _AA),
     (_S, _RIG, _NEW, Input.ACK): ((), _FORGET),  # given up: never confirm after reporting failure
@@ -131,6 +139,9 @@ TRANSITIONS: dict[tuple[Role, AckMode, State, Input], tuple[tuple[Action, ...], 
     (_S, _RIG, _AA, Input.RESEND_DUE): ((Action.SEND_DATA,), _AA),
     (_S, _RIG, _AA, Input.TIMEOUT): ((Action.GIVE_UP,), _FORGET),
     (_S, _RIG, _DONE, Input.ACK): ((Action.SEND_CONFIRM,), _DONE),  # our confirm was lost
+    (_S, _RIG, _AA, Input.REFUSED): ((Action.REFUSE,), _FORGET),
+    (_S, _RIG, _NEW, Input.REFUSED): ((), _FORGET),  # stale
+    (_S, _RIG, _DONE, Input.REFUSED): ((), _DONE),  # refused after the ack (by a handler)
     # --- receiver, NoAck: dispatch once, drop duplicates
     (_R, _N, _NEW, Input.DATA): ((Action.DISPATCH,), _DONE),
     (_R, _N, _DONE, Input.DATA): ((), _DONE),
@@ -227,7 +238,14 @@ class GaveUp:
     role: Role
 
 
-Effect = SendFrame | Dispatch | Delivered | GaveUp
+@attrs.frozen(slots=True)
+class Refused:
+    """Effect: the peer refused ``frame`` for good (a final ``Err``); it is not resent."""
+
+    frame: Frame
+
+
+Effect = SendFrame | Dispatch | Delivered | GaveUp | Refused
 
 
 _Step = tuple[tuple[Action, ...], State]
@@ -417,6 +435,8 @@ class _Machine:
             return Delivered(frame)
         if action is Action.SEND_CONFIRM:
             return SendFrame(Frame(FrameType.ACK, frame.id, 2))
+        if action is Action.REFUSE:
+            return Refused(frame)
         return GaveUp(frame, self.role)
 
     def _known_state(self, message_id: str) -> State:
@@ -482,6 +502,20 @@ class Sender(_Machine):
         else:
             stub = Frame(FrameType.DATA, message_id)
             self._apply(stub, self._known_state(message_id), Input.ACK, now, effects)
+        if self._backlog:
+            self._drain(now, effects)
+        return effects
+
+    def refuse(self, message_id: str, now: float) -> list[Effect]:
+        """The peer answered ``message_id`` with a final ``Err``: stop resending it (a
+        :class:`Refused` effect if it was waiting for its ack); room for the backlog."""
+        effects: list[Effect] = []
+        entry = self._live.get(message_id)
+        if entry is not None:
+            self._apply(entry.frame, entry.state, Input.REFUSED, now, effects, entry)
+        else:
+            stub = Frame(FrameType.DATA, message_id)
+            self._apply(stub, self._known_state(message_id), Input.REFUSED, now, effects)
         if self._backlog:
             self._drain(now, effects)
         return effects

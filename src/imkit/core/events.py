@@ -97,10 +97,11 @@ class Delivered:
 
 @attrs.frozen(slots=True)
 class DeliveryFailed:
-    """A message this end sent was not acknowledged before the ack timeout.
+    """A message this end sent was not acknowledged, and is not resent.
 
-    ``reason`` is ``"timeout"``, ``"closed"`` (the connection ended first) or
-    ``"overflow"`` (the send queue was full).
+    ``reason`` is ``"timeout"`` (the ack timeout passed), ``"closed"`` (the connection
+    ended first), ``"overflow"`` (the send queue was full) or ``"refused"`` (the peer
+    answered it with a final ``Err``, see :data:`~imkit.core.frames.FINAL_ERROR_CODES`).
     """
 
     frame: Frame

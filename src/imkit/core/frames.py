@@ -25,6 +25,7 @@ from typing import Any
 import attrs
 
 __all__ = (
+    "FINAL_ERROR_CODES",
     "DecodeError",
     "ErrorCode",
     "Frame",
@@ -73,6 +74,22 @@ class ErrorCode:
     """The message store failed; nothing was stored; retry with the same id."""
     EXPIRED = "expired"
     """A RigorAck message was not confirmed before the ack timeout and was dropped."""
+
+
+FINAL_ERROR_CODES = frozenset(
+    {
+        ErrorCode.UNKNOWN_METHOD,
+        ErrorCode.FORBIDDEN,
+        ErrorCode.BAD_FRAME,
+        ErrorCode.BAD_JSON,
+        ErrorCode.BAD_REQUEST,
+        ErrorCode.TOO_LARGE,
+        ErrorCode.HANDLER_ERROR,
+        ErrorCode.UNKNOWN_FRAME_TYPE,
+    }
+)
+"""``Err`` codes after which sending the same message again cannot succeed; the others
+(``rate_limited``, ``overloaded``, ``store_unavailable``, ``expired``) ask for a resend."""
 
 
 @attrs.frozen(slots=True)

@@ -27,6 +27,7 @@ from imkit.core.ack import (
     Dispatch,
     Effect,
     Receiver,
+    Refused,
     Role,
     Sender,
     SendFrame,
@@ -42,6 +43,7 @@ from imkit.core.events import (
     MessageReceived,
 )
 from imkit.core.frames import (
+    FINAL_ERROR_CODES,
     DecodeError,
     ErrorCode,
     Frame,
@@ -231,6 +233,10 @@ class Peer:
                 self._out.append(_encode_ping(frame.id))
         elif kind is FrameType.ERR:
             self._events.append(ErrorReceived(frame))
+            data = frame.data
+            if frame.id and isinstance(data, dict) and data.get("code") in FINAL_ERROR_CODES:
+                # Refused for good: stop resending it (DeliveryFailed, reason "refused").
+                self._effects(self.sender.refuse(frame.id, now), now)
         elif self.server:  # TRANSPOND from a client
             self._reject(
                 ErrorCode.FORBIDDEN, "clients may not send Transpond frames", frame.id, now
@@ -413,6 +419,8 @@ class Peer:
                 events.append(MessageReceived(effect.frame))
             elif isinstance(effect, Delivered):
                 events.append(DeliveredEvent(effect.frame))
+            elif isinstance(effect, Refused):
+                events.append(DeliveryFailed(effect.frame, "refused"))
             elif effect.role is Role.SENDER:
                 events.append(DeliveryFailed(effect.frame, "timeout"))
             else:

@@ -41,7 +41,7 @@ from imkit.core.events import (
     MessageReceived,
     Rejected,
 )
-from imkit.core.frames import ErrorCode, Frame, FrameType
+from imkit.core.frames import FINAL_ERROR_CODES, Frame, FrameType
 from imkit.core.peer import PeerOptions
 from imkit.exceptions import (
     ConnectionClosed,
@@ -62,19 +62,7 @@ StreamFactory = Callable[[], Awaitable[anyio.abc.ByteStream]]
 DEFAULT_KEEPALIVE = 30.0
 """Seconds between application ``Ping`` frames, which keep the server's idle timer quiet."""
 
-# Err codes after which resending the same message cannot succeed.
-_FINAL_ERRORS = frozenset(
-    {
-        ErrorCode.UNKNOWN_METHOD,
-        ErrorCode.FORBIDDEN,
-        ErrorCode.BAD_FRAME,
-        ErrorCode.BAD_JSON,
-        ErrorCode.BAD_REQUEST,
-        ErrorCode.TOO_LARGE,
-        ErrorCode.HANDLER_ERROR,
-        ErrorCode.UNKNOWN_FRAME_TYPE,
-    }
-)
+_FINAL_ERRORS = FINAL_ERROR_CODES  # resending the same message cannot succeed
 # Close codes after which reconnecting would only repeat the refusal.
 _NO_RECONNECT = frozenset({1002, 1003, 1007, 1008, 1009, 4000})
 _READ_SIZE = 65536
