@@ -234,3 +234,29 @@ async def test_page_served_and_head() -> None:
             assert status == 200 and answer.endswith(b"\r\n\r\n")
             status, _ = await http_status(server.port, b"POST / HTTP/1.1\r\nHost: h\r\n\r\n")
             assert status == 405
+
+
+async def test_a_handler_pushing_many_in_a_loop_lets_the_writer_keep_up() -> None:
+    """A handler sends 1,000 pushes of 2 KiB in a loop, 8 times the write buffer (and
+    within the ack window plus the backlog): the pushes do not pile up in the buffer
+    until the reader is cut off, because ``send_to_users`` yields every so often and the
+    writer flushes meanwhile. The reader gets all of them, in order, and stays
+    connected."""
+    app, _seen = make_app()
+    count, blob = 1000, "y" * 2048
+
+    @app.route("spray")
+    async def spray(ctx: imkit.Context) -> None:
+        for n in range(count):
+            await ctx.server.send_to_users(["reader"], "spray", {"n": n, "blob": blob})
+
+    with anyio.fail_after(60):
+        async with serve_tcp(app, max_write_buffer=256 * 1024) as server:
+            async with (
+                imkit.connect(ws_url(server, "userId=reader")) as reader,
+                imkit.connect(ws_url(server, "userId=boss")) as boss,
+            ):
+                await boss.send("spray", None)
+                got = [(await reader.receive()).data["n"] for _ in range(count)]
+                assert got == list(range(count))
+                assert len(server.sessions("reader")) == 1

@@ -164,6 +164,11 @@ class ASGISession(HeldFanOut):
         """Whether messages can still be sent on this connection."""
         return self.closed_with is None and self._closing is None
 
+    @property
+    def unsent(self) -> int:
+        """Text queued for this connection and not yet handed to the ASGI server."""
+        return self._out_size
+
     async def push(
         self,
         method: str,

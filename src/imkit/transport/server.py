@@ -46,6 +46,7 @@ DEFAULT_MAX_QUEUED_MESSAGES = 64
 DEFAULT_MAX_WRITE_BUFFER = 4 * 2**20
 DEFAULT_SHUTDOWN_TIMEOUT = 10.0
 _ACCEPT_BACKOFF_MAX = 1.0
+_PUSHES_PER_YIELD = 64
 
 RawHandler = Callable[[ServerSession, "str | bytes"], Awaitable[None]]
 """A raw-mode handler: called with the session and each whole message, in order."""
@@ -86,6 +87,8 @@ class Server:
         self.port: int | None = None
         self.stopping = False
         self._per_ip: Counter[str] = Counter()
+        self._unyielded = 0  # pushes since send_to_users last yielded
+        self._press_at = max_write_buffer // 8  # unsent bytes that make it yield at once
         self._sessions: set[ServerSession] = set()
         self._stop = anyio.Event()
         self._started = False
@@ -108,16 +111,24 @@ class Server:
 
         It never waits for a recipient: each push goes to the connection's write buffer
         (a connection whose buffer passes ``max_write_buffer`` is cut off, its pushes fail
-        with ``on_delivery_failed``). It yields once, so that the writers run between the
-        pushes of a handler that sends many in a loop.
+        with ``on_delivery_failed``). It yields, so that the writers run between the
+        pushes of a handler that sends many in a loop, when a recipient's unsent bytes
+        pass an eighth of ``max_write_buffer``, and at least once every
+        ``_PUSHES_PER_YIELD`` pushes (a yield on every call would cost a trip through
+        the event loop per message, and split the writes that one loop iteration batches).
         """
         reached = 0
+        pressed = False
         for user_id in user_ids:
             for session in self.registry.connections(user_id):
                 session.deliver(method, data, form_id=form_id)
                 reached += 1
-        if self.single_node or not user_ids:
+                pressed = pressed or session.unsent > self._press_at
+        self._unyielded += max(reached, 1)
+        if pressed or self._unyielded >= _PUSHES_PER_YIELD:
+            self._unyielded = 0
             await anyio.lowlevel.checkpoint()
+        if self.single_node or not user_ids:
             return reached
         discover = self.app.discover
         try:

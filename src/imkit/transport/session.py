@@ -234,6 +234,11 @@ class ServerSession(HeldFanOut):
         """Whether messages can still be sent on this connection."""
         return self.conn.state is ConnState.OPEN
 
+    @property
+    def unsent(self) -> int:
+        """Bytes written to this connection and not yet taken by the socket."""
+        return self._writer.buffered
+
     def send_raw(self, data: str | bytes) -> None:
         """Raw mode (``Server(raw_handler=...)``): send one text or binary message."""
         self.conn.send_raw(data)
