@@ -467,9 +467,9 @@ def test_wsprotos_state_after_the_handshake_decides(early: bytes, rest: bytes, i
 
 def test_wsprotos_private_state_unlike_expected_keeps_it_all_on_wsproto() -> None:
     conn = open_server(early=text("{")[:3])
-    ws = conn._ws
-    assert ws is not None and ws.connection is not None
-    ws.connection._proto._frame_decoder.buffer.buffer = b""  # type: ignore[assignment]
+    proto = conn._frame_protocol()  # a server keeps wsproto's Connection alone
+    assert proto is not None
+    proto._frame_decoder.buffer.buffer = b""
     conn.receive_data(text("{")[3:], 1.0)
     assert not conn._lean_on
     switched_off = open_server(lean=False)

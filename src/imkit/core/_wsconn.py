@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import attrs
 from wsproto import WSConnection
-from wsproto.connection import ConnectionState
+from wsproto.connection import Connection, ConnectionState
 from wsproto.events import (
     BytesMessage,
     CloseConnection,
@@ -160,7 +160,7 @@ class _Conn:
         "state",
     )
 
-    _ws: WSConnection | None
+    _ws: WSConnection | Connection | None
     peer: Peer | None
     _lean: bool = True
     """Take the lean framing path; ``False`` leaves all framing to wsproto (for tests)."""
@@ -524,7 +524,7 @@ class _Conn:
         """
         if not self._lean or self.state is not ConnState.OPEN:
             return
-        proto = getattr(getattr(self._ws, "connection", None), "_proto", None)
+        proto = self._frame_protocol()
         decoder = getattr(proto, "_frame_decoder", None)
         buffered = getattr(getattr(decoder, "buffer", None), "buffer", None)
         message = getattr(proto, "_message_decoder", None)
@@ -658,6 +658,16 @@ class _Conn:
                 break
         return pos
 
+    def _frame_protocol(self) -> Any:
+        """wsproto's private frame protocol object: on a server's ``Connection`` (kept
+        alone after the handshake) or inside a client's ``WSConnection``; ``None`` if
+        neither has one (a wsproto that changed its internals)."""
+        ws = self._ws
+        proto = getattr(ws, "_proto", None)
+        if proto is None:
+            proto = getattr(getattr(ws, "connection", None), "_proto", None)
+        return proto
+
     def _check_announced_size(self) -> None:
         """Close with 1009 as soon as a frame header announces a message over the limit.
 
@@ -668,7 +678,7 @@ class _Conn:
         """
         if self.state is not ConnState.OPEN:
             return
-        proto = getattr(getattr(self._ws, "connection", None), "_proto", None)
+        proto = self._frame_protocol()
         decoder = getattr(proto, "_frame_decoder", None)
         header = getattr(decoder, "header", None)
         length = getattr(header, "payload_len", None)

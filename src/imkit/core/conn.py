@@ -239,8 +239,12 @@ class ServerConn(_Conn):
         extra = [] if self.raw else [(b"imkit-ack-mode", options.ack_mode.value.encode())]
         extra.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in headers)
         self._out.append(ws.send(AcceptConnection(extra_headers=extra, subprotocol=subprotocol)))
+        # From here on only the open connection is needed: keep wsproto's Connection and
+        # let the handshake objects (an h11 parser and its state) go.
+        assert ws.connection is not None
+        self._ws = ws.connection
         if early:
-            ws.receive_data(early)
+            self._ws.receive_data(early)
         if self.raw:
             self._open(None, now)
             self._receive_frames(now)
