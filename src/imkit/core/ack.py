@@ -439,6 +439,18 @@ class _Machine:
             return Refused(frame)
         return GaveUp(frame, self.role)
 
+    def _on_id(self, message_id: str, event: Input, now: float) -> list[Effect]:
+        """Apply a peer's ``event`` (an ack, a confirmation, a refusal) to ``message_id``,
+        live or not (a stub frame stands for an id that is not live)."""
+        effects: list[Effect] = []
+        entry = self._live.get(message_id)
+        if entry is not None:
+            self._apply(entry.frame, entry.state, event, now, effects, entry)
+        else:
+            stub = Frame(FrameType.DATA, message_id)
+            self._apply(stub, self._known_state(message_id), event, now, effects)
+        return effects
+
     def _known_state(self, message_id: str) -> State:
         """The state of an id that is not live: remembered (DONE) or not (NEW)."""
         return State.DONE if message_id in self._memory else State.NEW
@@ -495,13 +507,7 @@ class Sender(_Machine):
 
     def on_ack(self, message_id: str, now: float) -> list[Effect]:
         """The peer sent ``Ack{message_id, ackSeq: 1}``."""
-        effects: list[Effect] = []
-        entry = self._live.get(message_id)
-        if entry is not None:
-            self._apply(entry.frame, entry.state, Input.ACK, now, effects, entry)
-        else:
-            stub = Frame(FrameType.DATA, message_id)
-            self._apply(stub, self._known_state(message_id), Input.ACK, now, effects)
+        effects = self._on_id(message_id, Input.ACK, now)
         if self._backlog:
             self._drain(now, effects)
         return effects
@@ -509,13 +515,7 @@ class Sender(_Machine):
     def refuse(self, message_id: str, now: float) -> list[Effect]:
         """The peer answered ``message_id`` with a final ``Err``: stop resending it (a
         :class:`Refused` effect if it was waiting for its ack); room for the backlog."""
-        effects: list[Effect] = []
-        entry = self._live.get(message_id)
-        if entry is not None:
-            self._apply(entry.frame, entry.state, Input.REFUSED, now, effects, entry)
-        else:
-            stub = Frame(FrameType.DATA, message_id)
-            self._apply(stub, self._known_state(message_id), Input.REFUSED, now, effects)
+        effects = self._on_id(message_id, Input.REFUSED, now)
         if self._backlog:
             self._drain(now, effects)
         return effects
@@ -585,14 +585,7 @@ class Receiver(_Machine):
 
     def on_confirm(self, message_id: str, now: float) -> list[Effect]:
         """The peer sent ``Ack{message_id, ackSeq: 2}``."""
-        effects: list[Effect] = []
-        entry = self._live.get(message_id)
-        if entry is not None:
-            self._apply(entry.frame, entry.state, Input.CONFIRM, now, effects, entry)
-        else:
-            stub = Frame(FrameType.DATA, message_id)
-            self._apply(stub, self._known_state(message_id), Input.CONFIRM, now, effects)
-        return effects
+        return self._on_id(message_id, Input.CONFIRM, now)
 
     def resend_acks(self, now: float) -> list[Effect]:
         """Send again the acks still waiting for confirmation (after a reconnect)."""
