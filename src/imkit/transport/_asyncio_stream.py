@@ -265,6 +265,14 @@ class AsyncioSocketStream(anyio.abc.SocketStream, asyncio.Protocol):
             return
         transport.write(data)
 
+    async def _drained(self) -> None:
+        """Wait for the transport's next resume_writing (or the socket's loss)."""
+        waiter = self._drain_waiter = self._loop.create_future()
+        try:
+            await waiter
+        finally:
+            self._drain_waiter = None
+
     async def wait_flushed(self) -> None:
         """Wait until every queued byte was taken by the kernel.
 
@@ -278,11 +286,7 @@ class AsyncioSocketStream(anyio.abc.SocketStream, asyncio.Protocol):
         while transport.get_write_buffer_size() > 0:
             if self._lost:
                 raise anyio.BrokenResourceError from self._error
-            waiter = self._drain_waiter = self._loop.create_future()
-            try:
-                await waiter
-            finally:
-                self._drain_waiter = None
+            await self._drained()
         if self._lost and self._error is not None:
             raise anyio.BrokenResourceError from self._error
 
@@ -324,11 +328,7 @@ class AsyncioSocketStream(anyio.abc.SocketStream, asyncio.Protocol):
         self._write_pending()
         transport.write(item)
         while self._writing_paused and not self._lost:
-            waiter = self._drain_waiter = self._loop.create_future()
-            try:
-                await waiter
-            finally:
-                self._drain_waiter = None
+            await self._drained()
         if self._lost and self._error is not None:
             raise anyio.BrokenResourceError from self._error
 

@@ -520,12 +520,7 @@ class ServerSession(HeldFanOut):
                     await self._inbox.put_message(messages[handed])
                     handed += 1
                 while self._handshakes:
-                    request, method = self._handshakes.pop(0)
-                    if method is None:
-                        messages = await self._handshake(request)
-                    else:
-                        await self._page(request, method)
-                        messages = []
+                    messages = await self._decide_next()
                     handed = 0
                     while handed < len(messages):
                         await self._inbox.put_message(messages[handed])
@@ -592,13 +587,7 @@ class ServerSession(HeldFanOut):
         """Push mode: decide the handshake (or answer the page) the bytes asked for, with
         reading paused meanwhile, then read on."""
         while self._handshakes:
-            request, method = self._handshakes.pop(0)
-            if method is None:
-                messages = await self._handshake(request)
-            else:
-                await self._page(request, method)
-                messages = []
-            for message in messages:
+            for message in await self._decide_next():
                 self._inbox.put_message_nowait(message)
         if self._inbox.full:
             self._inbox.when_room(self._unblock)
@@ -708,6 +697,15 @@ class ServerSession(HeldFanOut):
             self.close_nowait(1011, "internal error")
 
     # ------------------------------------------------------------------ handshake
+    async def _decide_next(self) -> list[_Message]:
+        """Decide the oldest handshake (or answer the page) the bytes asked for; return
+        the messages that came with an accepted handshake."""
+        request, method = self._handshakes.pop(0)
+        if method is None:
+            return await self._handshake(request)
+        await self._page(request, method)
+        return []
+
     def _refuse(self, status: int, reason: str) -> None:
         if self.conn.state is ConnState.HANDSHAKE:
             self.conn.reject(status, reason)
