@@ -8,28 +8,17 @@ Bob's reopened page shows what he missed. The test reads the DOM: ``.msg`` eleme
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+from tests.browser import CHROMIUM, CHROMIUM_ARGS, require_browser
 
 from .test_service_helpers import imkit_serve, server_log
 
 pytestmark = [pytest.mark.anyio, pytest.mark.browser]
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 SHOWN = """() => Array.from(document.querySelectorAll('#log .msg[data-seq]'),
     el => [Number(el.dataset.seq), el.dataset.from, el.textContent, el.dataset.state])"""
 
@@ -39,28 +28,12 @@ def anyio_backend() -> str:
     return "asyncio"  # Playwright's async API runs on asyncio
 
 
-def _require_browser() -> Any:
-    """The Playwright module, or skip (fail under ``IMKIT_REQUIRE_SERVICES=1``)."""
-    problem = None
-    try:
-        from playwright import async_api
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        problem = f"the playwright package is not installed ({exc})"
-    if problem is None and not os.access(CHROMIUM, os.X_OK):
-        problem = f"{CHROMIUM} is missing (apt-get install chromium)"
-    if problem is not None:
-        if os.environ.get("IMKIT_REQUIRE_SERVICES", "").strip() == "1":
-            pytest.fail(f"browser test cannot run: {problem} (IMKIT_REQUIRE_SERVICES=1)")
-        pytest.skip(f"browser test skipped: {problem}")
-    return async_api
-
-
 @pytest.mark.parametrize("ack_mode", ["only", "rigor", "none"])
 async def test_two_pages_chat_and_a_reopened_page_shows_what_it_missed(
     tmp_path: Path, ack_mode: str
 ) -> None:
     """In each ack mode (the page acks, confirms or stays silent accordingly)."""
-    async_api = _require_browser()
+    async_api = require_browser()
     args = ("--auth", "dev", "--db", str(tmp_path / "chat.db"), "--ack", ack_mode)
     with anyio.fail_after(60):
         async with (

@@ -7,31 +7,18 @@ Skipped without it, unless ``IMKIT_REQUIRE_SERVICES=1`` (then it fails).
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 import pytest
-from tests.services import services_required
+from tests.browser import CHROMIUM, CHROMIUM_ARGS, require_browser
 from tests.transport.helpers import Collected, make_app, serve_tcp
 
 import imkit
 
 pytestmark = [pytest.mark.anyio, pytest.mark.browser]
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 # The page opens ws://<its own host>/ws (or the ?target= URL), sends one Data frame,
 # acks every push, and writes each event into the DOM for the test to read.
@@ -69,19 +56,9 @@ ws.onclose = (event) => log("close", String(event.code));
 """
 
 
-def require_chromium() -> None:
-    if os.path.exists(CHROMIUM):
-        return
-    reason = f"{CHROMIUM} is not installed (apt-get install chromium)"
-    if services_required():
-        pytest.fail(f"{reason} and IMKIT_REQUIRE_SERVICES=1", pytrace=False)
-    pytest.skip(reason)
-
-
 @asynccontextmanager
 async def browser_page() -> AsyncIterator[Any]:
-    require_chromium()
-    from playwright.async_api import async_playwright
+    async_playwright = require_browser().async_playwright
 
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
