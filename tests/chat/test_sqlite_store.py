@@ -10,6 +10,7 @@ from pathlib import Path
 
 import anyio
 import anyio.lowlevel
+import anyio.to_thread
 import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
 
@@ -134,6 +135,48 @@ async def test_concurrent_appends_share_commits(tmp_path: Path) -> None:
         assert store.write_transactions - transactions <= 2
         stored = await store.read_after("a_b", 0, limit=1000)
         assert [m.seq for m in stored] == list(range(1, 102))
+
+
+async def test_a_read_waits_for_the_write_round_in_progress(tmp_path: Path) -> None:
+    """A read asked while a write round waits for its transaction runs after that round's
+    COMMIT: it sees the round's writes, never the connection halfway through them (the
+    loop runs the writes while the worker would otherwise be free to read)."""
+    path = tmp_path / "chat.db"
+    async with SQLiteStore(path, busy_timeout=30) as store:
+        await send(store, "warm-up")
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        seen: list[int] = []
+
+        async def reader() -> None:
+            seen.append(await store.last_seq("a_b"))
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                for i in range(20):
+                    tg.start_soon(send, store, f"m{i}")
+                await anyio.wait_all_tasks_blocked()  # the round's BEGIN waits for the lock
+                tg.start_soon(reader)
+                await anyio.wait_all_tasks_blocked()
+                assert seen == []
+                blocker.execute("COMMIT")
+        blocker.close()
+        assert seen == [21]
+
+
+async def test_a_store_belongs_to_the_thread_that_opened_it(tmp_path: Path) -> None:
+    async with SQLiteStore(tmp_path / "chat.db") as store:
+        await send(store, "1")
+
+        def elsewhere() -> None:
+            async def use() -> None:
+                await send(store, "2")
+
+            anyio.run(use)
+
+        with pytest.raises(RuntimeError, match="event loop that opened it"):
+            await anyio.to_thread.run_sync(elsewhere)
+        assert await store.last_seq("a_b") == 1
 
 
 async def test_locked_database_raises_store_unavailable_then_recovers(tmp_path: Path) -> None:

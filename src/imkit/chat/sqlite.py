@@ -1,21 +1,26 @@
 """The embedded default :class:`~imkit.chat.store.MessageStore`: one SQLite file.
 
 Threading
-    sqlite3 calls block, so none of them runs on the event loop. Each open store owns
-    one worker thread that owns the only connection; coroutines hand it jobs through a
-    queue and sleep on an :class:`anyio.Event` that the worker sets through the loop's
-    thread-safe entry point (``call_soon_threadsafe`` under asyncio, the trio token under
-    trio). One thread, one connection: no pool, no lock juggling, works under both
-    backends.
+    Each open store owns one worker thread and one connection, and belongs to the event
+    loop that opened it. Whatever may block runs on the worker: queries (a catch-up page
+    may be large), ``BEGIN IMMEDIATE`` (it may wait for another process's lock) and
+    ``COMMIT`` (the fsync). The writes themselves (a few indexed statements each) run on
+    the event loop, inside the transaction the worker opened: Python code on the worker
+    would fight the loop for the GIL on every statement, which cost the loop far more
+    than the statements do. The loop touches the connection only between the worker's
+    ``BEGIN`` and the ``COMMIT`` it hands back, and hands the worker nothing in between,
+    so the connection is never used by two threads at once. Coroutines sleep on an
+    :class:`anyio.Event` that the worker's answer sets through the loop's thread-safe
+    entry point (``call_soon_threadsafe`` under asyncio, the trio token under trio).
 
 Group commit
-    The worker takes every job waiting in the queue at once (up to ``max_batch``) and
-    runs all the writes among them in one ``BEGIN IMMEDIATE`` transaction, each under its
-    own savepoint so that one failing write does not undo the others, then commits once.
-    Appends that arrive while a commit is in progress wait for it and then share the next
-    one, so a burst of N concurrent appends costs a handful of commits, not N. Nobody
-    hears "stored" before the commit that stored it succeeded; if the commit fails every
-    write in the batch fails.
+    One write round at a time: the worker opens a transaction, the loop runs every write
+    waiting at that moment (up to ``max_batch``), each under its own savepoint so that
+    one failing write does not undo the others, and the worker commits once. Writes
+    that arrive while a round is in progress wait for it and then share the next one, so
+    a burst of N concurrent appends costs a handful of commits, not N. Nobody hears
+    "stored" before the commit that stored it succeeded; if the commit fails every write
+    in the round fails.
 
 Durability
     The database runs in WAL mode. With ``synchronous="FULL"`` (the default) every commit
@@ -49,6 +54,7 @@ import queue
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeVar
 
@@ -69,6 +75,7 @@ from imkit.chat.store import (
     draft_message,
 )
 from imkit.exceptions import ImkitError, StoreError, StoreUnavailable
+from imkit.transport._sync import EventFactory, Flag
 
 __all__ = ("SQLiteStore",)
 
@@ -144,29 +151,36 @@ def _current_waker() -> tuple[object, _Waker]:
 
 
 class _Kind(enum.Enum):
-    READ = "read"
-    WRITE = "write"
+    READ = "read"  # a query: the worker thread runs it
+    WRITE = "write"  # a change: the event loop runs it inside a write round
+    BEGIN = "begin"  # the worker opens a round's transaction (it may wait for a lock)
+    COMMIT = "commit"  # the worker commits a round (the fsync)
     STOP = "stop"
 
 
+class _Round(enum.Enum):
+    BEGIN = "begin"  # BEGIN handed to the worker: reads wait on the loop side
+    COMMIT = "commit"  # COMMIT handed to the worker: reads queue behind it
+
+
 class _Job:
-    """One request to the worker thread, and the slot its answer comes back in."""
+    """One request, and the slot its answer comes back in."""
 
-    __slots__ = ("cancelled", "error", "event", "fn", "kind", "result", "waker", "waker_key")
+    __slots__ = ("batch", "cancelled", "error", "event", "fn", "kind", "result")
 
-    def __init__(self, kind: _Kind, fn: Callable[[sqlite3.Connection], Any]) -> None:
+    def __init__(
+        self,
+        kind: _Kind,
+        fn: Callable[[sqlite3.Connection], Any] | None = None,
+        event: anyio.Event | None = None,
+    ) -> None:
         self.kind = kind
         self.fn = fn
-        self.event = anyio.Event()
-        self.waker_key, self.waker = _current_waker()
+        self.event = event
         self.result: Any = None
         self.error: BaseException | None = None
         self.cancelled = False
-
-
-def _set_all(events: list[anyio.Event]) -> None:
-    for event in events:
-        event.set()
+        self.batch: list[_Job] = []  # a COMMIT's writes
 
 
 def _row_to_message(row: Sequence[Any]) -> StoredMessage:
@@ -177,6 +191,8 @@ def _row_to_message(row: Sequence[Any]) -> StoredMessage:
 class SQLiteStore(StoreLifecycle):
     """A :class:`~imkit.chat.store.MessageStore` in one SQLite file (see the module doc).
 
+    An open store belongs to the event loop (and thread) that opened it.
+
     Args:
         path: the database file (created if missing); ``":memory:"`` for a private,
             non-persistent database.
@@ -184,7 +200,7 @@ class SQLiteStore(StoreLifecycle):
             across process crashes only).
         busy_timeout: seconds to wait for another connection's lock before raising
             :class:`~imkit.exceptions.StoreUnavailable`.
-        max_batch: the most queued jobs the worker takes in one round (one transaction).
+        max_batch: the most writes one transaction holds (group commit).
     """
 
     def __init__(
@@ -207,9 +223,18 @@ class SQLiteStore(StoreLifecycle):
         self._max_batch = max_batch
         self._queue: queue.SimpleQueue[_Job] | None = None
         self._thread: threading.Thread | None = None
+        self._conn: sqlite3.Connection | None = None
         self._opening: anyio.Event | None = None
+        self._open = False
+        self._owner = 0  # the thread of the event loop that opened the store
+        self._waker: _Waker | None = None
+        self._new_event = EventFactory()
+        self._writes: deque[_Job] = deque()  # waiting for a round
+        self._parked: list[_Job] = []  # reads waiting for the round's COMMIT
+        self._round: _Round | None = None
+        self._idle = Flag()
         self._transactions = 0
-        self._writes = 0
+        self._writes_done = 0
 
     @property
     def path(self) -> str:
@@ -224,7 +249,7 @@ class SQLiteStore(StoreLifecycle):
     @property
     def writes_committed(self) -> int:
         """How many write operations those transactions held."""
-        return self._writes
+        return self._writes_done
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -238,18 +263,22 @@ class SQLiteStore(StoreLifecycle):
             return
         self._opening = opening = anyio.Event()
         try:
+            _key, self._waker = _current_waker()
+            self._owner = threading.get_ident()
             jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
-            ready = _Job(_Kind.STOP, lambda conn: None)
+            ready = _Job(_Kind.STOP, event=anyio.Event())
             thread = threading.Thread(
                 target=self._serve, args=(jobs, ready), name="imkit-sqlite", daemon=True
             )
             thread.start()
             with anyio.CancelScope(shield=True):  # never leave a thread without an owner
+                assert ready.event is not None
                 await ready.event.wait()
             if ready.error is not None:
                 await anyio.to_thread.run_sync(thread.join)
                 raise ready.error
-            self._queue, self._thread = jobs, thread
+            self._queue, self._thread, self._conn = jobs, thread, ready.result
+            self._open = True
             logger.debug("opened %s", self._path)
         finally:
             self._opening = None
@@ -258,24 +287,40 @@ class SQLiteStore(StoreLifecycle):
     async def close(self) -> None:
         """Finish the queued jobs, close the connection and stop the worker thread."""
         thread, jobs = self._thread, self._queue
-        if thread is None or jobs is None:
+        if thread is None or jobs is None or not self._open:
             return
-        self._thread = self._queue = None
-        stop = _Job(_Kind.STOP, lambda conn: None)
-        jobs.put(stop)
+        self._open = False  # new calls fail; what is queued still runs
         with anyio.CancelScope(shield=True):
+            while self._round is not None or self._writes:
+                self._idle = idle = Flag()
+                await idle.wait()
+            stop = _Job(_Kind.STOP, event=anyio.Event())
+            jobs.put(stop)
+            assert stop.event is not None
             await stop.event.wait()
             await anyio.to_thread.run_sync(thread.join)
+        self._thread = self._queue = self._conn = None
         logger.debug("closed %s", self._path)
 
     async def _call(self, kind: _Kind, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         jobs = self._queue
-        if jobs is None:
+        if jobs is None or not self._open:
             raise StoreError("the store is not open")
-        job = _Job(kind, fn)
-        jobs.put(job)
+        if threading.get_ident() != self._owner:
+            raise RuntimeError("an SQLiteStore is used by the event loop that opened it")
+        job = _Job(kind, fn, self._new_event())
+        if kind is _Kind.WRITE:
+            self._writes.append(job)
+            if self._round is None:
+                self._begin()
+        elif self._round is _Round.BEGIN:
+            self._parked.append(job)  # the loop writes until the COMMIT: the worker waits
+        else:
+            jobs.put(job)
+        event = job.event
+        assert event is not None
         try:
-            await job.event.wait()
+            await event.wait()
         except BaseException:
             job.cancelled = True
             raise
@@ -283,6 +328,117 @@ class SQLiteStore(StoreLifecycle):
             raise job.error
         result: _T = job.result
         return result
+
+    # -- write rounds (on the event loop) --------------------------------------------
+    #
+    # A round: the worker opens a transaction (BEGIN IMMEDIATE: only the worker may wait
+    # for another process's lock); the loop runs every waiting write in it, each under a
+    # savepoint; the worker commits (the fsync). Writes that arrive meanwhile wait for
+    # the next round: one round at a time is the group commit. The loop touches the
+    # connection only between the worker's BEGIN and the COMMIT it hands back, and no
+    # job reaches the worker in between, so the connection is never used by two threads.
+
+    def _begin(self) -> None:
+        assert self._queue is not None
+        self._round = _Round.BEGIN
+        self._queue.put(_Job(_Kind.BEGIN))
+
+    def _begun(self, begin: _Job) -> None:
+        batch: list[_Job] = []
+        writes = self._writes
+        while writes and len(batch) < self._max_batch:
+            job = writes.popleft()
+            if not job.cancelled:
+                batch.append(job)
+        if begin.error is not None:
+            logger.warning("%s: cannot start a write transaction: %s", self._path, begin.error)
+            self._fail(batch, begin.error)
+            self._end_round(batch)
+            return
+        conn = self._conn
+        assert conn is not None and self._queue is not None
+        failure = self._run_writes(conn, batch)
+        if failure is not None:
+            self._fail(batch, failure)
+            self._end_round(batch)
+            return
+        commit = _Job(_Kind.COMMIT)
+        commit.batch = batch
+        self._round = _Round.COMMIT
+        self._queue.put(commit)
+        parked, self._parked = self._parked, []
+        for job in parked:
+            self._queue.put(job)
+
+    def _run_writes(self, conn: sqlite3.Connection, writes: list[_Job]) -> BaseException | None:
+        """Run ``writes`` in the open transaction; a failure that spoils it all is rolled
+        back and returned."""
+        try:
+            for job in writes:
+                assert job.fn is not None
+                conn.execute("SAVEPOINT imkit_job")
+                try:
+                    job.result = job.fn(conn)
+                except (sqlite3.OperationalError, sqlite3.InternalError):
+                    raise  # I/O, lock or memory trouble: the whole batch fails
+                except Exception as exc:
+                    if not conn.in_transaction:
+                        raise
+                    conn.execute("ROLLBACK TO imkit_job")
+                    job.error = _translate(exc)
+                    logger.warning("%s: write failed: %r", self._path, exc)
+                conn.execute("RELEASE imkit_job")
+        except Exception as exc:  # noqa: BLE001 - every waiter must get an answer
+            logger.warning("%s: write transaction failed: %s", self._path, exc)
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            except sqlite3.Error as rollback_exc:
+                logger.warning("%s: rollback failed: %s", self._path, rollback_exc)
+            return exc
+        return None
+
+    def _committed(self, commit: _Job) -> None:
+        if commit.error is not None:
+            logger.warning("%s: write transaction failed: %s", self._path, commit.error)
+            self._fail(commit.batch, commit.error)
+        else:
+            self._transactions += 1
+            self._writes_done += len(commit.batch)
+        self._end_round(commit.batch)
+
+    @staticmethod
+    def _fail(batch: list[_Job], error: BaseException) -> None:
+        for job in batch:  # one exception object per waiter: each gets raised
+            job.result, job.error = None, _translate(error)
+
+    def _end_round(self, batch: list[_Job]) -> None:
+        self._round = None
+        if self._parked:
+            assert self._queue is not None
+            parked, self._parked = self._parked, []
+            for job in parked:
+                self._queue.put(job)
+        for job in batch:
+            assert job.event is not None
+            job.event.set()
+        if self._writes:
+            self._begin()
+        else:
+            self._idle.set()
+
+    def _answered(self, jobs: list[_Job]) -> None:
+        """On the event loop: act on what the worker did."""
+        for job in jobs:
+            try:
+                if job.kind is _Kind.BEGIN:
+                    self._begun(job)
+                elif job.kind is _Kind.COMMIT:
+                    self._committed(job)
+                elif job.event is not None:
+                    job.event.set()
+            except Exception:  # pragma: no cover - a bug above; never raise into the loop
+                logger.exception("SQLite store: handling the worker's answer failed")
 
     # -- the worker thread -----------------------------------------------------------
 
@@ -294,6 +450,7 @@ class SQLiteStore(StoreLifecycle):
             logger.error("cannot open %s: %s", self._path, exc)
             self._wake([ready])
             return
+        ready.result = conn
         self._wake([ready])
         try:
             while True:
@@ -303,12 +460,12 @@ class SQLiteStore(StoreLifecycle):
                         batch.append(jobs.get_nowait())
                     except queue.Empty:
                         break
-                stop = [job for job in batch if job.kind is _Kind.STOP]
-                live = [job for job in batch if job.kind is not _Kind.STOP and not job.cancelled]
-                self._run_writes(conn, [job for job in live if job.kind is _Kind.WRITE])
-                for job in live:
-                    if job.kind is _Kind.READ:
-                        self._run_read(conn, job)
+                stop = False
+                for job in batch:
+                    if job.kind is _Kind.STOP:
+                        stop = True
+                    elif not job.cancelled:
+                        self._run_job(conn, job)
                 if stop:
                     conn.close()
                 self._wake(batch)
@@ -318,6 +475,31 @@ class SQLiteStore(StoreLifecycle):
             logger.exception("SQLite worker crashed")
             conn.close()
             raise
+
+    def _run_job(self, conn: sqlite3.Connection, job: _Job) -> None:
+        try:
+            if job.kind is _Kind.READ:
+                assert job.fn is not None
+                job.result = job.fn(conn)
+            elif job.kind is _Kind.BEGIN:
+                conn.execute("BEGIN IMMEDIATE")
+            else:
+                conn.execute("COMMIT")
+        except Exception as exc:  # noqa: BLE001 - handed to the event loop
+            job.error = _translate(exc) if job.kind is _Kind.READ else exc
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                logger.warning("%s: rollback after a failed %s failed", self._path, job.kind.value)
+
+    def _wake(self, batch: list[_Job]) -> None:
+        waker = self._waker
+        assert waker is not None
+        try:
+            waker(functools.partial(self._answered, batch))
+        except RuntimeError:  # the event loop is gone; nobody is waiting any more
+            logger.debug("event loop closed before its SQLite answer arrived")
 
     def _connect(self) -> sqlite3.Connection:
         """Open, set up and migrate the database. Another process opening the same new
@@ -343,7 +525,7 @@ class SQLiteStore(StoreLifecycle):
             self._path,
             timeout=self._busy_timeout,
             isolation_level=None,
-            check_same_thread=True,
+            check_same_thread=False,  # the worker and, inside a round, the loop
         )
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
@@ -385,67 +567,6 @@ class SQLiteStore(StoreLifecycle):
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-
-    def _run_writes(self, conn: sqlite3.Connection, writes: list[_Job]) -> None:
-        if not writes:
-            return
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            logger.warning("%s: cannot start a write transaction: %s", self._path, exc)
-            for job in writes:
-                job.error = _translate(exc)
-            return
-        try:
-            for job in writes:
-                conn.execute("SAVEPOINT imkit_job")
-                try:
-                    job.result = job.fn(conn)
-                except (sqlite3.OperationalError, sqlite3.InternalError):
-                    raise  # I/O, lock or memory trouble: the whole batch fails
-                except Exception as exc:
-                    if not conn.in_transaction:
-                        raise
-                    conn.execute("ROLLBACK TO imkit_job")
-                    job.error = _translate(exc)
-                    logger.warning("%s: write failed: %r", self._path, exc)
-                conn.execute("RELEASE imkit_job")
-            conn.execute("COMMIT")
-        except Exception as exc:  # noqa: BLE001 - every waiter must get an answer
-            logger.warning("%s: write transaction failed: %s", self._path, exc)
-            for job in writes:  # one exception object per waiter: each gets raised
-                job.result, job.error = None, _translate(exc)
-            try:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-            except sqlite3.Error as rollback_exc:
-                logger.warning("%s: rollback failed: %s", self._path, rollback_exc)
-            return
-        self._transactions += 1
-        self._writes += len(writes)
-
-    def _run_read(self, conn: sqlite3.Connection, job: _Job) -> None:
-        try:
-            job.result = job.fn(conn)
-        except Exception as exc:  # noqa: BLE001 - handed to the waiting task
-            job.error = _translate(exc)
-            try:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                logger.warning("%s: rollback after a failed read failed", self._path)
-
-    @staticmethod
-    def _wake(batch: list[_Job]) -> None:
-        by_loop: dict[int, tuple[_Waker, list[anyio.Event]]] = {}
-        for job in batch:
-            entry = by_loop.setdefault(id(job.waker_key), (job.waker, []))
-            entry[1].append(job.event)
-        for waker, events in by_loop.values():
-            try:
-                waker(functools.partial(_set_all, events))
-            except RuntimeError:  # the event loop is gone; nobody is waiting any more
-                logger.debug("event loop closed before its SQLite answer arrived")
 
     # -- operations ------------------------------------------------------------------
 
