@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 import time
 from typing import Protocol
 
@@ -41,14 +42,27 @@ class AnyioClock:
     """The event loop's own monotonic clock (:func:`anyio.current_time`) and
     :func:`time.time`."""
 
+    __slots__ = ("_loop", "_thread")
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = 0
+
     def now(self) -> float:
         """The event loop's time (what :func:`anyio.current_time` returns)."""
+        # Read several times per message. asyncio.get_running_loop() makes a getpid()
+        # system call each time (CPython checks for a fork), so the loop found last is
+        # kept: while it runs on this thread, it is the running loop here.
+        loop = self._loop
+        if loop is not None and self._thread == threading.get_ident() and loop.is_running():
+            return loop.time()
         try:
-            # What anyio.current_time() returns on asyncio, without finding the backend
-            # first: this is read several times per message.
-            return asyncio.get_running_loop().time()
+            loop = asyncio.get_running_loop()
         except RuntimeError:
+            self._loop = None
             return anyio.current_time()
+        self._loop, self._thread = loop, threading.get_ident()
+        return loop.time()
 
     def wall(self) -> float:
         """Seconds since the epoch (:func:`time.time`)."""
