@@ -122,7 +122,30 @@ class DecodeError:
 # One encoder for every message: json.dumps with options builds a new one per call.
 # allow_nan=False: NaN and Infinity are not JSON; no other client could read them.
 _ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-_encode_json = _ENCODER.encode
+_encode_general = _ENCODER.encode
+# JSONEncoder.encode builds a C encoder (and a closure) on every call; this one is built
+# once, with the same options. Without markers it has no cycle check: a cycle (or data
+# nested too deep) ends in RecursionError, and the general encoder says which it was.
+_make_c_encoder: Any = getattr(json.encoder, "c_make_encoder", None)
+_c_encoder: Any = (
+    _make_c_encoder(
+        None, _ENCODER.default, json.encoder.encode_basestring, None, ":", ",", False, False, False
+    )
+    if _make_c_encoder is not None
+    else None
+)
+
+
+def _encode_json(value: Any) -> str:
+    """``_ENCODER.encode(value)``: the same text, or the same exception."""
+    if _c_encoder is None:  # pragma: no cover - CPython without its _json module
+        return _encode_general(value)
+    try:
+        return "".join(_c_encoder(value, 0))
+    except RecursionError:
+        return _encode_general(value)
+
+
 # The string encoder _ENCODER itself uses (ensure_ascii=False): quotes and escapes a str.
 _quote = json.encoder.encode_basestring
 
