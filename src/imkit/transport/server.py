@@ -261,6 +261,7 @@ class Server:
         )
         sockets = getattr(listener, "listeners", [listener])
         self.port = sockets[0].extra(SocketAttribute.local_port)
+        connections: anyio.abc.TaskGroup | None = None
         try:
             await self.startup()
             async with anyio.create_task_group() as connections:
@@ -277,7 +278,18 @@ class Server:
             with anyio.CancelScope(shield=True):
                 self.stopping = True
                 await listener.aclose()
+                if connections is not None:
+                    await self._abandon(connections)
                 await self.cleanup()
+
+    async def _abandon(self, connections: anyio.abc.TaskGroup) -> None:
+        """``connections`` has ended: clean up the connections whose jobs ran there and
+        that did not finish (idle ones have no task that a cancellation would reach)."""
+        left = list(self._sessions)
+        if left:
+            async with anyio.create_task_group() as tg:
+                for session in left:
+                    tg.start_soon(session.abandon, connections)
 
     async def _accept_loop(
         self, listener: anyio.abc.SocketListener, ssl: Any, connections: anyio.abc.TaskGroup
@@ -306,8 +318,24 @@ class Server:
                 pass
             if ssl is not None:
                 connections.start_soon(self._tls_then_handle, stream, ssl, remote)
+            elif lean:
+                await self._open(stream, remote, connections)
             else:
                 connections.start_soon(self.handle_stream, stream, remote)
+
+    async def _open(
+        self, stream: anyio.abc.ByteStream, remote: str, connections: anyio.abc.TaskGroup
+    ) -> None:
+        """Serve a connection with no task of its own: its jobs start in ``connections``
+        when needed (an idle connection on the lean asyncio stream then has none)."""
+        session = ServerSession(self, stream, remote)
+        self._sessions.add(session)
+        try:
+            session.start(connections, on_finished=self._sessions.discard)
+        except Exception:
+            self.logger.exception("connection handler failed (%s)", remote or "-")
+            self._sessions.discard(session)
+            await anyio.aclose_forcefully(stream)
 
     async def _tls_then_handle(self, stream: anyio.abc.ByteStream, ssl: Any, remote: str) -> None:
         from anyio.streams.tls import TLSStream

@@ -1,7 +1,9 @@
 """One client connection on the server: a core :class:`~imkit.core.conn.ServerConn` driven
 over an anyio byte stream.
 
-Four jobs per connection, all in one task group so that no failure goes unseen:
+Four jobs per connection, each a task started when needed in the task group the session
+is given (:meth:`ServerSession.start`), and watched: a job that fails is logged and ends
+its connection, no other:
 
 * the **reader** feeds the bytes read to the core and hands messages to the worker through
   a bounded queue (``max_queued_messages``): when the worker falls behind, reading stops
@@ -17,13 +19,16 @@ Four jobs per connection, all in one task group so that no failure goes unseen:
   apart from the writer so that a client that stops reading still meets its ping timeout
   (1011) and close timeout.
 
-On trio, on TLS and on any other anyio stream each job is a task. On asyncio over plain
-TCP the server uses the lean stream of :mod:`imkit.transport._asyncio_stream`, and an idle
-connection has no task but its own: the reader runs in the stream's protocol callback
-(``_consume``: a handshake is decided in a task while reading is paused; a full queue
-pauses reading), the writer's bytes leave once per event-loop iteration and a task
-starts only to flush and close, the timer is an event-loop timer, and the worker task
-starts with the first message or event.
+On trio, on TLS and on any other anyio stream the reader, the writer and the timer are
+tasks for the whole connection, and :meth:`ServerSession.run` gives the jobs a task group
+of their own (the connection's task). On asyncio over plain TCP the server uses the lean
+stream of :mod:`imkit.transport._asyncio_stream` and starts the session in its own task
+group of connections, and an idle connection has no task at all: the reader runs in the
+stream's protocol callback (``_consume``: a handshake is decided in a task while reading
+is paused; a full queue pauses reading), the writer's bytes leave once per event-loop
+iteration and a task starts only to flush and close, the timer is an event-loop timer,
+and the worker task starts with the first message or event. The other jobs (a handshake's
+decision, the ``on_connect`` hooks, a revalidation, the end) are tasks while they run.
 
 How a connection ends: when the core reports ``Closed`` the session leaves the registry at
 once (no push goes to it, and a newer connection of the same user is never touched). The
@@ -31,7 +36,9 @@ writer flushes what is left (the close frame, an HTTP answer) within ``close_tim
 if the client still has that to read it half-closes and waits up to ``close_timeout`` for
 the client's end of stream, else it closes at once. The worker finishes the messages
 already acknowledged (for at most the server's ``shutdown_timeout``), runs the hooks of the
-pushes that failed, then ``on_disconnect``.
+pushes that failed, then ``on_disconnect``. The last job to end, once nothing more is
+read, cleans up (shielded from cancellation); a connection whose task group is cancelled
+first says goodbye (1001) as best it can and still runs its hooks.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ from __future__ import annotations
 import asyncio
 import math
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -103,30 +110,36 @@ _Item = Frame | Event | _Stop  # a message, a delivery event, or the end
 class ServerSession(HeldFanOut):
     """A connection on the server, as handlers and hooks see it (a core ``Session``).
 
-    Created and run by :meth:`imkit.Server.handle_stream`; applications get one through
+    Created and run by :meth:`imkit.Server.handle_stream` (or started by the server's
+    accept loop, on asyncio over plain TCP); applications get one through
     ``ctx.session``, ``server.sessions(user_id)`` and the hooks.
     """
 
     __slots__ = (
         "_blocked",
+        "_cancelled",
         "_connected_done",
         "_deferred",
         "_disconnected",
+        "_ending",
         "_expires_at",
         "_finished",
         "_handshakes",
         "_identity",
         "_inbox",
+        "_jobs",
         "_lean",
+        "_live",
         "_min_step",
+        "_on_finished",
         "_read_done",
         "_read_scope",
         "_registered",
         "_revalidate_at",
         "_room",
         "_room_waiters",
+        "_scopes",
         "_stream",
-        "_tg",
         "_timer_at",
         "_timer_handle",
         "_timer_loop",
@@ -189,7 +202,7 @@ class ServerSession(HeldFanOut):
         ]
         self._min_step = min(step for step in steps if step is not None)
         # reader and worker
-        self._read_scope = anyio.CancelScope()
+        self._read_scope: anyio.CancelScope | None = None  # the reader task's (not lean)
         # On asyncio's lean stream the bytes are pushed to the session from the event
         # loop's callback (``_consume``): no reader task. Other streams are read by one.
         self._lean = stream if isinstance(stream, AsyncioSocketStream) else None
@@ -204,8 +217,13 @@ class ServerSession(HeldFanOut):
         self._room_waiters = 0
         self._held: list[Frame] | None = []
         self._keep: Callable[[Frame], bool] | None = None
-        # life cycle
-        self._tg: anyio.abc.TaskGroup | None = None
+        # life cycle: the jobs (see run and start)
+        self._jobs: anyio.abc.TaskGroup | None = None
+        self._scopes: set[anyio.CancelScope] | None = None  # of the running jobs
+        self._live = 0  # jobs spawned and not finished
+        self._cancelled = False  # the jobs were cancelled: new ones start cancelled
+        self._ending = False  # _finish has begun
+        self._on_finished: Callable[[ServerSession], None] | None = None
         self._identity: Identity | None = None
         self._registered = False
         self._connected_done = Flag()
@@ -363,46 +381,133 @@ class ServerSession(HeldFanOut):
 
     # ------------------------------------------------------------------ driving
     async def run(self) -> None:
-        """Serve this connection until it closes; cleans up whatever happens."""
+        """Serve this connection until it closes; cleans up whatever happens.
+
+        The connection's jobs run in a task group of its own; cancelled, the connection
+        closes with 1001 as best it can and its hooks still run.
+        """
         try:
             async with anyio.create_task_group() as tg:
-                self._tg = tg
-                if self._writer.needs_task:
-                    tg.start_soon(self._write)
-                if self._lean is not None and isinstance(self.clock, AnyioClock):
-                    self._timer_loop = self._lean.loop
-                    self._arm_timer()
-                else:
-                    tg.start_soon(self._timer)
-                # The worker starts with the first message or event: none while idle.
-                self._inbox.when_first_item(self._start_worker)
-                with self._read_scope:
-                    if self._lean is not None:
-                        self._lean.consume(self._consume)
-                        await self._read_done.wait()
-                    else:
-                        await self._read()
-                self._end_reading()
-                self._lost()
-                grace = self.server.shutdown_timeout
-                with anyio.move_on_after(grace):
-                    await self._worker_done.wait()
-                if not self._worker_done.is_set():
-                    self.server.logger.warning(
-                        "handlers of %r still running %.1f s after the connection closed; "
-                        "cancelling them",
-                        self.user_id,
-                        grace,
-                    )
-                    tg.cancel_scope.cancel()
+                self.start(tg)
+                await self._finished.wait()
         finally:
-            self._tg = None
-            self._end_reading()  # push mode: later bytes are ignored
-            if self._timer_handle is not None:
-                self._timer_handle.cancel()
-                self._timer_handle = None
             with anyio.CancelScope(shield=True):
-                await self._cleanup()
+                await self._finish()
+
+    def start(
+        self,
+        jobs: anyio.abc.TaskGroup,
+        on_finished: Callable[[ServerSession], None] | None = None,
+    ) -> None:
+        """Start serving this connection and return at once: every task it needs (the
+        reader, writer, timer, worker, a handshake's decision, the hooks, the clean-up)
+        is started in ``jobs`` when needed, and ends there.
+
+        ``on_finished(session)`` is called once the connection is closed and cleaned up.
+        A job that fails (a bug) is logged and ends this connection only. If ``jobs``
+        ends (is cancelled) before the connection does, call :meth:`abandon`.
+        """
+        self._jobs = jobs
+        self._on_finished = on_finished
+        if self._writer.needs_task:
+            self._spawn(self._write)
+        if self._lean is not None and isinstance(self.clock, AnyioClock):
+            self._timer_loop = self._lean.loop
+            self._arm_timer()
+        else:
+            self._spawn(self._timer)
+        # The worker starts with the first message or event: none while idle.
+        self._inbox.when_first_item(self._start_worker)
+        if self._lean is not None:
+            self._lean.consume(self._consume)
+        else:
+            self._read_scope = anyio.CancelScope()
+            self._spawn(self._read)
+
+    async def abandon(self, jobs: anyio.abc.TaskGroup) -> None:
+        """``jobs`` has ended: if this connection was started there (:meth:`start`) and is
+        not cleaned up yet, clean it up now, as when it is cancelled (close with 1001 as
+        best it can, run the hooks)."""
+        if self._jobs is jobs:
+            await self._finish()
+
+    def _spawn(self, job: Callable[[], Awaitable[None]]) -> bool:
+        """Start ``job`` in the connection's task group; ``False`` if the connection is
+        ending (no new job starts)."""
+        jobs = self._jobs
+        if jobs is None:
+            return False
+        self._live += 1
+        try:
+            jobs.start_soon(self._run_job, job)
+        except RuntimeError:  # the task group has ended: abandon() cleans up
+            self._live -= 1
+            return False
+        return True
+
+    async def _run_job(self, job: Callable[[], Awaitable[None]]) -> None:
+        scope = anyio.CancelScope()
+        if self._cancelled:
+            scope.cancel()
+        scopes = self._scopes
+        if scopes is None:
+            scopes = self._scopes = set()
+        scopes.add(scope)
+        try:
+            with scope:
+                await job()
+        except Exception:
+            self.server.logger.exception("connection handler failed (%s)", self.remote_addr or "-")
+            self._cancel_jobs()
+            self._end_reading()
+        finally:
+            scopes.discard(scope)
+            self._live -= 1
+            if not self._live:
+                self._scopes = None
+                if self._read_done.is_set():
+                    # The last job of a connection that reads no more: clean up.
+                    with anyio.CancelScope(shield=True):
+                        await self._finish()
+
+    def _cancel_jobs(self) -> None:
+        """Cancel every job of this connection; those started later start cancelled."""
+        self._cancelled = True
+        for scope in list(self._scopes or ()):
+            scope.cancel()
+
+    async def _end(self) -> None:
+        """The job that starts once reading is over (the core connection has ended then):
+        the worker gets up to ``shutdown_timeout`` to finish, then every job is cancelled."""
+        grace = self.server.shutdown_timeout
+        with anyio.move_on_after(grace):
+            await self._worker_done.wait()
+        if not self._worker_done.is_set():
+            self.server.logger.warning(
+                "handlers of %r still running %.1f s after the connection closed; cancelling them",
+                self.user_id,
+                grace,
+            )
+            self._cancel_jobs()
+
+    async def _finish(self) -> None:
+        """Clean up (once, run shielded): no job starts any more, later bytes are ignored,
+        the connection says goodbye if it can and its hooks run."""
+        if self._ending:
+            return
+        self._ending = True
+        self._jobs = None
+        if not self._read_done.is_set():  # push mode: later bytes are ignored
+            self._inbox.put(_STOP)
+            self._read_done.set()
+        if self._timer_handle is not None:
+            self._timer_handle.cancel()
+            self._timer_handle = None
+        try:
+            await self._cleanup()
+        finally:
+            if self._on_finished is not None:
+                self._on_finished(self)
 
     def _collect(self) -> list[_Message]:
         """Move the core's output to the write buffer; act on its events; return the
@@ -475,8 +580,8 @@ class ServerSession(HeldFanOut):
             return
         self.closed_with = event
         self._writer.closing(linger=linger)
-        if not self._writer.needs_task and self._tg is not None:
-            self._tg.start_soon(self._write)  # flush and close (no writer task until now)
+        if not self._writer.needs_task:
+            self._spawn(self._write)  # flush and close (no writer task until now)
         identity = self._identity
         if identity is not None and self._registered:
             self.server.registry.remove(identity.user_id, self.epoch)
@@ -502,6 +607,12 @@ class ServerSession(HeldFanOut):
 
     # ------------------------------------------------------------------ reader
     async def _read(self) -> None:
+        """The reader task (not on the lean stream)."""
+        assert self._read_scope is not None
+        with self._read_scope:
+            await self._read_all()
+
+    async def _read_all(self) -> None:
         stream = self._stream
         conn = self.conn
         clock = self.clock
@@ -532,14 +643,16 @@ class ServerSession(HeldFanOut):
             # are still handled; nothing follows the stop marker.
             for message in messages[handed:]:
                 self._inbox.put_message_nowait(message)
-            self._inbox.put(_STOP)
-            self._read_done.set()
+            self._end_reading()
 
     def _end_reading(self) -> None:
-        """Nothing more is read: the worker gets the stop marker (once)."""
+        """Nothing more is read: the worker gets the stop marker, and the connection ends
+        (:meth:`_end`). Once."""
         if not self._read_done.is_set():
             self._inbox.put(_STOP)
             self._read_done.set()
+            if not self._cancelled:
+                self._spawn(self._end)
 
     def _consume(self, data: bytes | None) -> None:
         """Push mode: bytes (``None``: end of stream) from the lean stream's callback."""
@@ -563,8 +676,7 @@ class ServerSession(HeldFanOut):
             self._end_reading()
         elif self._handshakes:
             self._block()
-            assert self._tg is not None
-            self._tg.start_soon(self._decide_in_turn)
+            self._spawn(self._decide_in_turn)
         elif self._inbox.full:
             self._block()
             self._inbox.when_room(self._unblock)
@@ -596,7 +708,11 @@ class ServerSession(HeldFanOut):
 
     async def _write(self) -> None:
         await self._writer.run(self._read_done)
-        self._read_scope.cancel()  # the stream is closed: nothing more to read
+        # The stream is closed: nothing more to read.
+        if self._read_scope is not None:
+            self._read_scope.cancel()
+        else:
+            self._end_reading()
 
     # ------------------------------------------------------------------ timer
     async def _timer(self) -> None:
@@ -623,7 +739,7 @@ class ServerSession(HeldFanOut):
             self._timer_handle.cancel()
             self._timer_handle = None
         self._timer_at = math.inf
-        if self.closed_with is not None or self._tg is None:
+        if self.closed_with is not None or self._jobs is None:
             return
         deadline = self._deadline()
         if deadline is not None:
@@ -646,8 +762,7 @@ class ServerSession(HeldFanOut):
             self.close_nowait(CLOSE_POLICY, "credential expired")
         elif revalidate is not None and now >= revalidate:
             self._revalidate_at = now + (self.app.revalidate_interval or math.inf)
-            assert self._tg is not None
-            self._tg.start_soon(self._revalidate)
+            self._spawn(self._revalidate)
         else:
             deadline = self.conn.next_deadline()
             if deadline is not None and now >= deadline:
@@ -657,9 +772,8 @@ class ServerSession(HeldFanOut):
 
     # ------------------------------------------------------------------ worker
     def _start_worker(self) -> None:
-        if self._tg is not None:
-            self._tg.start_soon(self._worker)
-        # else: the session is ending; _cleanup runs the hooks of what is queued
+        self._spawn(self._worker)
+        # if it did not start, the session is ending; _cleanup runs the queued hooks
 
     async def _worker(self) -> None:
         inbox = self._inbox
@@ -748,8 +862,8 @@ class ServerSession(HeldFanOut):
         server.ip_opened(self.remote_addr)
         for old in displaced:
             old.close_nowait(CLOSE_SESSION_REPLACED, "session replaced: the user logged in again")
-        assert self._tg is not None
-        self._tg.start_soon(self._connected)
+        if not self._spawn(self._connected):
+            self._connected_done.set()  # the session is ending: no on_connect hooks
         return self._collect()
 
     async def _revalidate(self) -> None:
