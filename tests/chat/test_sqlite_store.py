@@ -15,7 +15,7 @@ import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 import imkit
-from imkit.chat.sqlite import SQLiteStore
+from imkit.chat.sqlite import SQLiteStore, _Kind
 from imkit.chat.store import StoredMessage
 from imkit.exceptions import StoreError, StoreUnavailable
 
@@ -164,6 +164,47 @@ async def test_a_read_waits_for_the_write_round_in_progress(tmp_path: Path) -> N
         assert seen == [21]
 
 
+async def test_a_failing_write_fails_alone_and_its_round_is_stored(tmp_path: Path) -> None:
+    """Writes run without savepoints first; one that fails on its own (here a duplicate
+    key) rolls the round back, and the round runs again with a savepoint per write: the
+    failing write gets its error, the others are stored once, with gapless seqs."""
+    path = tmp_path / "chat.db"
+    async with SQLiteStore(path, busy_timeout=30) as store:
+        await send(store, "warm-up")
+        transactions = store.write_transactions
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        failures: list[BaseException] = []
+
+        def duplicate(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO imkit_conversations (conversation_id, last_seq) VALUES ('a_b', 9)"
+            )
+
+        async def bad() -> None:
+            try:
+                await store._call(_Kind.WRITE, duplicate)
+            except StoreError as exc:
+                failures.append(exc)
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                for i in range(10):
+                    tg.start_soon(send, store, f"m{i}")
+                tg.start_soon(bad)
+                for i in range(10, 20):
+                    tg.start_soon(send, store, f"m{i}")
+                await anyio.wait_all_tasks_blocked()  # one round waits for the lock
+                blocker.execute("COMMIT")
+        blocker.close()
+        assert len(failures) == 1 and not isinstance(failures[0], StoreUnavailable)
+        assert isinstance(failures[0].__cause__, sqlite3.IntegrityError)
+        stored = await store.read_after("a_b", 0, limit=100)
+        assert [m.seq for m in stored] == list(range(1, 22))
+        assert sorted(m.msg_id for m in stored[1:]) == sorted(f"m{i}" for i in range(20))
+        assert store.write_transactions - transactions == 1  # the rolled-back try is not one
+
+
 async def test_a_store_belongs_to_the_thread_that_opened_it(tmp_path: Path) -> None:
     async with SQLiteStore(tmp_path / "chat.db") as store:
         await send(store, "1")
@@ -240,7 +281,7 @@ async def test_close_finishes_queued_work(tmp_path: Path) -> None:
 
 _WRITER = r"""
 import os, sys, anyio
-from imkit.chat.sqlite import SQLiteStore
+from imkit.chat.sqlite import SQLiteStore, _Kind
 
 path, first, go = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 
@@ -308,7 +349,7 @@ async def test_two_processes_share_one_file(tmp_path: Path) -> None:
 
 _KILLED = r"""
 import sys, anyio
-from imkit.chat.sqlite import SQLiteStore
+from imkit.chat.sqlite import SQLiteStore, _Kind
 
 async def main():
     async with SQLiteStore(sys.argv[1], synchronous=sys.argv[2]) as store:

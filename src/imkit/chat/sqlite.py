@@ -87,6 +87,19 @@ _Waker = Callable[[Callable[[], None]], object]
 _COLUMNS = "conversation_id, seq, sender_id, recv_id, msg_id, chat_type, m_type, content, send_time"
 _M_COLUMNS = ", ".join(f"m.{c.strip()}" for c in _COLUMNS.split(","))
 
+_APPEND_LOOKUP = (
+    f"SELECT c.last_seq, {_M_COLUMNS} FROM imkit_conversations c"
+    " LEFT JOIN imkit_messages m ON m.conversation_id = c.conversation_id"
+    "  AND m.sender_id = ? AND m.msg_id = ?"
+    " WHERE c.conversation_id = ?"
+)
+_NEW_CONVERSATION = "INSERT INTO imkit_conversations (conversation_id, last_seq) VALUES (?, 1)"
+_NEXT_SEQ = "UPDATE imkit_conversations SET last_seq = ? WHERE conversation_id = ?"
+_INSERT_MESSAGE = f"INSERT INTO imkit_messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_ADD_MEMBERS = (
+    "INSERT OR IGNORE INTO imkit_members (user_id, conversation_id) VALUES (?, ?), (?, ?)"
+)
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS imkit_conversations (
     conversation_id TEXT PRIMARY KEY, last_seq INTEGER NOT NULL) WITHOUT ROWID;
@@ -188,6 +201,23 @@ def _row_to_message(row: Sequence[Any]) -> StoredMessage:
     return StoredMessage(*row)
 
 
+@functools.cache
+def _watermark_sql(table: str, key_columns: tuple[str, ...]) -> tuple[str, str]:
+    """For a watermark table: the read of (conversation's last seq, watermark), by
+    ``(conversation_id, *key)``, and the upsert of the watermark, by ``(*key, seq)``."""
+    where = " AND ".join(f"{column} = ?" for column in key_columns)
+    lookup = (
+        "SELECT (SELECT last_seq FROM imkit_conversations WHERE conversation_id = ?),"
+        f" (SELECT seq FROM {table} WHERE {where})"
+    )
+    columns = ", ".join(key_columns)
+    upsert = (
+        f"INSERT INTO {table} ({columns}, seq) VALUES ({', '.join('?' * (len(key_columns) + 1))})"
+        f" ON CONFLICT ({columns}) DO UPDATE SET seq = excluded.seq"
+    )
+    return lookup, upsert
+
+
 class SQLiteStore(StoreLifecycle):
     """A :class:`~imkit.chat.store.MessageStore` in one SQLite file (see the module doc).
 
@@ -232,6 +262,7 @@ class SQLiteStore(StoreLifecycle):
         self._writes: deque[_Job] = deque()  # waiting for a round
         self._parked: list[_Job] = []  # reads waiting for the round's COMMIT
         self._round: _Round | None = None
+        self._careful = False  # the next round runs each write under a savepoint
         self._idle = Flag()
         self._transactions = 0
         self._writes_done = 0
@@ -357,7 +388,21 @@ class SQLiteStore(StoreLifecycle):
             return
         conn = self._conn
         assert conn is not None and self._queue is not None
-        failure = self._run_writes(conn, batch)
+        if self._careful:
+            self._careful = False
+            failure = self._run_writes(conn, batch)
+        else:
+            try:
+                retry = not self._run_optimistic(conn, batch)
+            except Exception as exc:  # noqa: BLE001 - every waiter must get an answer
+                failure, retry = self._abandon(conn, exc), False
+            else:
+                failure = None
+            if retry:  # a write failed on its own: again, each under a savepoint
+                self._careful = True
+                self._writes.extendleft(reversed(batch))
+                self._end_round([])
+                return
         if failure is not None:
             self._fail(batch, failure)
             self._end_round(batch)
@@ -370,9 +415,37 @@ class SQLiteStore(StoreLifecycle):
         for job in parked:
             self._queue.put(job)
 
+    def _run_optimistic(self, conn: sqlite3.Connection, writes: list[_Job]) -> bool:
+        """Run ``writes`` in the open transaction without savepoints (two statements per
+        write saved); if one fails on its own (a constraint, a bug in it), roll back and
+        return False: the round runs again with a savepoint around each write. I/O, lock
+        and memory trouble raises."""
+        for job in writes:
+            assert job.fn is not None
+            try:
+                job.result = job.fn(conn)
+            except (sqlite3.OperationalError, sqlite3.InternalError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - retried under savepoints
+                logger.debug("%s: a write failed (%r); running its round again", self._path, exc)
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                return False
+        return True
+
+    def _abandon(self, conn: sqlite3.Connection, exc: BaseException) -> BaseException:
+        """Roll back after ``exc`` spoiled the transaction; return it."""
+        logger.warning("%s: write transaction failed: %s", self._path, exc)
+        try:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+        except sqlite3.Error as rollback_exc:
+            logger.warning("%s: rollback failed: %s", self._path, rollback_exc)
+        return exc
+
     def _run_writes(self, conn: sqlite3.Connection, writes: list[_Job]) -> BaseException | None:
-        """Run ``writes`` in the open transaction; a failure that spoils it all is rolled
-        back and returned."""
+        """Run ``writes`` in the open transaction, each under a savepoint; a failure that
+        spoils it all is rolled back and returned."""
         try:
             for job in writes:
                 assert job.fn is not None
@@ -389,13 +462,7 @@ class SQLiteStore(StoreLifecycle):
                     logger.warning("%s: write failed: %r", self._path, exc)
                 conn.execute("RELEASE imkit_job")
         except Exception as exc:  # noqa: BLE001 - every waiter must get an answer
-            logger.warning("%s: write transaction failed: %s", self._path, exc)
-            try:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-            except sqlite3.Error as rollback_exc:
-                logger.warning("%s: rollback failed: %s", self._path, rollback_exc)
-            return exc
+            return self._abandon(conn, exc)
         return None
 
     def _committed(self, commit: _Job) -> None:
@@ -595,33 +662,20 @@ class SQLiteStore(StoreLifecycle):
         )
 
         def run(conn: sqlite3.Connection) -> tuple[StoredMessage, bool]:
-            row = conn.execute(
-                f"SELECT {_COLUMNS} FROM imkit_messages"
-                " WHERE conversation_id = ? AND sender_id = ? AND msg_id = ?",
-                (conversation_id, sender_id, msg_id),
-            ).fetchone()
-            if row is not None:
-                return _row_to_message(row), False
-            row = conn.execute(
-                "SELECT last_seq FROM imkit_conversations WHERE conversation_id = ?",
-                (conversation_id,),
-            ).fetchone()
-            seq = (row[0] if row else 0) + 1
-            conn.execute(
-                "INSERT INTO imkit_conversations (conversation_id, last_seq) VALUES (?, ?)"
-                " ON CONFLICT (conversation_id) DO UPDATE SET last_seq = excluded.last_seq",
-                (conversation_id, seq),
-            )
+            # One read for both questions: the conversation's last seq, and whether this
+            # sender's msg_id is stored already (no conversation row: neither).
+            row = conn.execute(_APPEND_LOOKUP, (sender_id, msg_id, conversation_id)).fetchone()
+            if row is None:
+                seq = 1
+                conn.execute(_NEW_CONVERSATION, (conversation_id,))
+            elif row[1] is not None:
+                return _row_to_message(row[1:]), False
+            else:
+                seq = row[0] + 1
+                conn.execute(_NEXT_SEQ, (seq, conversation_id))
             message = attrs.evolve(draft, seq=seq)
-            conn.execute(
-                f"INSERT INTO imkit_messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                attrs.astuple(message),
-            )
-            conn.execute(
-                "INSERT OR IGNORE INTO imkit_members (user_id, conversation_id)"
-                " VALUES (?, ?), (?, ?)",
-                (sender_id, conversation_id, recv_id, conversation_id),
-            )
+            conn.execute(_INSERT_MESSAGE, attrs.astuple(message))
+            conn.execute(_ADD_MEMBERS, (sender_id, conversation_id, recv_id, conversation_id))
             return message, True
 
         return await self._call(_Kind.WRITE, run)
@@ -740,24 +794,16 @@ class SQLiteStore(StoreLifecycle):
     async def _raise_watermark(
         self, table: str, key_columns: tuple[str, ...], key: tuple[str, ...], seq: int
     ) -> int:
-        where = " AND ".join(f"{column} = ?" for column in key_columns)
+        lookup, upsert = _watermark_sql(table, key_columns)
         conversation_id = key[-1]
 
         def run(conn: sqlite3.Connection) -> int:
-            row = conn.execute(f"SELECT seq FROM {table} WHERE {where}", key).fetchone()
-            current = row[0] if row else 0
-            last = conn.execute(
-                "SELECT last_seq FROM imkit_conversations WHERE conversation_id = ?",
-                (conversation_id,),
-            ).fetchone()
-            new = max(current, min(seq, last[0] if last else 0))
+            # The conversation's last seq and the watermark, in one read.
+            last, current = conn.execute(lookup, (conversation_id, *key)).fetchone()
+            current = current or 0
+            new = max(current, min(seq, last or 0))
             if new > current:
-                conn.execute(
-                    f"INSERT INTO {table} ({', '.join(key_columns)}, seq)"
-                    f" VALUES ({', '.join('?' * (len(key) + 1))})"
-                    f" ON CONFLICT ({', '.join(key_columns)}) DO UPDATE SET seq = excluded.seq",
-                    (*key, new),
-                )
+                conn.execute(upsert, (*key, new))
             return int(new)
 
         return await self._call(_Kind.WRITE, run)
