@@ -8,6 +8,7 @@ connects and receives everything above his delivered watermark, oldest first.
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -288,3 +289,58 @@ async def test_imkit_serve_killed_during_catch_up_resumes_where_bob_was(
                 chat = ChatClient(client, user_id="bob", seen=marks)
                 seen += [m["seq"] for m in await collect(chat, 600)]
     assert seen == list(range(1, 1001))
+
+
+class _CountingStore(MemoryStore):
+    """A memory store that counts delivered-watermark writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.delivered_writes = 0
+
+    async def set_delivered(self, user_id: str, device_id: str, conversation: str, seq: int) -> int:
+        self.delivered_writes += 1
+        return await super().set_delivered(user_id, device_id, conversation, seq)
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    """Wait (up to 5 s) until ``condition()`` holds."""
+    with anyio.fail_after(5):
+        for _ in range(1000):
+            if condition():
+                return
+            await anyio.sleep(0.005)
+    raise AssertionError("condition never held")
+
+
+@pytest.mark.parametrize(("interval", "writes_while_online"), [(3600.0, 1), (0.0, 10)])
+async def test_a_busy_conversation_writes_its_watermark_once_per_interval(
+    interval: float, writes_while_online: int
+) -> None:
+    """Bob acknowledges ten pushes one after another, each time having all he was sent:
+    with a long ``watermark_interval`` only the first ack is written at once (the others
+    wait: his disconnect writes them); with 0, every one is. Either way the store ends at
+    10 and his next connect brings nothing."""
+    store = _CountingStore()
+    with anyio.fail_after(20):
+        async with chat_server(store) as srv:
+            srv.service.watermark_interval = interval
+            async with chat_client(srv.url, "alice") as alice:
+                async with chat_client(srv.url, "bob") as bob:
+
+                    def level() -> int | None:  # Bob's delivered watermark in memory
+                        device = srv.service._devices.get(("bob", ""))
+                        return None if device is None else device.level.get(AB)
+
+                    for i in range(10):
+                        await alice.send("bob", f"m{i}")
+                        assert [m["seq"] for m in await collect(bob, 1)] == [i + 1]
+                        # His ack is in before the next push: he has all he was sent.
+                        await _until(lambda i=i: level() == i + 1)
+                    await _until(lambda: store.delivered_writes >= writes_while_online)
+                    await anyio.sleep(0.05)  # no write is late
+                    assert store.delivered_writes == writes_while_online
+                    assert await store.get_delivered("bob", "", AB) == (10 if interval == 0 else 1)
+                await _until(lambda: store._delivered.get(("bob", "", AB)) == 10)  # at disconnect
+            async with connect(ws_url(srv.url, "bob")) as bob_again:
+                assert await nothing_more(bob_again, 0.3) == []

@@ -28,12 +28,15 @@ Delivery. Each device (user id + device id) has, per conversation, a *delivered
 watermark*: every message up to it was either acknowledged by the device (a ``push``, the
 answer to its own ``conversation.chat``, or a ``conversation.sync`` answer carrying it) or
 sent by the device's own user. Acks move it contiguously in memory; it is written to the
-store when the device has acked all it was sent, every ``flush_every`` messages, and when
-the device disconnects. When a device connects, the messages above it are pushed oldest
-first, paced by the ack window, while live pushes for the device are held; the held ones
-the catch-up already covered are dropped and the rest follow, so the stream a device sees
-rises. A NoAck server has no acks: there a push counts as delivered once it is handed to
-the connection.
+store every ``flush_every`` messages, when the device has acked all it was sent (at most
+once per ``watermark_interval`` seconds while the acks keep coming: a busy conversation
+costs one write per interval, not one per message), and when the device disconnects or
+the server stops. A crash loses at most ``flush_every`` acknowledged messages per
+conversation from the store: those are pushed again, and clients drop what they have.
+When a device connects, the messages above it are pushed oldest first, paced by the ack
+window, while live pushes for the device are held; the held ones the catch-up already
+covered are dropped and the rest follow, so the stream a device sees rises. A NoAck server
+has no acks: there a push counts as delivered once it is handed to the connection.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ __all__ = (
     "DEFAULT_HANDOVER_TIMEOUT",
     "DEFAULT_MAX_CONTENT_BYTES",
     "DEFAULT_PAGE_SIZE",
+    "DEFAULT_WATERMARK_INTERVAL",
     "PUSH_METHOD",
     "READ_METHOD",
     "SYNC_METHOD",
@@ -80,6 +84,9 @@ DEFAULT_PAGE_SIZE = 200
 DEFAULT_CATCH_UP_PAGE = 1000
 # Acked messages a watermark may run ahead of the store (what a crash may push again).
 DEFAULT_FLUSH_EVERY = 64
+# A device that keeps acknowledging everything it was sent has its watermark written at
+# most once per this many seconds (and every DEFAULT_FLUSH_EVERY messages).
+DEFAULT_WATERMARK_INTERVAL = 1.0
 # How long a new connection waits for the device's previous one to finish closing.
 DEFAULT_HANDOVER_TIMEOUT = 2.0
 _MAX_SYNC_CONVERSATIONS = 100
@@ -157,7 +164,8 @@ class _Device:
     """What the service remembers of one device while it is connected.
 
     Per conversation: ``level`` (the watermark), ``written`` (what the store has),
-    ``acked`` (acked seqs above a hole), ``own`` / ``peer`` (seqs above the watermark known
+    ``written_at`` (when, on the service's monotonic clock), ``acked`` (acked seqs above a
+    hole), ``own`` / ``peer`` (seqs above the watermark known
     to be sent by the device's user, or by the peer), ``expect`` (the highest seq this node
     has sent the device), ``dirty`` (watermarks that passed a peer's message since they
     were last written: only those matter to :meth:`MessageStore.pending`).
@@ -166,6 +174,7 @@ class _Device:
     def __init__(self) -> None:
         self.level: dict[str, int] = {}
         self.written: dict[str, int] = {}
+        self.written_at: dict[str, float] = {}
         self.acked: dict[str, set[int]] = {}
         self.own: dict[str, set[int]] = {}
         self.peer: dict[str, set[int]] = {}
@@ -192,6 +201,9 @@ class ChatService:
     exactly when the app's login policy is ``"multi"``. ``page_size`` caps what one
     ``conversation.sync`` or ``getChatLog`` answer carries per conversation;
     ``catch_up_page`` is how many messages the catch-up reads from the store at a time.
+    ``flush_every`` and ``watermark_interval`` say when delivered watermarks are written
+    (see the module doc; ``watermark_interval=0`` writes as soon as the device has acked
+    all it was sent); ``monotonic`` is the clock for that interval.
     """
 
     def __init__(
@@ -203,19 +215,25 @@ class ChatService:
         catch_up_page: int = DEFAULT_CATCH_UP_PAGE,
         flush_every: int = DEFAULT_FLUSH_EVERY,
         handover_timeout: float = DEFAULT_HANDOVER_TIMEOUT,
+        watermark_interval: float = DEFAULT_WATERMARK_INTERVAL,
         echo_to_sender: bool | None = None,
         now_ms: Callable[[], int] = _now_ms,
+        monotonic: Callable[[], float] = time.monotonic,
         logger: logging.Logger | None = None,
     ) -> None:
         if max_content_bytes < 0 or min(page_size, catch_up_page, flush_every) < 1:
             raise ValueError(
                 "max_content_bytes >= 0; page_size, catch_up_page and flush_every >= 1"
             )
+        if not watermark_interval >= 0:
+            raise ValueError("watermark_interval must be >= 0")
         self.store = store
         self.max_content_bytes = max_content_bytes
         self.page_size = page_size
         self.catch_up_page = catch_up_page
         self.flush_every = flush_every
+        self.watermark_interval = watermark_interval
+        self.monotonic = monotonic
         self.handover_timeout = handover_timeout
         self.echo_to_sender = echo_to_sender
         self.now_ms = now_ms
@@ -654,11 +672,20 @@ class ChatService:
         )
 
     def _due(self, device: _Device, conversation: str, level: int) -> bool:
-        """Whether the watermark must be written now."""
-        return conversation in device.dirty and (
-            level >= device.expect.get(conversation, 0)
-            or level - device.written.get(conversation, 0) >= self.flush_every
-        )
+        """Whether the watermark must be written now: ``flush_every`` acked messages ahead
+        of the store, or everything sent acked and the last write ``watermark_interval``
+        ago (otherwise a later ack, the disconnect or the shutdown writes it)."""
+        if conversation not in device.dirty:
+            return False
+        if level - device.written.get(conversation, 0) >= self.flush_every:
+            return True
+        if level < device.expect.get(conversation, 0):
+            return False
+        interval = self.watermark_interval
+        if not interval:
+            return True
+        last = device.written_at.get(conversation)
+        return last is None or self.monotonic() - last >= interval
 
     async def _level(self, key: Key, device: _Device, conversation: str) -> int:
         if conversation not in device.level:
@@ -702,6 +729,7 @@ class ChatService:
             self.logger.warning("could not save a delivered watermark: %s", exc)
             return  # the messages stay pending and come again: never lost
         device.written[conversation] = max(device.written.get(conversation, 0), target)
+        device.written_at[conversation] = self.monotonic()
         device.dirty.discard(conversation)
 
     async def _flush(self, key: Key, device: _Device) -> None:
