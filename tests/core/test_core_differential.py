@@ -13,11 +13,13 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import attrs
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from tests.core import legacy_core as legacy
 
-from imkit.core import frames
+from imkit.core import events, frames
 from imkit.core.ack import AckMode, AckTimers, Input, Receiver, Sender
 from imkit.core.frames import Frame, FrameType, decode_frame, encode_frame
 from imkit.core.peer import Peer, PeerOptions
@@ -97,9 +99,47 @@ def test_encode_frame_writes_what_the_old_encoder_wrote(
 @given(message_id=strings, ack_seq=st.integers())
 def test_acks_and_pings_are_written_as_before(message_id: str, ack_seq: int) -> None:
     ack = Frame(FrameType.ACK, message_id, ack_seq)
-    assert encode_frame(ack) == legacy.encode_frame(ack)
+    assert frames._encode_ack(message_id, ack_seq) == encode_frame(ack) == legacy.encode_frame(ack)
     ping = Frame(FrameType.PING, message_id)
     assert frames._encode_ping(message_id) == encode_frame(ping) == legacy.encode_frame(ping)
+
+
+@given(
+    frame_type=st.sampled_from(FrameType),
+    message_id=strings,
+    ack_seq=st.integers(),
+    method=strings,
+    form_id=strings,
+    transpond_uid=strings,
+    data=json_values,
+    reply_to=strings,
+)
+def test_frames_and_events_built_through_their_slots_are_the_usual_ones(
+    frame_type: FrameType,
+    message_id: str,
+    ack_seq: int,
+    method: str,
+    form_id: str,
+    transpond_uid: str,
+    data: Any,
+    reply_to: str,
+) -> None:
+    fields = (frame_type, message_id, ack_seq, method, form_id, transpond_uid, data, reply_to)
+    fast = frames._new_frame(*fields)
+    usual = Frame(*fields)
+    assert type(fast) is Frame
+    assert attrs.astuple(fast, recurse=False) == attrs.astuple(usual, recurse=False)
+    assert repr(fast) == repr(usual)
+    assert fast == usual or data != data  # NaN inside data is never equal, even to itself
+    for event, usual_event in (
+        (events._message_received(fast), events.MessageReceived(fast)),
+        (events._delivered(fast), events.Delivered(fast)),
+    ):
+        assert type(event) is type(usual_event)
+        assert event.frame is fast
+        assert event == usual_event or data != data
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        fast.id = "changed"  # type: ignore[misc]
 
 
 def test_encode_falls_back_to_the_general_encoder_for_odd_field_types() -> None:
@@ -208,6 +248,7 @@ machine_ops = st.lists(
         st.tuples(st.just("ack"), ids),
         st.tuples(st.just("data"), ids, st.integers(0, 2), st.booleans()),
         st.tuples(st.just("confirm"), ids),
+        st.tuples(st.just("refuse"), ids),
         st.tuples(st.just("tick"), steps),
         st.tuples(st.sampled_from(["resend_all", "resend_acks", "drop_backlog"])),
     ),
@@ -229,6 +270,8 @@ def machine_calls(
         return [outcome(receiver.on_data, frame, now, acked=op[3])]
     if kind == "confirm":
         return [outcome(receiver.on_confirm, op[1], now)]
+    if kind == "refuse":
+        return [outcome(sender.refuse, op[1], now)]
     if kind == "tick":
         return [outcome(sender.handle_timeout, now), outcome(receiver.handle_timeout, now)]
     if kind == "resend_all":
@@ -275,7 +318,7 @@ def test_a_missing_transition_still_raises_from_the_machine() -> None:
     sender.send(Frame(FrameType.DATA, "a"), 0.0)
     entry = sender._live["a"]
     try:
-        sender._apply(entry.frame, entry.state, Input.SEND, 0.0, [], entry)
+        sender._apply(entry.frame, entry.state, Input.SEND, 0.0, entry)
     except LocalProtocolError as exc:
         assert "not allowed" in str(exc)
     else:  # pragma: no cover - the assertion below explains the failure

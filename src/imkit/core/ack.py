@@ -34,7 +34,7 @@ from enum import Enum
 
 import attrs
 
-from imkit.core.frames import Frame, FrameType
+from imkit.core.frames import Frame, FrameType, _new_frame
 from imkit.exceptions import LocalProtocolError
 
 __all__ = (
@@ -249,6 +249,11 @@ Effect = SendFrame | Dispatch | Delivered | GaveUp | Refused
 
 
 _Step = tuple[tuple[Action, ...], State]
+_Acts = tuple[Frame, tuple[Action, ...]]
+"""The actions of one transition and the frame they are carried out on."""
+# The actions of a resend outside the table (after a reconnect: resend_all, resend_acks).
+_SEND_DATA = (Action.SEND_DATA,)
+_SEND_ACK = (Action.SEND_ACK,)
 
 # TRANSITIONS split by (role, mode), so that a machine looks up (state, input) only.
 _STEPS: dict[tuple[Role, AckMode], dict[tuple[State, Input], _Step]] = {}
@@ -313,7 +318,13 @@ class _Memory(OrderedDict[str, float]):
 
 
 class _Machine:
-    """Shared bookkeeping: live entries, their deadlines (a heap), remembered ids."""
+    """Shared bookkeeping: live entries, their deadlines (a heap), remembered ids.
+
+    Internally a call gives *acts*: ``(frame, actions)``, the actions of the table to carry
+    out on ``frame``. The public methods turn them into :data:`Effect` objects
+    (:meth:`_effects`); :class:`~imkit.core.peer.Peer` turns them into text and events
+    directly, without the effect objects in between.
+    """
 
     role: Role
 
@@ -366,7 +377,11 @@ class _Machine:
 
     def handle_timeout(self, now: float) -> list[Effect]:
         """Fire every deadline at or before ``now``: resends and give-ups."""
-        effects: list[Effect] = []
+        return self._effects(self._timeout(now))
+
+    def _timeout(self, now: float) -> list[_Acts]:
+        """:meth:`handle_timeout`, as acts."""
+        acts: list[_Acts] = []
         heap = self._heap
         while heap and heap[0][0] <= now:
             _when, token, message_id = heapq.heappop(heap)
@@ -374,11 +389,12 @@ class _Machine:
             if entry is None or entry.token != token:
                 continue
             event = Input.TIMEOUT if now >= entry.give_up_at else Input.RESEND_DUE
-            self._apply(entry.frame, entry.state, event, now, effects, entry)
+            frame = entry.frame
+            acts.append((frame, self._apply(frame, entry.state, event, now, entry)))
         memory = self._memory
         if memory.head <= now:
             memory.prune(now)
-        return effects
+        return acts
 
     def _schedule(self, entry: _Entry, now: float) -> None:
         self._tokens = token = self._tokens + 1
@@ -394,16 +410,14 @@ class _Machine:
         state: State,
         event: Input,
         now: float,
-        effects: list[Effect],
         entry: _Entry | None = None,
-    ) -> None:
-        """Apply ``event`` to the id of ``frame`` in ``state``; ``entry`` is its live entry."""
+    ) -> tuple[Action, ...]:
+        """Apply ``event`` to the id of ``frame`` in ``state``; ``entry`` is its live entry.
+        Returns the actions to carry out on ``frame``."""
         # A pair missing from the table raises LocalProtocolError (every step is truthy).
         actions, new_state = self._steps.get((state, event)) or transition(
             self.role, self.mode, state, event
         )
-        for action in actions:
-            effects.append(self._effect(action, frame))
         message_id = frame.id
         if new_state is State.NEW or new_state is State.DONE:
             if entry is not None:
@@ -421,14 +435,18 @@ class _Machine:
         memory = self._memory
         if memory.head <= now:
             memory.prune(now)
+        return actions
+
+    def _ack_seq(self, frame: Frame) -> int:
+        """The ``ackSeq`` of the ack of ``frame``: OnlyAck answers ackSeq + 1 (easy-chat);
+        RigorAck always answers 1."""
+        return frame.ack_seq + 1 if self.mode is AckMode.ONLY else 1
 
     def _effect(self, action: Action, frame: Frame) -> Effect:
         if action is Action.SEND_DATA:
             return SendFrame(frame)
         if action is Action.SEND_ACK:
-            # OnlyAck answers ackSeq + 1 (easy-chat); RigorAck always answers 1.
-            seq = frame.ack_seq + 1 if self.mode is AckMode.ONLY else 1
-            return SendFrame(Frame(FrameType.ACK, frame.id, seq))
+            return SendFrame(Frame(FrameType.ACK, frame.id, self._ack_seq(frame)))
         if action is Action.DISPATCH:
             return Dispatch(frame)
         if action is Action.DELIVERED:
@@ -439,17 +457,20 @@ class _Machine:
             return Refused(frame)
         return GaveUp(frame, self.role)
 
-    def _on_id(self, message_id: str, event: Input, now: float) -> list[Effect]:
+    def _effects(self, acts: list[_Acts]) -> list[Effect]:
+        """The effects of ``acts``, in order."""
+        effect = self._effect
+        return [effect(action, frame) for frame, actions in acts for action in actions]
+
+    def _on_id(self, message_id: str, event: Input, now: float) -> _Acts:
         """Apply a peer's ``event`` (an ack, a confirmation, a refusal) to ``message_id``,
         live or not (a stub frame stands for an id that is not live)."""
-        effects: list[Effect] = []
         entry = self._live.get(message_id)
         if entry is not None:
-            self._apply(entry.frame, entry.state, event, now, effects, entry)
-        else:
-            stub = Frame(FrameType.DATA, message_id)
-            self._apply(stub, self._known_state(message_id), event, now, effects)
-        return effects
+            frame = entry.frame
+            return frame, self._apply(frame, entry.state, event, now, entry)
+        stub = _new_frame(FrameType.DATA, message_id, 0, "", "", "", None, "")
+        return stub, self._apply(stub, self._known_state(message_id), event, now)
 
     def _known_state(self, message_id: str) -> State:
         """The state of an id that is not live: remembered (DONE) or not (NEW)."""
@@ -487,6 +508,11 @@ class Sender(_Machine):
 
     def send(self, frame: Frame, now: float) -> list[Effect]:
         """Send a new ``Data`` frame; its id must not be in flight or remembered."""
+        effect = self._effect
+        return [effect(action, frame) for action in self._send(frame, now)]
+
+    def _send(self, frame: Frame, now: float) -> tuple[Action, ...]:
+        """:meth:`send`: the actions to carry out on ``frame`` (none while it waits)."""
         if self.mode is not AckMode.NONE:
             message_id = frame.id
             if message_id in self._live or message_id in self._memory:
@@ -500,39 +526,52 @@ class Sender(_Machine):
                     self._backlog, self._backlog_ids = deque(), set()
                 self._backlog.append(frame)
                 self._backlog_ids.add(message_id)
-                return []
-        effects: list[Effect] = []
-        self._apply(frame, State.NEW, Input.SEND, now, effects)
-        return effects
+                return ()
+        return self._apply(frame, State.NEW, Input.SEND, now)
 
     def on_ack(self, message_id: str, now: float) -> list[Effect]:
         """The peer sent ``Ack{message_id, ackSeq: 1}``."""
-        effects = self._on_id(message_id, Input.ACK, now)
+        return self._effects(self._ack(message_id, now))
+
+    def _ack(self, message_id: str, now: float) -> list[_Acts]:
+        """:meth:`on_ack`, as acts."""
+        acts = [self._on_id(message_id, Input.ACK, now)]
         if self._backlog:
-            self._drain(now, effects)
-        return effects
+            self._drain(now, acts)
+        return acts
 
     def refuse(self, message_id: str, now: float) -> list[Effect]:
         """The peer answered ``message_id`` with a final ``Err``: stop resending it (a
         :class:`Refused` effect if it was waiting for its ack); room for the backlog."""
-        effects = self._on_id(message_id, Input.REFUSED, now)
+        return self._effects(self._refuse(message_id, now))
+
+    def _refuse(self, message_id: str, now: float) -> list[_Acts]:
+        """:meth:`refuse`, as acts."""
+        acts = [self._on_id(message_id, Input.REFUSED, now)]
         if self._backlog:
-            self._drain(now, effects)
-        return effects
+            self._drain(now, acts)
+        return acts
 
     def handle_timeout(self, now: float) -> list[Effect]:
         """Fire resends and give-ups due at ``now``; give-ups make room for the backlog."""
-        effects = super().handle_timeout(now)
-        self._drain(now, effects)
-        return effects
+        return super().handle_timeout(now)
+
+    def _timeout(self, now: float) -> list[_Acts]:
+        acts = super()._timeout(now)
+        self._drain(now, acts)
+        return acts
 
     def resend_all(self, now: float) -> list[Effect]:
         """Send every message in flight again now (after a reconnect), keeping their ids."""
-        effects: list[Effect] = []
+        return self._effects(self._resend_all(now))
+
+    def _resend_all(self, now: float) -> list[_Acts]:
+        """:meth:`resend_all`, as acts."""
+        acts: list[_Acts] = []
         for entry in list(self._live.values()):
-            effects.append(SendFrame(entry.frame))
+            acts.append((entry.frame, _SEND_DATA))
             self._schedule(entry, now)
-        return effects
+        return acts
 
     def drop_backlog(self) -> list[Frame]:
         """Remove and return the messages that never left the backlog."""
@@ -540,12 +579,12 @@ class Sender(_Machine):
         self._backlog = self._backlog_ids = None
         return frames
 
-    def _drain(self, now: float, effects: list[Effect]) -> None:
+    def _drain(self, now: float, acts: list[_Acts]) -> None:
         backlog, ids = self._backlog, self._backlog_ids
         while backlog and ids is not None and len(self._live) < self.timers.window:
             frame = backlog.popleft()
             ids.discard(frame.id)
-            self._apply(frame, State.NEW, Input.SEND, now, effects)
+            acts.append((frame, self._apply(frame, State.NEW, Input.SEND, now)))
 
 
 class Receiver(_Machine):
@@ -564,36 +603,45 @@ class Receiver(_Machine):
 
     def on_data(self, frame: Frame, now: float, *, acked: bool = True) -> list[Effect]:
         """A ``Data`` frame arrived. With ``acked=False`` (a ``NoAck`` frame) skip the acks."""
-        effects: list[Effect] = []
+        frame, actions = self._data(frame, now, acked)
+        effect = self._effect
+        return [effect(action, frame) for action in actions]
+
+    def _data(self, frame: Frame, now: float, acked: bool) -> _Acts:
+        """:meth:`on_data`, as acts."""
         message_id = frame.id
         if not acked and self.mode is not AckMode.NONE:
             if message_id in self._memory or message_id in self._live:
-                return effects
+                return frame, ()
             actions, _state = _STEPS[self.role, AckMode.NONE][State.NEW, Input.DATA]
-            effects.extend(self._effect(action, frame) for action in actions)
             if message_id:
                 self._memory.add(message_id, now)
-            return effects
+            return frame, actions
         entry = self._live.get(message_id)
         if entry is None:
-            self._apply(frame, self._known_state(message_id), Input.DATA, now, effects)
-            return effects
+            return frame, self._apply(frame, self._known_state(message_id), Input.DATA, now)
         if frame.ack_seq != entry.frame.ack_seq:
             entry.frame = frame
-        self._apply(entry.frame, entry.state, Input.DATA, now, effects, entry)
-        return effects
+        frame = entry.frame
+        return frame, self._apply(frame, entry.state, Input.DATA, now, entry)
 
     def on_confirm(self, message_id: str, now: float) -> list[Effect]:
         """The peer sent ``Ack{message_id, ackSeq: 2}``."""
-        return self._on_id(message_id, Input.CONFIRM, now)
+        frame, actions = self._on_id(message_id, Input.CONFIRM, now)
+        effect = self._effect
+        return [effect(action, frame) for action in actions]
 
     def resend_acks(self, now: float) -> list[Effect]:
         """Send again the acks still waiting for confirmation (after a reconnect)."""
-        effects: list[Effect] = []
+        return self._effects(self._resend_acks(now))
+
+    def _resend_acks(self, now: float) -> list[_Acts]:
+        """:meth:`resend_acks`, as acts."""
+        acts: list[_Acts] = []
         for entry in list(self._live.values()):
-            effects.append(self._effect(Action.SEND_ACK, entry.frame))
+            acts.append((entry.frame, _SEND_ACK))
             self._schedule(entry, now)
-        return effects
+        return acts
 
 
 def iter_table() -> Iterator[tuple[Role, AckMode, State, Input, tuple[Action, ...], State]]:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import attrs
 
-from imkit.core.frames import Frame
+from imkit.core.frames import Frame, _new, _slot_setters
 from imkit.core.interfaces import HandshakeRequest
 
 __all__ = (
@@ -148,3 +148,22 @@ Event = (
     | ErrorReceived
     | Closed
 )
+
+
+# The events of every message, made through their slots (see frames._slot_setters).
+(_set_received_frame,) = _slot_setters(MessageReceived, ("frame",))
+(_set_delivered_frame,) = _slot_setters(Delivered, ("frame",))
+
+
+def _message_received(frame: Frame) -> MessageReceived:
+    """``MessageReceived(frame)``, for less."""
+    event: MessageReceived = _new(MessageReceived)
+    _set_received_frame(event, frame)
+    return event
+
+
+def _delivered(frame: Frame) -> Delivered:
+    """``Delivered(frame)``, for less."""
+    event: Delivered = _new(Delivered)
+    _set_delivered_frame(event, frame)
+    return event

@@ -23,24 +23,21 @@ import attrs
 from imkit.core.ack import (
     AckMode,
     AckTimers,
-    Delivered,
-    Dispatch,
-    Effect,
+    Action,
+    Input,
     Receiver,
-    Refused,
     Role,
     Sender,
-    SendFrame,
-)
-from imkit.core.events import (
-    Delivered as DeliveredEvent,
+    _Acts,
+    _Machine,
 )
 from imkit.core.events import (
     DeliveryFailed,
     ErrorReceived,
     Event,
     MessageExpired,
-    MessageReceived,
+    _delivered,
+    _message_received,
 )
 from imkit.core.frames import (
     FINAL_ERROR_CODES,
@@ -49,7 +46,9 @@ from imkit.core.frames import (
     Frame,
     FrameType,
     _decode_frame,
+    _encode_ack,
     _encode_ping,
+    _new_frame,
     encode_frame,
     error_frame,
 )
@@ -203,8 +202,8 @@ class Peer:
         """Fire what is due at ``now``: resends, give-ups, the idle timeout."""
         if self.closed:
             return
-        self._effects(self.sender.handle_timeout(now), now)
-        self._effects(self.receiver.handle_timeout(now), now)
+        self._act_all(self.sender._timeout(now), self.sender)
+        self._act_all(self.receiver._timeout(now), self.receiver)
         idle = self.options.idle_timeout
         if idle is not None and now >= self._last_activity + idle:
             self.request_close(CLOSE_IDLE, "idle timeout")
@@ -223,9 +222,11 @@ class Peer:
         kind = frame.frame_type
         if kind is FrameType.ACK:
             if frame.ack_seq == 2:
-                self._effects(self.receiver.on_confirm(frame.id, now), now)
+                receiver = self.receiver
+                confirmed, actions = receiver._on_id(frame.id, _CONFIRM, now)
+                self._act(confirmed, actions, receiver)
             else:
-                self._effects(self.sender.on_ack(frame.id, now), now)
+                self._act_all(self.sender._ack(frame.id, now), self.sender)
         elif kind is FrameType.DATA or kind is FrameType.NO_ACK:
             self._receive_data(frame, now)
         elif kind is FrameType.PING:
@@ -236,7 +237,7 @@ class Peer:
             data = frame.data
             if frame.id and isinstance(data, dict) and data.get("code") in FINAL_ERROR_CODES:
                 # Refused for good: stop resending it (DeliveryFailed, reason "refused").
-                self._effects(self.sender.refuse(frame.id, now), now)
+                self._act_all(self.sender._refuse(frame.id, now), self.sender)
         elif self.server:  # TRANSPOND from a client
             self._reject(
                 ErrorCode.FORBIDDEN, "clients may not send Transpond frames", frame.id, now
@@ -277,7 +278,9 @@ class Peer:
             # Nothing could ack it, and two such messages would be taken for one.
             self._reject(ErrorCode.BAD_FRAME, "an acked Data frame needs an id", "", now)
             return
-        self._effects(self.receiver.on_data(frame, now, acked=acked), now)
+        receiver = self.receiver
+        frame, actions = receiver._data(frame, now, acked)
+        self._act(frame, actions, receiver)
 
     def _take_token(self, now: float) -> bool:
         rate = self.options.rate_limit
@@ -341,7 +344,7 @@ class Peer:
         encoded as strict JSON in UTF-8, and
         :class:`~imkit.exceptions.LocalProtocolError` for an id that is still in use.
         """
-        frame = Frame(
+        frame = _new_frame(
             FrameType.DATA if acked else FrameType.NO_ACK,
             message_id if message_id is not None else self.new_id(),
             0,
@@ -366,7 +369,8 @@ class Peer:
             self._events.append(DeliveryFailed(frame, "overflow"))
             self.request_close(CLOSE_POLICY, "send queue full: the client is not reading")
             return frame
-        self._effects(self.sender.send(frame, now), now, (frame, text))
+        sender = self.sender
+        self._act(frame, sender._send(frame, now), sender, text)
         return frame
 
     def send_frame(self, frame: Frame) -> None:
@@ -380,8 +384,8 @@ class Peer:
 
     def resume(self, now: float) -> None:
         """After a reconnect: resend what is still in flight, with the original ids."""
-        self._effects(self.sender.resend_all(now), now)
-        self._effects(self.receiver.resend_acks(now), now)
+        self._act_all(self.sender._resend_all(now), self.sender)
+        self._act_all(self.receiver._resend_acks(now), self.receiver)
 
     def request_close(self, code: int, reason: str) -> None:
         """Ask the connection layer to close with ``code`` (the first request wins)."""
@@ -403,34 +407,52 @@ class Peer:
             self._events.append(DeliveryFailed(frame, "closed"))
         self.sender = Sender(self.sender.mode, self.sender.timers)
 
-    # ------------------------------------------------------------------ effects
-    def _effects(
-        self, effects: list[Effect], now: float, encoded: tuple[Frame, str] | None = None
+    # ------------------------------------------------------------------ actions
+    def _act_all(self, acts: list[_Acts], machine: _Machine) -> None:
+        for frame, actions in acts:
+            self._act(frame, actions, machine)
+
+    def _act(
+        self,
+        frame: Frame,
+        actions: tuple[Action, ...],
+        machine: _Machine,
+        text: str | None = None,
     ) -> None:
-        out = self._out
-        events = self._events
-        for effect in effects:
-            if isinstance(effect, SendFrame):
-                if encoded is not None and effect.frame is encoded[0]:
-                    out.append(encoded[1])
-                else:
-                    out.append(encode_frame(effect.frame))
-            elif isinstance(effect, Dispatch):
-                events.append(MessageReceived(effect.frame))
-            elif isinstance(effect, Delivered):
-                events.append(DeliveredEvent(effect.frame))
-            elif isinstance(effect, Refused):
-                events.append(DeliveryFailed(effect.frame, "refused"))
-            elif effect.role is Role.SENDER:
-                events.append(DeliveryFailed(effect.frame, "timeout"))
+        """Carry out the ``actions`` ``machine`` gave for ``frame``: texts to send, events.
+        ``text`` is ``frame`` already encoded."""
+        for action in actions:
+            if action is _SEND_ACK:
+                self._out.append(_encode_ack(frame.id, machine._ack_seq(frame)))
+            elif action is _DISPATCH:
+                self._events.append(_message_received(frame))
+            elif action is _DELIVERED:
+                self._events.append(_delivered(frame))
+            elif action is _SEND_DATA:
+                self._out.append(encode_frame(frame) if text is None else text)
+            elif action is _SEND_CONFIRM:
+                self._out.append(_encode_ack(frame.id, 2))
+            elif action is _REFUSE:
+                self._events.append(DeliveryFailed(frame, "refused"))
+            elif machine.role is Role.SENDER:  # GIVE_UP
+                self._events.append(DeliveryFailed(frame, "timeout"))
             else:
-                events.append(MessageExpired(effect.frame))
-                out.append(
+                self._events.append(MessageExpired(frame))
+                self._out.append(
                     encode_frame(
                         error_frame(
                             ErrorCode.EXPIRED,
                             "not confirmed before the ack timeout; dropped, send it again",
-                            effect.frame.id,
+                            frame.id,
                         )
                     )
                 )
+
+
+_SEND_DATA = Action.SEND_DATA
+_SEND_ACK = Action.SEND_ACK
+_SEND_CONFIRM = Action.SEND_CONFIRM
+_DISPATCH = Action.DISPATCH
+_DELIVERED = Action.DELIVERED
+_REFUSE = Action.REFUSE
+_CONFIRM = Input.CONFIRM
