@@ -218,6 +218,7 @@ def test_decode_frame_agrees_on_the_documented_edge_cases() -> None:
         '{"id": "ok", "data": {"k": ["\\udc00"]}}',
         '{"id": 5, "method": "\\ud800"}',
         '{"data": "\\ud83d\\ude00"}',
+        '{"id": "a\\nb", "data": "\\u00e9\\\\ud800"}',  # backslashes, no lone surrogate
         '{"frameType": null, "id": null, "ackSeq": null}',
         '{"frameType": 4, "id": "q"}',
         '{"frameType": 0, "ackSeq": -1, "id": "q"}',

@@ -278,20 +278,9 @@ def _no_constants(name: str) -> Any:
 
 # One decoder for every message (json.loads with options would build one per call).
 _DECODER = json.JSONDecoder(parse_constant=_no_constants)
-_raw_decode = _DECODER.raw_decode
+# What JSONDecoder.raw_decode calls (it only turns StopIteration into "Expecting value").
+_scan_once: Any = _DECODER.scan_once  # type: ignore[attr-defined]
 _decode = _DECODER.decode
-
-
-def _loads(text: str) -> Any:
-    """``_DECODER.decode(text)``: the same value, or the same exception."""
-    # raw_decode parses one value from the start; a message that is exactly one value with
-    # no surrounding whitespace (what every client writes) needs nothing more. Anything
-    # else, an error included, goes through decode(), which says what is wrong.
-    try:
-        obj, end = _raw_decode(text)
-    except (ValueError, RecursionError):
-        return _decode(text)
-    return obj if end == len(text) else _decode(text)
 
 
 # "\ud800".."\udfff": a UTF-16 surrogate escape; paired ones decode to one code point.
@@ -320,10 +309,33 @@ def _decode_frame(text: str | bytes, data_form_id: str | None) -> Frame | Decode
     """:func:`decode_frame`; a ``Data`` or ``NoAck`` frame gets ``formId = data_form_id``
     unless that is ``None`` (a server sets the sender it authenticated).
     """
+    fields = _decode_fields(text, data_form_id)
+    if isinstance(fields, DecodeError):
+        return fields
+    return _new_frame(*fields)
+
+
+_Fields = tuple[FrameType, str, int, str, str, str, Any, str]
+"""A decoded frame's fields, in the order of :class:`Frame`'s."""
+
+
+def _decode_fields(text: str | bytes, data_form_id: str | None) -> _Fields | DecodeError:
+    """:func:`_decode_frame`, up to the frame: its fields (``_new_frame(*fields)`` is the
+    frame), for a caller that needs only some of them."""
     try:
         if isinstance(text, bytes):
             text = text.decode("utf-8")
-        obj = _loads(text)
+        # _DECODER.decode(text): one value from the start; a message that is exactly one
+        # value with no surrounding whitespace (what every client writes) needs nothing
+        # more. Anything else, an error included, goes through decode(), which says what
+        # is wrong (or parses what is around the whitespace).
+        try:
+            obj, end = _scan_once(text, 0)
+        except (StopIteration, ValueError, RecursionError):
+            obj = _decode(text)
+        else:
+            if end != len(text):
+                obj = _decode(text)
     except (ValueError, RecursionError) as exc:
         return DecodeError(ErrorCode.BAD_JSON, f"message is not valid JSON: {exc}")
     if type(obj) is not dict:  # the decoder makes plain dicts, never a subclass
@@ -336,7 +348,8 @@ def _decode_frame(text: str | bytes, data_form_id: str | None) -> Frame | Decode
     form_id = get("formId", "")
     transpond_uid = get("transpondUid", "")
     reply_to = get("replyTo", "")
-    if _SURROGATE_ESCAPE.search(text) is not None and not _encodable(obj):
+    # (Every surrogate escape starts with a backslash; most messages have none.)
+    if "\\" in text and _SURROGATE_ESCAPE.search(text) is not None and not _encodable(obj):
         frame_id = message_id if type(message_id) is str else ""
         return DecodeError(
             ErrorCode.BAD_JSON,
@@ -376,9 +389,7 @@ def _decode_frame(text: str | bytes, data_form_id: str | None) -> Frame | Decode
         known_type is FrameType.DATA or known_type is FrameType.NO_ACK
     ):
         form_id = data_form_id
-    return _new_frame(
-        known_type, message_id, ack_seq, method, form_id, transpond_uid, get("data"), reply_to
-    )
+    return known_type, message_id, ack_seq, method, form_id, transpond_uid, get("data"), reply_to
 
 
 def error_frame(code: str, message: str, frame_id: str = "", **extra: Any) -> Frame:

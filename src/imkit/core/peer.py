@@ -45,7 +45,7 @@ from imkit.core.frames import (
     ErrorCode,
     Frame,
     FrameType,
-    _decode_frame,
+    _decode_fields,
     _encode_ack,
     _encode_ping,
     _new_frame,
@@ -214,24 +214,27 @@ class Peer:
             return
         self._last_activity = now
         # A server's Data frames carry the authenticated sender, whatever the client wrote.
-        decoded = _decode_frame(text, self.user_id if self.server else None)
-        if isinstance(decoded, DecodeError):
-            self._reject(decoded.code, decoded.message, decoded.id, now)
+        fields = _decode_fields(text, self.user_id if self.server else None)
+        if isinstance(fields, DecodeError):
+            self._reject(fields.code, fields.message, fields.id, now)
             return
-        frame = decoded
-        kind = frame.frame_type
+        # An Ack or a Ping needs its id (and ackSeq) only: no Frame is built for it.
+        kind = fields[0]
         if kind is FrameType.ACK:
-            if frame.ack_seq == 2:
+            if fields[2] == 2:
                 receiver = self.receiver
-                confirmed, actions = receiver._on_id(frame.id, _CONFIRM, now)
+                confirmed, actions = receiver._on_id(fields[1], _CONFIRM, now)
                 self._act(confirmed, actions, receiver)
             else:
-                self._act_all(self.sender._ack(frame.id, now), self.sender)
-        elif kind is FrameType.DATA or kind is FrameType.NO_ACK:
-            self._receive_data(frame, now)
-        elif kind is FrameType.PING:
+                self._act_all(self.sender._ack(fields[1], now), self.sender)
+            return
+        if kind is FrameType.PING:
             if self.server:
-                self._out.append(_encode_ping(frame.id))
+                self._out.append(_encode_ping(fields[1]))
+            return
+        frame = _new_frame(*fields)
+        if kind is FrameType.DATA or kind is FrameType.NO_ACK:
+            self._receive_data(frame, now)
         elif kind is FrameType.ERR:
             self._events.append(ErrorReceived(frame))
             data = frame.data
