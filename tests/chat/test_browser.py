@@ -76,7 +76,10 @@ async def test_two_pages_chat_and_a_reopened_page_shows_what_it_missed(
                     await say(alice, text, seq)
 
                 bob = await open_page("bob", "alice")
+                # The catch-up pushes 3-5; the page's history request brings 1-2. Either
+                # may come first: wait for both ends.
                 await bob.wait_for_selector('#log .msg[data-seq="5"]', timeout=10_000)
+                await bob.wait_for_selector('#log .msg[data-seq="1"]', timeout=10_000)
                 shown = await bob.evaluate(SHOWN)
                 assert [(seq, sender) for seq, sender, _text, _state in shown] == [
                     (1, "alice"),
