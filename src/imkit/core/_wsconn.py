@@ -117,6 +117,20 @@ class ConnState(str, Enum):
     CLOSED = "closed"
 
 
+# Module constants: read for a fraction of the cost of an enum class's attribute.
+_HANDSHAKE, _OPEN, _CLOSING, _CLOSED = (
+    ConnState.HANDSHAKE,
+    ConnState.OPEN,
+    ConnState.CLOSING,
+    ConnState.CLOSED,
+)
+_WS_OPEN, _WS_REMOTE_CLOSING, _WS_CLOSED = (
+    ConnectionState.OPEN,
+    ConnectionState.REMOTE_CLOSING,
+    ConnectionState.CLOSED,
+)
+
+
 class _Conn:
     """The open-connection machinery both ends share.
 
@@ -171,7 +185,7 @@ class _Conn:
 
     def __init__(self, limits: ConnLimits, now: float) -> None:
         self.limits = limits
-        self.state = ConnState.HANDSHAKE
+        self.state = _HANDSHAKE
         self.peer = None
         self._ws = None
         self._out: list[bytes] = []
@@ -219,17 +233,17 @@ class _Conn:
     @property
     def closed(self) -> bool:
         """Whether the connection is closed (a ``Closed`` event was produced)."""
-        return self.state is ConnState.CLOSED
+        return self.state is _CLOSED
 
     def next_deadline(self) -> float | None:
         """When :meth:`handle_timeout` must next be called (``None``: nothing pending)."""
         state = self.state
-        if state is ConnState.HANDSHAKE:
+        if state is _HANDSHAKE:
             timeout = self.limits.handshake_timeout
             return None if timeout is None else self._created + timeout
-        if state is ConnState.CLOSING:
+        if state is _CLOSING:
             return self._close_due
-        if state is ConnState.CLOSED:
+        if state is _CLOSED:
             return None
         times = [self._next_ping, self._pong_due]
         if self.peer is not None:
@@ -241,16 +255,16 @@ class _Conn:
     def handle_timeout(self, now: float) -> None:
         """Fire what is due at ``now``: handshake, keepalive, resend and close deadlines."""
         state = self.state
-        if state is ConnState.HANDSHAKE:
+        if state is _HANDSHAKE:
             timeout = self.limits.handshake_timeout
             if timeout is not None and now >= self._created + timeout:
                 self._finish(CLOSE_ABNORMAL, "handshake timeout")
             return
-        if state is ConnState.CLOSING:
+        if state is _CLOSING:
             if self._close_due is not None and now >= self._close_due:
                 self._finish(self._close_code, self._close_reason)
             return
-        if state is not ConnState.OPEN:
+        if state is not _OPEN:
             return
         if self._pong_due is not None and now >= self._pong_due:
             self._fail(CLOSE_INTERNAL_ERROR, "keepalive ping timeout")
@@ -292,10 +306,10 @@ class _Conn:
         The ``Closed`` event comes when the peer answers, the socket ends, or
         ``close_timeout`` passes.
         """
-        if self.state is ConnState.OPEN:
+        if self.state is _OPEN:
             self._send_ws(CloseConnection(code=code, reason=reason))
             self._start_closing(code, reason, now)
-        elif self.state is ConnState.HANDSHAKE:
+        elif self.state is _HANDSHAKE:
             self._finish(code, reason)
 
     def send_raw(self, data: str | bytes) -> None:
@@ -305,11 +319,11 @@ class _Conn:
         """
         if not self.raw:
             raise LocalProtocolError("send_raw() needs a connection in raw mode")
-        if self.state is not ConnState.OPEN:
+        if self.state is not _OPEN:
             return
         ws = self._ws
         assert ws is not None
-        if self._lean and ws.state is ConnectionState.OPEN:
+        if self._lean and ws.state is _WS_OPEN:
             if isinstance(data, str):
                 self._out.append(self._frame(_TEXT, data.encode()))
             else:
@@ -320,14 +334,14 @@ class _Conn:
             self._send_ws(BytesMessage(data=bytes(data)))
 
     def _require_peer(self) -> Peer:
-        if self.peer is None or self.state is not ConnState.OPEN:
+        if self.peer is None or self.state is not _OPEN:
             raise LocalProtocolError(f"cannot send on a connection in state {self.state.value}")
         return self.peer
 
     # ------------------------------------------------------------------ internals
     def _open(self, peer: Peer | None, now: float) -> None:
         self.peer = peer
-        self.state = ConnState.OPEN
+        self.state = _OPEN
         if self.limits.ping_interval is not None:
             self._next_ping = now + self.limits.ping_interval
 
@@ -339,7 +353,7 @@ class _Conn:
             pass
 
     def _start_closing(self, code: int, reason: str, now: float) -> None:
-        self.state = ConnState.CLOSING
+        self.state = _CLOSING
         self._close_code, self._close_reason = code, reason
         self._close_due = now + self.limits.close_timeout
         if self.peer is not None:
@@ -354,9 +368,9 @@ class _Conn:
         self._finish(code, reason)
 
     def _finish(self, code: int, reason: str, *, by_peer: bool = False) -> None:
-        if self.state is ConnState.CLOSED:  # pragma: no cover - every caller checks first
+        if self.state is _CLOSED:  # pragma: no cover - every caller checks first
             return
-        self.state = ConnState.CLOSED
+        self.state = _CLOSED
         if self.peer is not None:
             self.peer.connection_lost(keep_sender=self._keeps_sender())
             self._events.extend(self.peer.events())
@@ -370,7 +384,7 @@ class _Conn:
         assert peer is not None
         texts = peer.outgoing()
         ws = self._ws
-        if texts and ws is not None and ws.state is ConnectionState.OPEN:
+        if texts and ws is not None and ws.state is _WS_OPEN:
             out = self._out
             if self._lean:
                 frame = self._frame
@@ -406,7 +420,7 @@ class _Conn:
         assert peer is not None
         self._flush_peer()
         request = peer.close_request
-        if request is not None and self.state is ConnState.OPEN:
+        if request is not None and self.state is _OPEN:
             code, reason = request
             self.close(code, reason, now)
 
@@ -417,7 +431,7 @@ class _Conn:
         # Every branch that ends the connection returns at once.
         for event in ws.events():
             if isinstance(event, TextMessage):
-                if self.state is not ConnState.OPEN:
+                if self.state is not _OPEN:
                     continue  # frames after our close frame are ignored
                 chunk = event.data
                 self._parts.append(chunk)
@@ -435,7 +449,7 @@ class _Conn:
                     self.peer.receive_text(text, now)
                     self._pump(now)
             elif isinstance(event, BytesMessage):
-                if self.state is not ConnState.OPEN:
+                if self.state is not _OPEN:
                     continue
                 if not self.raw:
                     self._fail(CLOSE_UNSUPPORTED_DATA, "binary messages are not supported")
@@ -451,7 +465,7 @@ class _Conn:
                 self._send_ws(event.response())
             elif isinstance(event, Pong):
                 self._pong_due = None
-                if self.limits.ping_interval is not None and self.state is ConnState.OPEN:
+                if self.limits.ping_interval is not None and self.state is _OPEN:
                     self._next_ping = now + self.limits.ping_interval
             else:
                 assert isinstance(event, CloseConnection)  # wsproto's only other event
@@ -479,14 +493,14 @@ class _Conn:
         ws = self._ws
         assert ws is not None
         code, reason = int(event.code), event.reason or ""
-        if ws.state is ConnectionState.REMOTE_CLOSING:
+        if ws.state is _WS_REMOTE_CLOSING:
             # The peer started the closing handshake: echo its code, then end.
             self._send_ws(event.response())
             self._finish(code, reason, by_peer=True)
-        elif ws.state is ConnectionState.CLOSED:
+        elif ws.state is _WS_CLOSED:
             # The peer answered our close frame.
             self._finish(self._close_code, self._close_reason)
-        elif self.state is ConnState.CLOSING:
+        elif self.state is _CLOSING:
             # A protocol violation after our close frame: end with the code we sent.
             self._finish(self._close_code, self._close_reason)
         else:
@@ -500,13 +514,13 @@ class _Conn:
         ws = self._ws
         assert ws is not None
         if data is None:
-            if self.state is ConnState.CLOSING:
+            if self.state is _CLOSING:
                 self._finish(self._close_code, self._close_reason)
             else:
                 self._finish(CLOSE_ABNORMAL, "connection lost", by_peer=True)
             return
         # wsproto is CLOSED only once this connection is (both ends of a close handshake).
-        if self._lean_on and self.state is ConnState.OPEN:
+        if self._lean_on and self.state is _OPEN:
             self._feed_lean(data, now)
             return
         ws.receive_data(data)
@@ -522,7 +536,7 @@ class _Conn:
         handshake). Its decoder state is private, hence the defensive lookups: anything
         unexpected counts as busy, which keeps everything on wsproto's path.
         """
-        if not self._lean or self.state is not ConnState.OPEN:
+        if not self._lean or self.state is not _OPEN:
             return
         proto = self._frame_protocol()
         decoder = getattr(proto, "_frame_decoder", None)
@@ -551,7 +565,7 @@ class _Conn:
                 stop = self._lean_frame(data, pos, end, now)
                 if stop:
                     pos = stop
-                    if self.state is not ConnState.OPEN:
+                    if self.state is not _OPEN:
                         break
                     continue
                 self._pt_phase = 1  # wsproto's: this frame, and what follows it
@@ -560,9 +574,9 @@ class _Conn:
             ws.receive_data(data[start:pos])
             self._receive_frames(now)
             self._check_announced_size()
-            if self.state is not ConnState.OPEN:
+            if self.state is not _OPEN:
                 break
-        if self.state is ConnState.CLOSING and pos < end:
+        if self.state is _CLOSING and pos < end:
             # Our close frame went out mid-read: wsproto handles the rest, as it would.
             ws.receive_data(data[pos:])
             self._receive_frames(now)
@@ -676,7 +690,7 @@ class _Conn:
         ``max_message_size``. The header wsproto has parsed for the frame in progress is
         private (``connection._proto._frame_decoder.header``), hence the defensive lookups.
         """
-        if self.state is not ConnState.OPEN:
+        if self.state is not _OPEN:
             return
         proto = self._frame_protocol()
         decoder = getattr(proto, "_frame_decoder", None)

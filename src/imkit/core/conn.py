@@ -32,6 +32,8 @@ from wsproto.events import (
 from wsproto.utilities import RemoteProtocolError as WSRemoteProtocolError
 
 from imkit.core._wsconn import (
+    _CLOSED,
+    _HANDSHAKE,
     ACK_MODE_HEADER,
     CLOSE_ABNORMAL,
     CLOSE_GOING_AWAY,
@@ -124,7 +126,7 @@ class ServerConn(_Conn):
 
     def receive_data(self, data: bytes | None, now: float) -> None:
         """Feed bytes read from the socket; ``None`` means the peer closed its side."""
-        if self.state is ConnState.CLOSED:
+        if self.state is _CLOSED:
             return
         if self._ws is not None:
             self._feed_ws(data, now)
@@ -180,7 +182,7 @@ class ServerConn(_Conn):
         self, status: int, reason: str = "", headers: Sequence[tuple[str, str]] = ()
     ) -> None:
         """Refuse the upgrade with an HTTP ``status`` (401, 403, 429, 503, ...)."""
-        if self.state is not ConnState.HANDSHAKE:
+        if self.state is not _HANDSHAKE:
             raise LocalProtocolError("the handshake is already decided")
         self._refuse(status, reason or status_phrase(status), headers)
 
@@ -193,7 +195,7 @@ class ServerConn(_Conn):
         content_type: str = "",
     ) -> None:
         """Answer a plain HTTP request (after ``HttpRequested``), then close."""
-        if self.state is not ConnState.HANDSHAKE:
+        if self.state is not _HANDSHAKE:
             raise LocalProtocolError("the request is already answered")
         self._out.append(http_response(status, body, headers, content_type))
         self._finish(CLOSE_ABNORMAL, f"HTTP {status}")
@@ -215,7 +217,7 @@ class ServerConn(_Conn):
         ``subprotocol`` selects one of the client's offered subprotocols; a browser that
         offered any (a ``token.…`` credential, say) fails a connection that selects none.
         """
-        if self.state is not ConnState.HANDSHAKE or self.request is None or self._ws is not None:
+        if self.state is not _HANDSHAKE or self.request is None or self._ws is not None:
             raise LocalProtocolError("no handshake is waiting to be accepted")
         if subprotocol is not None and subprotocol not in self.request.subprotocols:
             raise LocalProtocolError(f"the client did not offer subprotocol {subprotocol!r}")
@@ -323,9 +325,9 @@ class ClientConn(_Conn):
 
     def receive_data(self, data: bytes | None, now: float) -> None:
         """Feed bytes read from the socket; ``None`` means the server closed its side."""
-        if self.state is ConnState.CLOSED:
+        if self.state is _CLOSED:
             return
-        if self.state is not ConnState.HANDSHAKE:
+        if self.state is not _HANDSHAKE:
             self._feed_ws(data, now)
             return
         ws = self._ws
@@ -342,7 +344,7 @@ class ClientConn(_Conn):
             # What wsproto understood before the fault still counts: a refusal and its
             # status must not be lost to garbage that followed it in the same read.
             self._handshake_events(now)
-            if self.state is ConnState.HANDSHAKE:
+            if self.state is _HANDSHAKE:
                 if self._reject is not None:
                     self._rejected()
                 else:

@@ -287,6 +287,7 @@ _decode = _DECODER.decode
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 _FRAME_TYPE_OF: dict[int, FrameType] = {int(t): t for t in FrameType}
+_DATA, _NO_ACK = FrameType.DATA, FrameType.NO_ACK  # cheaper to read than the enum's
 
 
 def _encodable(value: Any) -> bool:
@@ -385,9 +386,7 @@ def _decode_fields(text: str | bytes, data_form_id: str | None) -> _Fields | Dec
         )
     if ack_seq < 0:
         return DecodeError(ErrorCode.BAD_FRAME, "field 'ackSeq' must not be negative", message_id)
-    if data_form_id is not None and (
-        known_type is FrameType.DATA or known_type is FrameType.NO_ACK
-    ):
+    if data_form_id is not None and (known_type is _DATA or known_type is _NO_ACK):
         form_id = data_form_id
     return known_type, message_id, ack_seq, method, form_id, transpond_uid, get("data"), reply_to
 
