@@ -192,6 +192,35 @@ async def test_wait_flushed_returns_once_the_kernel_took_everything() -> None:
         assert server.write_buffered == 0
 
 
+async def test_write_soon_says_whether_the_unwritten_bytes_are_within_the_limit() -> None:
+    async with pair() as (server, client):
+        assert server.write_soon(b"a" * 100) is True  # no limit set: always within
+        await anyio.sleep(0.05)
+        limit = 2**20
+        server.set_write_limit(limit)
+        assert server.write_soon(b"b" * (limit // 2)) is True
+        assert server.write_soon(b"c" * (limit // 2)) is True  # exactly the limit
+        assert server.write_soon(b"d") is False  # queued bytes alone pass it
+        await read_exactly(client, 100 + limit + 1)
+        await until(lambda: server.write_buffered == 0)
+        assert server.write_soon(b"e" * 10) is True
+
+
+async def test_write_soon_counts_the_bytes_the_transport_still_holds() -> None:
+    """A few queued bytes pass the limit when the transport holds the rest (the client
+    does not read): the check must ask the transport, not only count the queue."""
+    async with pair() as (server, _client):
+        server.write_soon(b"f" * (8 * 2**20))  # more than the socket buffers take
+        await anyio.sleep(0.2)
+        held = server.write_buffered  # what the transport holds: the kernel is full
+        assert held > 2**20
+        limit = held + 1000
+        server.set_write_limit(limit)  # the transport holds more than half of it
+        assert server.write_soon(b"g" * 1000) is True  # exactly the limit
+        assert server.write_soon(b"h") is False
+        assert server.write_soon(b"i") is False
+
+
 async def test_a_slow_reader_is_reported_drained_only_when_it_catches_up() -> None:
     async with pair() as (server, client):
         limit = 2**20

@@ -28,6 +28,7 @@ trio go through anyio's own streams.
 from __future__ import annotations
 
 import asyncio
+import math
 import socket
 import threading
 from collections.abc import Callable, Mapping
@@ -111,6 +112,7 @@ class AsyncioSocketStream(anyio.abc.SocketStream, asyncio.BufferedProtocol):
         self._writing_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self._low_water = 0
+        self._write_limit: float = math.inf
         self._consumer: Callable[[bytes | None], None] | None = None
         self._consumer_ended = False
         self.on_drained: Callable[[], None] = _ignore
@@ -234,6 +236,7 @@ class AsyncioSocketStream(anyio.abc.SocketStream, asyncio.BufferedProtocol):
     def set_write_limit(self, limit: int) -> None:
         """Call ``on_drained`` when the unwritten bytes fall to ``limit // 2`` or below."""
         assert self._transport is not None
+        self._write_limit = limit
         self._low_water = limit // 2
         self._transport.set_write_buffer_limits(high=self._low_water, low=self._low_water)
 
@@ -259,16 +262,25 @@ class AsyncioSocketStream(anyio.abc.SocketStream, asyncio.BufferedProtocol):
         """Whether the socket is closed (by either end, or by an error)."""
         return self._lost
 
-    def write_soon(self, data: bytes) -> None:
+    def write_soon(self, data: bytes) -> bool:
         """Queue ``data``; everything queued is written in one call, soon (this loop
-        iteration). Bytes queued after the socket is lost are dropped."""
+        iteration). Bytes queued after the socket is lost are dropped.
+
+        Returns whether :attr:`write_buffered` is still within the limit given to
+        :meth:`set_write_limit` (always, without one).
+        """
         if self._lost or self._closed:
-            return
+            return True
         self._pending.append(data)
-        self._pending_bytes += len(data)
+        pending = self._pending_bytes = self._pending_bytes + len(data)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
+        # While writing is not paused the transport holds at most its high-water mark
+        # (set_write_limit makes that half the limit): no need to ask it how much.
+        if pending <= self._low_water and not self._writing_paused:
+            return True
+        return self.write_buffered <= self._write_limit
 
     def discard_pending(self) -> None:
         """Drop the bytes queued by :meth:`write_soon` and not yet written."""

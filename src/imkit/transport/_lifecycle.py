@@ -334,7 +334,7 @@ class HandlerContext:
     @property
     def server(self) -> ServerAPI:
         """The running server (an :class:`~imkit.transport.server.Server`)."""
-        return as_api(self._session.server)
+        return self._session.server
 
     async def reply(self, data: Any) -> Frame:
         """Answer with a ``Data`` frame whose ``replyTo`` is this message's id."""

@@ -12,7 +12,7 @@ that exists cost no trip through the event loop; a task waits only when it must.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
 import anyio
@@ -20,6 +20,7 @@ import anyio
 __all__ = ("EventFactory", "Flag", "Inbox", "Slots")
 
 T = TypeVar("T")
+D = TypeVar("D")
 
 
 class EventFactory:
@@ -182,6 +183,22 @@ class Inbox(Generic[T]):
         self._messages += 1
         self.put(item)
 
+    def put_messages_nowait(self, items: Sequence[T]) -> None:
+        """Queue messages without waiting for room (they still count), in order: as many
+        :meth:`put_message_nowait` calls, with the consumer woken once."""
+        if not items:
+            return
+        self._messages += len(items)
+        self._items.extend(items)
+        on_first = self._on_first
+        if on_first is not None:
+            self._on_first = None
+            on_first()
+        ready = self._ready
+        if ready is not None:
+            self._ready = None
+            ready.set()
+
     @property
     def full(self) -> bool:
         """Whether ``limit`` messages are queued or being handled."""
@@ -216,6 +233,11 @@ class Inbox(Generic[T]):
                 ready = self._ready = self._event()
             await ready.wait()
         return items.pop(0)
+
+    def get_nowait_or(self, default: D) -> T | D:
+        """Take the next item, or return ``default`` if there is none."""
+        items = self._items
+        return items.pop(0) if items else default
 
     def get_nowait(self) -> T:
         """Take the next item; raises :class:`anyio.WouldBlock` if there is none."""

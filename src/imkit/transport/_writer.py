@@ -104,8 +104,7 @@ class StreamWriter:
             return True  # the bytes go nowhere; the connection is already ending
         direct = self._direct
         if direct is not None:
-            direct.write_soon(data)
-            return direct.write_buffered <= self.limit
+            return direct.write_soon(data)  # its write limit is ours
         self._buffer += data
         if len(self._buffer) > self.limit:
             return False

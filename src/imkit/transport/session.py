@@ -46,7 +46,7 @@ from __future__ import annotations
 import asyncio
 import math
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -105,6 +105,7 @@ class _Stop:
 _STOP = _Stop()
 _Message = Frame | RawMessageReceived
 _Item = Frame | Event | _Stop  # a message, a delivery event, or the end
+_OPEN = ConnState.OPEN
 
 
 class ServerSession(HeldFanOut):
@@ -131,6 +132,7 @@ class ServerSession(HeldFanOut):
         "_lean",
         "_live",
         "_min_step",
+        "_now",
         "_on_finished",
         "_read_done",
         "_read_scope",
@@ -163,8 +165,11 @@ class ServerSession(HeldFanOut):
         self.remote_addr = remote_addr
         self.epoch = f"{server.node_id}:{secrets.token_hex(8)}"
         """This connection's unique id (also its binding epoch in discovery)."""
+        # The time, read several times per message: the clock's, or on the lean asyncio
+        # stream with the real clock the loop's own (what AnyioClock.now returns there).
+        self._now: Callable[[], float] = self.clock.now
         self.conn = ServerConn(
-            now=self.clock.now(),
+            now=self._now(),
             path=app.path,
             allowed_origins=app.allowed_origins,
             limits=app.limits,
@@ -260,7 +265,7 @@ class ServerSession(HeldFanOut):
     def send_raw(self, data: str | bytes) -> None:
         """Raw mode (``Server(raw_handler=...)``): send one text or binary message."""
         self.conn.send_raw(data)
-        self._collect()
+        self._collect(self._now())
 
     async def push(
         self,
@@ -314,7 +319,8 @@ class ServerSession(HeldFanOut):
 
         Raises ``TypeError``/``ValueError`` for ``data`` that is not JSON.
         """
-        if not self.is_open or self.conn.peer is None:
+        conn = self.conn
+        if conn.state is not _OPEN or conn.peer is None:
             frame = Frame(
                 FrameType.DATA,
                 id=message_id if message_id is not None else self._new_id(),
@@ -325,22 +331,35 @@ class ServerSession(HeldFanOut):
             )
             self._post(DeliveryFailed(frame, "closed"))
             return frame
-        frame = self.conn.send(
-            method,
-            data,
-            self.clock.now(),
-            message_id=message_id,
-            form_id=form_id,
-            reply_to=reply_to,
+        now = self._now()
+        frame = conn.send(
+            method, data, now, message_id=message_id, form_id=form_id, reply_to=reply_to
         )
-        self._collect()
+        self._collect(now)
         return frame
+
+    def deliver(self, method: str, data: Any, *, form_id: str = "") -> None:
+        """Fan-out delivery: queued while the session is held, else sent at once (see
+        :meth:`~imkit.transport._lifecycle.HeldFanOut.deliver`)."""
+        conn = self.conn
+        if (
+            self._held is not None
+            or self._keep is not None
+            or conn.state is not _OPEN
+            or conn.peer is None
+        ):
+            HeldFanOut.deliver(self, method, data, form_id=form_id)
+            return
+        now = self._now()
+        conn.send(method, data, now, form_id=form_id)
+        self._collect(now)
 
     def send_error(self, code: str, message: str, frame_id: str = "", **extra: Any) -> None:
         """Send an ``Err`` frame (ignored once the connection is closed)."""
         if self.is_open and self.conn.peer is not None:
-            self.conn.send_error(code, message, frame_id, self.clock.now(), **extra)
-            self._collect()
+            now = self._now()
+            self.conn.send_error(code, message, frame_id, now, **extra)
+            self._collect(now)
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         """Start the closing handshake with ``code``."""
@@ -348,15 +367,16 @@ class ServerSession(HeldFanOut):
 
     def close_nowait(self, code: int = 1000, reason: str = "") -> None:
         """Start the closing handshake with ``code`` without awaiting anything."""
-        self.conn.close(code, reason, self.clock.now())
-        self._collect()
+        now = self._now()
+        self.conn.close(code, reason, now)
+        self._collect(now)
 
     def shutdown_nowait(self) -> None:
         """Server shutdown: close with 1001, or answer a pending handshake with 503."""
         conn = self.conn
         if conn.state is ConnState.HANDSHAKE and conn.request is not None:
             conn.reject(503, "server shutting down")
-            self._collect()
+            self._collect(self._now())
         else:
             self.close_nowait(CLOSE_GOING_AWAY, "server shutting down")
 
@@ -413,6 +433,7 @@ class ServerSession(HeldFanOut):
             self._spawn(self._write)
         if self._lean is not None and isinstance(self.clock, AnyioClock):
             self._timer_loop = self._lean.loop
+            self._now = self._timer_loop.time
             self._arm_timer()
         else:
             self._spawn(self._timer)
@@ -509,25 +530,39 @@ class ServerSession(HeldFanOut):
             if self._on_finished is not None:
                 self._on_finished(self)
 
-    def _collect(self) -> list[_Message]:
+    def _collect(self, now: float) -> Sequence[_Message]:
         """Move the core's output to the write buffer; act on its events; return the
-        messages to dispatch."""
+        messages to dispatch. ``now``: the time the core was last given."""
         conn = self.conn
         data = conn.data_to_send()
         if data and not self._writer.write(data):
             self._abort("send buffer full: the client is not reading")
-            return []
+            return ()
+        events = conn.events()
+        messages: Sequence[_Message] = ()
+        if events:
+            messages = self._on_events(events, linger=bool(data))
+        if (self._timer_loop is not None or self._timer_scope is not None) and (
+            self.closed_with is not None or self._timer_at > now + self._min_step
+        ):
+            deadline = self._deadline()
+            if self.closed_with is not None or (deadline is not None and deadline < self._timer_at):
+                self._wake_timer()
+        return messages
+
+    def _on_events(self, events: list[Event], *, linger: bool) -> list[_Message]:
+        """Act on the core's events; return the messages to dispatch."""
         messages: list[_Message] = []
         room = False
-        for event in conn.events():
+        for event in events:
             if isinstance(event, MessageReceived):
                 messages.append(event.frame)
-            elif isinstance(event, RawMessageReceived):
-                messages.append(event)
-            elif isinstance(event, Delivered):
+            elif isinstance(event, Delivered):  # the commonest next
                 room = True
                 if self.app.delivered_hooks:
                     self._post(event)
+            elif isinstance(event, RawMessageReceived):
+                messages.append(event)
             elif isinstance(event, (DeliveryFailed, MessageExpired)):
                 room = True
                 self._post(event)
@@ -535,19 +570,13 @@ class ServerSession(HeldFanOut):
                 self.server.logger.debug("client %r sent an Err frame", self.user_id)
             elif isinstance(event, Closed):
                 room = True
-                self._on_closed(event, linger=bool(data))
+                self._on_closed(event, linger=linger)
             elif isinstance(event, HandshakeRequested):
                 self._handshakes.append((event.request, None))
             elif isinstance(event, HttpRequested):
                 self._handshakes.append((event.request, event.method))
         if room and self._room_waiters:
             self._signal_room()
-        if (self._timer_scope is not None or self._timer_loop is not None) and (
-            self.closed_with is not None or self._timer_at > self.clock.now() + self._min_step
-        ):
-            deadline = self._deadline()
-            if self.closed_with is not None or (deadline is not None and deadline < self._timer_at):
-                self._wake_timer()
         return messages
 
     def _deadline(self) -> float | None:
@@ -585,25 +614,26 @@ class ServerSession(HeldFanOut):
         identity = self._identity
         if identity is not None and self._registered:
             self.server.registry.remove(identity.user_id, self.epoch)
-            self.server.registry.release_receiver(identity, self.clock.now())
+            self.server.registry.release_receiver(identity, self._now())
             self.server.ip_closed(self.remote_addr)
 
     def _lost(self) -> None:
         """The socket is gone: end the core connection if it is not closed yet."""
         if not self.conn.closed:
-            self.conn.receive_data(None, self.clock.now())
-            self._collect()
+            now = self._now()
+            self.conn.receive_data(None, now)
+            self._collect(now)
 
     def _abort(self, reason: str) -> None:
         """Cut the client off at once (slow consumer): drop its unsent bytes, close with
         1008 on our side and abort the socket."""
         self._writer.abort()
-        now = self.clock.now()
+        now = self._now()
         self.conn.close(CLOSE_POLICY, reason, now)
         self.conn.receive_data(None, now)
         self.conn.data_to_send()
         self.server.logger.warning("cutting off a connection of %r: %s", self.user_id, reason)
-        self._collect()
+        self._collect(now)
 
     # ------------------------------------------------------------------ reader
     async def _read(self) -> None:
@@ -615,8 +645,7 @@ class ServerSession(HeldFanOut):
     async def _read_all(self) -> None:
         stream = self._stream
         conn = self.conn
-        clock = self.clock
-        messages: list[_Message] = []
+        messages: Sequence[_Message] = ()
         handed = 0
         try:
             while True:
@@ -624,8 +653,9 @@ class ServerSession(HeldFanOut):
                     data: bytes | None = await stream.receive(_READ_SIZE)
                 except STREAM_ERRORS:
                     data = None
-                conn.receive_data(data, clock.now())
-                messages = self._collect()
+                now = self._now()
+                conn.receive_data(data, now)
+                messages = self._collect(now)
                 handed = 0
                 while handed < len(messages):
                     await self._inbox.put_message(messages[handed])
@@ -669,9 +699,11 @@ class ServerSession(HeldFanOut):
             self._end_reading()
 
     def _feed(self, data: bytes | None) -> None:
-        self.conn.receive_data(data, self.clock.now())
-        for message in self._collect():
-            self._inbox.put_message_nowait(message)
+        now = self._now()
+        self.conn.receive_data(data, now)
+        messages = self._collect(now)
+        if messages:
+            self._inbox.put_messages_nowait(messages)
         if data is None:
             self._end_reading()
         elif self._handshakes:
@@ -699,8 +731,7 @@ class ServerSession(HeldFanOut):
         """Push mode: decide the handshake (or answer the page) the bytes asked for, with
         reading paused meanwhile, then read on."""
         while self._handshakes:
-            for message in await self._decide_next():
-                self._inbox.put_message_nowait(message)
+            self._inbox.put_messages_nowait(await self._decide_next())
         if self._inbox.full:
             self._inbox.when_room(self._unblock)
         else:
@@ -749,7 +780,7 @@ class ServerSession(HeldFanOut):
     def _timer_fired(self) -> None:
         self._timer_handle = None
         self._timer_at = math.inf
-        run_as_asyncio(self._timer_due, self.clock.now())
+        run_as_asyncio(self._timer_due, self._now())
         self._arm_timer()
 
     def _timer_due(self, now: float) -> None:
@@ -767,8 +798,8 @@ class ServerSession(HeldFanOut):
             deadline = self.conn.next_deadline()
             if deadline is not None and now >= deadline:
                 self.conn.handle_timeout(now)
-                for message in self._collect():  # pragma: no cover - timeouts never dispatch
-                    self._inbox.put_message_nowait(message)
+                # timeouts never dispatch: no messages come out
+                self._inbox.put_messages_nowait(self._collect(now))
 
     # ------------------------------------------------------------------ worker
     def _start_worker(self) -> None:
@@ -777,12 +808,23 @@ class ServerSession(HeldFanOut):
 
     async def _worker(self) -> None:
         inbox = self._inbox
+        server = self.server
         try:
             while True:
-                item = await inbox.get()
-                if item is _STOP:
+                # What is queued is taken without a coroutine per item; a wait only when
+                # the inbox is empty.
+                item = inbox.get_nowait_or(None)
+                if item is None:
+                    item = await inbox.get()
+                if isinstance(item, Frame):  # a route call: the commonest, inline
+                    try:
+                        await dispatch(server, self, item)
+                    finally:
+                        inbox.message_done()
+                elif item is _STOP:
                     break
-                await self._handle(item)
+                else:
+                    await self._handle(item)
             await self._disconnect()
         finally:
             self._worker_done.set()
@@ -811,7 +853,7 @@ class ServerSession(HeldFanOut):
             self.close_nowait(1011, "internal error")
 
     # ------------------------------------------------------------------ handshake
-    async def _decide_next(self) -> list[_Message]:
+    async def _decide_next(self) -> Sequence[_Message]:
         """Decide the oldest handshake (or answer the page) the bytes asked for; return
         the messages that came with an accepted handshake."""
         request, method = self._handshakes.pop(0)
@@ -823,21 +865,21 @@ class ServerSession(HeldFanOut):
     def _refuse(self, status: int, reason: str) -> None:
         if self.conn.state is ConnState.HANDSHAKE:
             self.conn.reject(status, reason)
-            self._collect()
+            self._collect(self._now())
 
-    async def _handshake(self, request: HandshakeRequest) -> list[_Message]:
+    async def _handshake(self, request: HandshakeRequest) -> Sequence[_Message]:
         server = self.server
         conn = self.conn
         decision = await decide_handshake(server, request)
         if conn.state is not ConnState.HANDSHAKE:
-            return []  # the handshake timed out, or the server began shutting down
+            return ()  # the handshake timed out, or the server began shutting down
         if isinstance(decision, Identity) and server.stopping:
             decision = (503, "server shutting down")
         if not isinstance(decision, Identity):
             self._refuse(*decision)
-            return []
+            return ()
         identity = decision
-        now = self.clock.now()
+        now = self._now()
         app = self.app
         receiver = server.registry.receiver(identity, app.ack_mode, app.options.timers, now)
         # A browser that sent its credential as a ``token.<t>`` subprotocol needs that
@@ -864,7 +906,7 @@ class ServerSession(HeldFanOut):
             old.close_nowait(CLOSE_SESSION_REPLACED, "session replaced: the user logged in again")
         if not self._spawn(self._connected):
             self._connected_done.set()  # the session is ending: no on_connect hooks
-        return self._collect()
+        return self._collect(now)
 
     async def _revalidate(self) -> None:
         """Ask the authentication again about the handshake request: a credential revoked
@@ -904,7 +946,7 @@ class ServerSession(HeldFanOut):
         self.conn.respond(
             response.status, body, response.headers, content_type=response.content_type
         )
-        self._collect()
+        self._collect(self._now())
 
     # ------------------------------------------------------------------ the end
     async def _disconnect(self, *, handlers: bool = True) -> None:
@@ -937,8 +979,9 @@ class ServerSession(HeldFanOut):
         conn = self.conn
         if conn.state is ConnState.OPEN and not (self._writer.aborted or self._writer.broken):
             # Cancelled from outside (the server stopped hard): say goodbye if we can.
-            conn.close(CLOSE_GOING_AWAY, "server shutting down", self.clock.now())
-            self._collect()
+            now = self._now()
+            conn.close(CLOSE_GOING_AWAY, "server shutting down", now)
+            self._collect(now)
         await self._writer.last_words()
         self._lost()
         if not self._disconnected:
