@@ -61,14 +61,16 @@ _HEAD16 = struct.Struct("!BBH")
 _HEAD64 = struct.Struct("!BBQ")
 
 
+# int.from_bytes is a classmethod: looking it up on int builds a bound method every time.
+_from_bytes = int.from_bytes
+
+
 def _xor_mask(payload: bytes, key: bytes) -> bytes:
     """``payload`` XOR the 4-byte masking ``key`` repeated (RFC 6455 §5.3), as one big
     integer operation instead of a loop over bytes. Masking and unmasking are the same."""
     n = len(payload)
     keys = (key * ((n + 3) >> 2))[:n]
-    return (int.from_bytes(payload, "little") ^ int.from_bytes(keys, "little")).to_bytes(
-        n, "little"
-    )
+    return (_from_bytes(payload, "little") ^ _from_bytes(keys, "little")).to_bytes(n, "little")
 
 
 def _head_size(second: int) -> int:
@@ -238,18 +240,23 @@ class _Conn:
     def next_deadline(self) -> float | None:
         """When :meth:`handle_timeout` must next be called (``None``: nothing pending)."""
         state = self.state
+        if state is _OPEN:  # the earliest of the ping, the pong and the peer's deadlines
+            deadline = self._next_ping
+            other = self._pong_due
+            if other is not None and (deadline is None or other < deadline):
+                deadline = other
+            peer = self.peer
+            if peer is not None:
+                other = peer.next_deadline()
+                if other is not None and (deadline is None or other < deadline):
+                    deadline = other
+            return deadline
         if state is _HANDSHAKE:
             timeout = self.limits.handshake_timeout
             return None if timeout is None else self._created + timeout
         if state is _CLOSING:
             return self._close_due
-        if state is _CLOSED:
-            return None
-        times = [self._next_ping, self._pong_due]
-        if self.peer is not None:
-            times.append(self.peer.next_deadline())
-        present = [t for t in times if t is not None]
-        return min(present) if present else None
+        return None
 
     # ------------------------------------------------------------------ inputs
     def handle_timeout(self, now: float) -> None:
@@ -600,7 +607,7 @@ class _Conn:
             at += 2
             if at > end:
                 return 0
-            size = int.from_bytes(data[pos + 2 : at], "big")
+            size = _from_bytes(data[pos + 2 : at], "big")
             if size < 126:
                 return 0
         elif size == 127:
@@ -608,7 +615,7 @@ class _Conn:
             if at > end:
                 return 0
             # (A length with the top bit set, refused by wsproto, is never complete.)
-            size = int.from_bytes(data[pos + 2 : at], "big")
+            size = _from_bytes(data[pos + 2 : at], "big")
             if size < 0x10000:
                 return 0
         if size > self._lean_max:

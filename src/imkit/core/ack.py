@@ -316,9 +316,6 @@ class _Memory(OrderedDict[str, float]):
             del self[message_id]
         self.head = math.inf
 
-    def next_expiry(self) -> float | None:
-        return self.head if self else None
-
 
 class _Machine:
     """Shared bookkeeping: live entries, their deadlines (a heap), remembered ids.
@@ -372,7 +369,8 @@ class _Machine:
             if entry is not None and entry.token == token:
                 break
             heapq.heappop(heap)
-        expiry = self._memory.next_expiry()
+        memory = self._memory
+        expiry = memory.head if memory else None  # the oldest id's expiry, if any
         if not heap:
             return expiry
         when = heap[0][0]
