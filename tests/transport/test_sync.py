@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import anyio
 import pytest
 
@@ -62,3 +64,43 @@ async def test_a_batch_wakes_a_waiting_consumer_once_with_every_message() -> Non
         await anyio.wait_all_tasks_blocked()
         inbox.put_messages_nowait(["a", "b", "c"])
     assert got == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_on_a_known_loop_a_wait_is_woken_by_a_put_and_survives_cancellation() -> None:
+    inbox: Inbox[str] = Inbox(1, asyncio.get_running_loop())
+    with anyio.move_on_after(0.01):
+        await inbox.get()  # cancelled while waiting
+    inbox.put("after the cancelled wait")  # wakes no one, and does not fail
+    assert await inbox.get() == "after the cancelled wait"
+    got: list[str] = []
+
+    async def consume() -> None:
+        got.append(await inbox.get())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(consume)
+        await anyio.wait_all_tasks_blocked()
+        assert got == []
+        inbox.put_messages_nowait(["woken"])
+    assert got == ["woken"]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_on_a_known_loop_put_message_waits_for_room() -> None:
+    inbox: Inbox[str] = Inbox(1, asyncio.get_running_loop())
+    await inbox.put_message("first")
+    put = anyio.Event()
+
+    async def second() -> None:
+        await inbox.put_message("second")
+        put.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(second)
+        await anyio.wait_all_tasks_blocked()
+        assert not put.is_set()
+        assert inbox.get_nowait() == "first"
+        inbox.message_done()
+    assert put.is_set()
+    assert inbox.get_nowait() == "second"

@@ -298,48 +298,32 @@ async def page_response(server: Server, request: HandshakeRequest, method: str) 
 
 # ---------------------------------------------------------------------- one connection
 class HandlerContext:
-    """The :class:`~imkit.core.server.Context` of one message."""
+    """The :class:`~imkit.core.server.Context` of one message.
 
-    __slots__ = ("_frame", "_session")
+    Its fields are plain attributes, set once (a handler reads several per message; a
+    property each would be a call each).
+    """
+
+    __slots__ = ("data", "frame", "method", "server", "session", "user_id")
 
     def __init__(self, session: Connection, frame: Frame) -> None:
-        self._session = session
-        self._frame = frame
-
-    @property
-    def frame(self) -> Frame:
+        self.frame = frame
         """The message, ``form_id`` set to the authenticated user."""
-        return self._frame
-
-    @property
-    def data(self) -> Any:
+        self.data: Any = frame.data
         """The message's payload."""
-        return self._frame.data
-
-    @property
-    def method(self) -> str:
+        self.method: str = frame.method
         """The message's method."""
-        return self._frame.method
-
-    @property
-    def session(self) -> Connection:
+        self.session = session
         """The connection the message came on."""
-        return self._session
-
-    @property
-    def user_id(self) -> str:
+        self.user_id: str = session.user_id
         """The authenticated sender."""
-        return self._session.user_id
-
-    @property
-    def server(self) -> ServerAPI:
+        self.server: ServerAPI = session.server
         """The running server (an :class:`~imkit.transport.server.Server`)."""
-        return self._session.server
 
     async def reply(self, data: Any) -> Frame:
         """Answer with a ``Data`` frame whose ``replyTo`` is this message's id."""
-        return self._session.send_now(self._frame.method, data, reply_to=self._frame.id)
+        return self.session.send_now(self.method, data, reply_to=self.frame.id)
 
     async def error(self, code: str, message: str, **extra: Any) -> None:
         """Answer with an ``Err`` frame."""
-        self._session.send_error(code, message, self._frame.id, **extra)
+        self.session.send_error(code, message, self.frame.id, **extra)

@@ -11,9 +11,11 @@ that exists cost no trip through the event loop; a task waits only when it must.
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
-from collections.abc import Callable, Sequence
-from typing import Generic, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
+from typing import Generic, Protocol, TypeVar
 
 import anyio
 
@@ -127,6 +129,38 @@ class Slots:
             self.borrowed -= 1
 
 
+class _Waker(Protocol):
+    """What :class:`Inbox` needs of an event: set it, wait for it."""
+
+    def set(self) -> None:
+        """Wake the waiters."""
+        ...
+
+    def wait(self) -> Awaitable[None]:
+        """Wait until :meth:`set` (a fresh one: never set before)."""
+        ...
+
+
+class _LoopWaker:
+    """A wake-up on a known asyncio loop: a bare future. An :class:`anyio.Event` there
+    wraps an :class:`asyncio.Event`, which finds the loop, takes a lock and makes the same
+    future for each wait."""
+
+    __slots__ = ("_future",)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._future: asyncio.Future[None] = loop.create_future()
+
+    def set(self) -> None:
+        """Wake the waiters (none if their wait was cancelled)."""
+        if not self._future.done():
+            self._future.set_result(None)
+
+    def wait(self) -> Awaitable[None]:
+        """Wait until :meth:`set`."""
+        return self._future
+
+
 class Inbox(Generic[T]):
     """A FIFO of items for one consumer; ``limit`` bounds the messages in it.
 
@@ -134,14 +168,18 @@ class Inbox(Generic[T]):
     :meth:`message_done` (so one being handled still takes its place).
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """``loop``: the asyncio event loop every waiter runs in, if known (a wait is then
+        a bare future of that loop instead of an :class:`anyio.Event`)."""
         self._items: list[T] = []  # short (``limit`` messages and a few events): a list
         # costs less memory than a deque on an idle connection
         self._limit = limit
         self._messages = 0
-        self._ready: anyio.Event | None = None
-        self._room: anyio.Event | None = None
-        self._event = EventFactory()
+        self._ready: _Waker | None = None
+        self._room: _Waker | None = None
+        self._event: Callable[[], _Waker] = (
+            EventFactory() if loop is None else partial(_LoopWaker, loop)
+        )
         self._on_room: Callable[[], None] | None = None
         self._on_first: Callable[[], None] | None = None
 

@@ -119,12 +119,13 @@ class Server:
         """
         reached = 0
         pressed = False
+        registry = self.registry
         for user_id in user_ids:
-            for session in self.registry.connections(user_id):
+            for session in registry.connections(user_id):
                 session.deliver(method, data, form_id=form_id)
                 reached += 1
                 pressed = pressed or session.unsent > self._press_at
-        self._unyielded += max(reached, 1)
+        self._unyielded += reached or 1
         if pressed or self._unyielded >= _PUSHES_PER_YIELD:
             self._unyielded = 0
             await anyio.lowlevel.checkpoint()

@@ -214,7 +214,9 @@ class ServerSession(HeldFanOut):
         self._blocked = False  # push mode: a handshake is being decided, or the inbox is full
         self._deferred: list[bytes | None] = []
         self._read_done = Flag()
-        self._inbox: Inbox[_Item] = Inbox(server.max_queued_messages)
+        self._inbox: Inbox[_Item] = Inbox(
+            server.max_queued_messages, self._lean.loop if self._lean is not None else None
+        )
         self._worker_done = Flag()
         self._handshakes: list[tuple[HandshakeRequest, str | None]] = []
         # pushes
