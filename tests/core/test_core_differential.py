@@ -140,6 +140,11 @@ def test_frames_and_events_built_through_their_slots_are_the_usual_ones(
         assert event == usual_event or data != data
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         fast.id = "changed"  # type: ignore[misc]
+    for raw in (message_id, message_id.encode("utf-8", "surrogatepass")):
+        raw_event = events._raw_message_received(raw)
+        assert type(raw_event) is events.RawMessageReceived
+        assert raw_event.data is raw
+        assert raw_event == events.RawMessageReceived(raw)
 
 
 def test_encode_falls_back_to_the_general_encoder_for_odd_field_types() -> None:

@@ -24,7 +24,7 @@ from wsproto.events import (
 )
 from wsproto.utilities import LocalProtocolError as WSLocalProtocolError
 
-from imkit.core.events import Closed, Event, RawMessageReceived
+from imkit.core.events import Closed, Event, RawMessageReceived, _raw_message_received
 from imkit.core.frames import Frame
 from imkit.core.peer import Peer
 from imkit.exceptions import LocalProtocolError
@@ -636,7 +636,7 @@ class _Conn:
         except UnicodeDecodeError:
             return 0
         if self.raw:
-            self._events.append(RawMessageReceived(text))
+            self._events.append(_raw_message_received(text))
         else:
             peer = self.peer
             assert peer is not None

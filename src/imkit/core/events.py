@@ -153,6 +153,7 @@ Event = (
 # The events of every message, made through their slots (see frames._slot_setters).
 (_set_received_frame,) = _slot_setters(MessageReceived, ("frame",))
 (_set_delivered_frame,) = _slot_setters(Delivered, ("frame",))
+(_set_raw_data,) = _slot_setters(RawMessageReceived, ("data",))
 
 
 def _message_received(frame: Frame) -> MessageReceived:
@@ -166,4 +167,11 @@ def _delivered(frame: Frame) -> Delivered:
     """``Delivered(frame)``, for less."""
     event: Delivered = _new(Delivered)
     _set_delivered_frame(event, frame)
+    return event
+
+
+def _raw_message_received(data: str | bytes) -> RawMessageReceived:
+    """``RawMessageReceived(data)``, for less."""
+    event: RawMessageReceived = _new(RawMessageReceived)
+    _set_raw_data(event, data)
     return event
