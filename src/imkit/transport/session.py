@@ -262,7 +262,8 @@ class ServerSession(HeldFanOut):
     @property
     def unsent(self) -> int:
         """Bytes written to this connection and not yet taken by the socket."""
-        return self._writer.buffered
+        lean = self._lean  # read per push by send_to_users: straight from the stream
+        return lean.write_buffered if lean is not None else self._writer.buffered
 
     def send_raw(self, data: str | bytes) -> None:
         """Raw mode (``Server(raw_handler=...)``): send one text or binary message."""
