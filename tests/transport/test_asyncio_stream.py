@@ -105,6 +105,55 @@ async def test_write_soon_sends_what_one_loop_iteration_queued_in_order() -> Non
         assert drained, "the writer is told when the queue is written out"
 
 
+async def test_the_streams_of_a_loop_are_flushed_in_one_callback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    loop = asyncio.get_running_loop()
+    async with pair() as (first, first_client), pair() as (second, second_client):
+        scheduled: list[object] = []
+        if not isinstance(loop, asyncio.BaseEventLoop):
+            pytest.skip("uvloop's call_soon cannot be wrapped")
+        call_soon = loop.call_soon
+
+        def counting(callback: Callable[..., object], *args: object, **kw: object) -> object:
+            scheduled.append(callback)
+            return call_soon(callback, *args, **kw)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(loop, "call_soon", counting)
+        for i in range(3):
+            first.write_soon(b"a%d;" % i)
+            second.write_soon(b"b%d;" % i)
+        monkeypatch.undo()
+        assert len(scheduled) == 1
+        assert await read_exactly(first_client, 9) == b"a0;a1;a2;"
+        assert await read_exactly(second_client, 9) == b"b0;b1;b2;"
+
+
+async def test_a_stream_whose_flush_fails_does_not_hold_back_the_others() -> None:
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    try:
+        async with pair() as (first, first_client), pair() as (second, second_client):
+
+            def fail() -> None:
+                raise RuntimeError("on_drained failed")
+
+            first.on_drained = fail
+            first.write_soon(b"first")
+            second.write_soon(b"second")
+            assert await read_exactly(first_client, 5) == b"first"
+            with anyio.fail_after(5):
+                assert await read_exactly(second_client, 6) == b"second"
+            assert [type(c.get("exception")) for c in reported] == [RuntimeError]
+            first.on_drained = lambda: None
+            first.write_soon(b"again")  # the failure left it flushable
+            with anyio.fail_after(5):
+                assert await read_exactly(first_client, 5) == b"again"
+    finally:
+        loop.set_exception_handler(None)
+
+
 async def test_receive_splits_a_chunk_larger_than_max_bytes() -> None:
     async with pair() as (server, client):
         await client.send(b"abcdefgh")

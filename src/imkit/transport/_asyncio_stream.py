@@ -81,6 +81,43 @@ def _ignore() -> None:
     pass
 
 
+class _Flusher:
+    """Writes what the streams of one event loop queued, in one callback per loop
+    iteration for all of them (a callback each costs a handle made and run each)."""
+
+    __slots__ = ("_loop", "_streams")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._streams: list[AsyncioSocketStream] = []
+
+    def add(self, stream: AsyncioSocketStream) -> None:
+        """Flush ``stream`` soon (this loop iteration), after those added before it."""
+        streams = self._streams
+        streams.append(stream)
+        if len(streams) == 1:
+            self._loop.call_soon(self._run)
+
+    def _run(self) -> None:
+        streams, self._streams = self._streams, []
+        for stream in streams:
+            try:
+                stream._flush()
+            except Exception as exc:  # noqa: BLE001 - reported as asyncio does; the rest flush
+                self._loop.call_exception_handler(
+                    {"message": "flushing a connection failed", "exception": exc}
+                )
+
+
+def _flusher(loop: asyncio.AbstractEventLoop) -> _Flusher:
+    """The flusher of ``loop``: one per thread, for the loop running there (a thread runs
+    one loop at a time; a stream keeps the flusher it got)."""
+    flusher: _Flusher | None = getattr(_buffers, "flusher", None)
+    if flusher is None or flusher._loop is not loop:
+        flusher = _buffers.flusher = _Flusher(loop)
+    return flusher
+
+
 class AsyncioSocketStream(anyio.abc.SocketStream, asyncio.BufferedProtocol):
     """One accepted TCP connection on asyncio (see the module docstring).
 
@@ -109,6 +146,7 @@ class AsyncioSocketStream(anyio.abc.SocketStream, asyncio.BufferedProtocol):
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._flush_scheduled = False
+        self._flusher = _flusher(loop)
         self._writing_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self._low_water = 0
@@ -275,7 +313,7 @@ class AsyncioSocketStream(anyio.abc.SocketStream, asyncio.BufferedProtocol):
         pending = self._pending_bytes = self._pending_bytes + len(data)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+            self._flusher.add(self)
         # While writing is not paused the transport holds at most its high-water mark
         # (set_write_limit makes that half the limit): no need to ask it how much.
         if pending <= self._low_water and not self._writing_paused:
