@@ -85,11 +85,13 @@ class _Flusher:
     """Writes what the streams of one event loop queued, in one callback per loop
     iteration for all of them (a callback each costs a handle made and run each)."""
 
-    __slots__ = ("_loop", "_streams")
+    __slots__ = ("_loop", "_streams", "time")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._streams: list[AsyncioSocketStream] = []
+        self.time = loop.time
+        """The loop's clock, bound once for all its streams."""
 
     def add(self, stream: AsyncioSocketStream) -> None:
         """Flush ``stream`` soon (this loop iteration), after those added before it."""
@@ -131,7 +133,8 @@ class AsyncioSocketStream(anyio.abc.SocketStream, asyncio.BufferedProtocol):
         *,
         max_read_buffer: int = DEFAULT_MAX_READ_BUFFER,
     ) -> None:
-        self._loop = loop
+        self._flusher = _flusher(loop)  # and the loop (few attributes: an idle connection
+        # keeps every one)
         self._buffer = _receive_buffer()
         self._transport: asyncio.Transport | None = None
         self._max_read_buffer = max_read_buffer
@@ -146,10 +149,8 @@ class AsyncioSocketStream(anyio.abc.SocketStream, asyncio.BufferedProtocol):
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._flush_scheduled = False
-        self._flusher = _flusher(loop)
         self._writing_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
-        self._low_water = 0
         self._write_limit: float = math.inf
         self._consumer: Callable[[bytes | None], None] | None = None
         self._consumer_ended = False
@@ -224,7 +225,12 @@ class AsyncioSocketStream(anyio.abc.SocketStream, asyncio.BufferedProtocol):
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
         """The event loop this connection lives in."""
-        return self._loop
+        return self._flusher._loop
+
+    @property
+    def time(self) -> Callable[[], float]:
+        """The event loop's ``time`` (one bound method for all the loop's streams)."""
+        return self._flusher.time
 
     # ------------------------------------------------------------------ consuming
     def consume(self, consumer: Callable[[bytes | None], None]) -> None:
@@ -275,8 +281,7 @@ class AsyncioSocketStream(anyio.abc.SocketStream, asyncio.BufferedProtocol):
         """Call ``on_drained`` when the unwritten bytes fall to ``limit // 2`` or below."""
         assert self._transport is not None
         self._write_limit = limit
-        self._low_water = limit // 2
-        self._transport.set_write_buffer_limits(high=self._low_water, low=self._low_water)
+        self._transport.set_write_buffer_limits(high=limit // 2, low=limit // 2)
 
     @property
     def write_buffered(self) -> int:
@@ -316,7 +321,7 @@ class AsyncioSocketStream(anyio.abc.SocketStream, asyncio.BufferedProtocol):
             self._flusher.add(self)
         # While writing is not paused the transport holds at most its high-water mark
         # (set_write_limit makes that half the limit): no need to ask it how much.
-        if pending <= self._low_water and not self._writing_paused:
+        if pending * 2 <= self._write_limit and not self._writing_paused:
             return True
         return self.write_buffered <= self._write_limit
 
@@ -345,7 +350,7 @@ class AsyncioSocketStream(anyio.abc.SocketStream, asyncio.BufferedProtocol):
 
     async def _drained(self) -> None:
         """Wait for the transport's next resume_writing (or the socket's loss)."""
-        waiter = self._drain_waiter = self._loop.create_future()
+        waiter = self._drain_waiter = self._flusher._loop.create_future()
         try:
             await waiter
         finally:
@@ -379,7 +384,7 @@ class AsyncioSocketStream(anyio.abc.SocketStream, asyncio.BufferedProtocol):
                 raise anyio.BrokenResourceError from self._error
             if self._eof or self._lost:
                 raise anyio.EndOfStream
-            waiter = self._reader = self._loop.create_future()
+            waiter = self._reader = self._flusher._loop.create_future()
             try:
                 await waiter
             finally:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from functools import partial
 from typing import Generic, Protocol, TypeVar
 
 import anyio
@@ -177,14 +176,20 @@ class Inbox(Generic[T]):
         self._messages = 0
         self._ready: _Waker | None = None
         self._room: _Waker | None = None
-        self._event: Callable[[], _Waker] = (
-            EventFactory() if loop is None else partial(_LoopWaker, loop)
-        )
+        self._loop = loop
+        self._events = EventFactory() if loop is None else None
         self._on_room: Callable[[], None] | None = None
         self._on_first: Callable[[], None] | None = None
 
     def __len__(self) -> int:
         return len(self._items)
+
+    def _event(self) -> _Waker:
+        loop = self._loop
+        if loop is not None:
+            return _LoopWaker(loop)
+        assert self._events is not None
+        return self._events()
 
     def when_first_item(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` (once) when the first item is queued (the consumer can be

@@ -436,7 +436,7 @@ class ServerSession(HeldFanOut):
             self._spawn(self._write)
         if self._lean is not None and isinstance(self.clock, AnyioClock):
             self._timer_loop = self._lean.loop
-            self._now = self._timer_loop.time
+            self._now = self._lean.time
             self._arm_timer()
         else:
             self._spawn(self._timer)
