@@ -407,6 +407,31 @@ def test_our_close_mid_read_leaves_the_rest_to_wsproto() -> None:
     assert conn.data_to_send() == plain.data_to_send()
 
 
+def test_the_frames_after_the_one_that_strikes_out_are_not_handled() -> None:
+    # The lean frames of a read are pumped once at its end, except the one after which
+    # the peer wants to close: our close frame goes out then, and what follows is ignored.
+    wire = text("bad") + text("bad") + text(message("late")) + text(message("later"))
+    conn, plain = open_server(), open_server(lean=False)
+    conn.receive_data(wire, 1.0)
+    plain.receive_data(wire, 1.0)
+    events = conn.events()
+    assert events == plain.events()
+    assert "MessageReceived" not in kinds(events)
+    assert conn.data_to_send() == plain.data_to_send()
+    assert conn.state is plain.state is ConnState.CLOSING
+
+
+def test_the_frames_of_one_read_give_what_they_give_one_read_each() -> None:
+    wire = [text(message(str(i))) for i in range(5)] + [text("bad"), text(message("z"))]
+    batched, single = open_server(), open_server()
+    batched.receive_data(b"".join(wire), 1.0)
+    for part in wire:
+        single.receive_data(part, 1.0)
+    assert batched.events() == single.events()
+    assert batched.data_to_send() == single.data_to_send()
+    assert batched.peer is not None and batched.peer._out == [] and batched.peer._events == []
+
+
 def test_a_whole_text_frame_inside_a_fragmented_message_goes_to_wsproto() -> None:
     for raw, first in ((False, 0x01), (True, 0x01), (True, 0x02)):
         # Each read starts at a frame boundary, the message still in progress.

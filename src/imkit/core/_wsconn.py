@@ -389,18 +389,25 @@ class _Conn:
     def _flush_peer(self) -> None:
         peer = self.peer
         assert peer is not None
-        texts = peer.outgoing()
-        ws = self._ws
-        if texts and ws is not None and ws.state is _WS_OPEN:
-            out = self._out
-            if self._lean:
-                frame = self._frame
-                for text in texts:
-                    out.append(frame(_TEXT, text.encode()))
-            else:
-                for text in texts:
-                    out.append(ws.send(TextMessage(data=text)))
-        self._events.extend(peer.events())
+        # The peer's lists are taken in place (what outgoing() and events() give, without
+        # a new list each): this runs after every input.
+        texts = peer._out
+        if texts:
+            ws = self._ws
+            if ws is not None and ws.state is _WS_OPEN:
+                out = self._out
+                if self._lean:
+                    frame = self._frame
+                    for text in texts:
+                        out.append(frame(_TEXT, text.encode()))
+                else:
+                    for text in texts:
+                        out.append(ws.send(TextMessage(data=text)))
+            texts.clear()
+        events = peer._events
+        if events:
+            self._events.extend(events)
+            events.clear()
 
     def _frame(self, first: int, payload: bytes) -> bytes:
         """A whole frame (``first``: FIN, no RSV bits, the opcode) as wsproto would write
@@ -567,15 +574,30 @@ class _Conn:
         ws = self._ws
         assert ws is not None
         pos, end = 0, len(data)
+        peer = self.peer
+        # The peer's output of the lean frames of this read is moved down (_pump) once,
+        # before anything else is written or read and at the end: the same bytes and
+        # events, in the same order, as after every frame. A frame after which the peer
+        # wants the connection closed is pumped at once (the close stops the reading).
+        unpumped = False
         while pos < end:
             if not self._pt_phase and not self._pt_msg:
                 stop = self._lean_frame(data, pos, end, now)
                 if stop:
                     pos = stop
+                    if peer is not None:
+                        if peer.close_request is None:
+                            unpumped = True
+                            continue
+                        self._pump(now)
+                        unpumped = False
                     if self.state is not _OPEN:
                         break
                     continue
                 self._pt_phase = 1  # wsproto's: this frame, and what follows it
+            if unpumped:
+                self._pump(now)
+                unpumped = False
             start = pos
             pos = self._pass_through(data, pos, end)
             ws.receive_data(data[start:pos])
@@ -583,6 +605,8 @@ class _Conn:
             self._check_announced_size()
             if self.state is not _OPEN:
                 break
+        if unpumped:
+            self._pump(now)
         if self.state is _CLOSING and pos < end:
             # Our close frame went out mid-read: wsproto handles the rest, as it would.
             ws.receive_data(data[pos:])
@@ -640,8 +664,7 @@ class _Conn:
         else:
             peer = self.peer
             assert peer is not None
-            peer.receive_text(text, now)
-            self._pump(now)
+            peer.receive_text(text, now)  # its output is pumped by _feed_lean
         return stop
 
     def _pass_through(self, data: bytes, pos: int, end: int) -> int:
