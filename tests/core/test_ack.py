@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from imkit.core.ack import (
+    _MIN_COMPACT,
     AckMode,
     AckTimers,
     Delivered,
@@ -298,3 +299,34 @@ def test_senders_sharing_a_partner_share_their_delivered_ids() -> None:
         second.send(data("s1"), 1.0)
     # The receiver's own dedupe memory is separate: upstream and downstream ids never mix.
     assert identity.state_of("s1") is State.NEW and identity.remembered == 0
+
+
+def test_the_heap_drops_its_stale_items_in_bulk() -> None:
+    # Every acked id leaves a heap item behind; the heap is compacted as it grows, so it
+    # stays within twice the live ids (or the minimum size) however many were sent.
+    sender = Sender(AckMode.ONLY, AckTimers(resend_interval=1.0, ack_timeout=5.0, window=8))
+    for i in range(1000):
+        sender.send(data(f"m{i}"), float(i) / 1000)
+        if i >= 3:
+            sender.on_ack(f"m{i - 3}", float(i) / 1000)
+    assert sender.in_flight == 3
+    assert len(sender._heap) <= _MIN_COMPACT
+    # The live ids still come due, in order, and nothing else does.
+    sent = sender.handle_timeout(2.5)
+    assert [e.frame.id for e in sent] == ["m997", "m998", "m999"]  # type: ignore[union-attr]
+
+
+def test_a_resend_that_compacts_the_heap_loses_no_deadline() -> None:
+    # Many ids due at once: their resends push new items while the due ones are still
+    # being taken, and compact the heap meanwhile; each id is resent exactly once.
+    sender = Sender(AckMode.ONLY, AckTimers(resend_interval=1.0, ack_timeout=30, window=500))
+    for i in range(200):
+        sender.send(data(f"m{i}"), 0.0)
+    before = sender._heap
+    sender._compact_at = len(before) - 1  # the first resend compacts, mid-loop
+    resent = [e.frame.id for e in sender.handle_timeout(1.0)]  # type: ignore[union-attr]
+    assert sender._heap is not before
+    assert sorted(resent) == sorted(f"m{i}" for i in range(200))
+    resent = [e.frame.id for e in sender.handle_timeout(2.0)]  # type: ignore[union-attr]
+    assert sorted(resent) == sorted(f"m{i}" for i in range(200))
+    assert len(sender._heap) <= 2 * 200

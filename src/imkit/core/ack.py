@@ -265,6 +265,10 @@ for (_role, _mode, _state, _input), _step in TRANSITIONS.items():
 del _role, _mode, _state, _input, _step
 
 
+_MIN_COMPACT = 64
+"""A machine's heap of deadlines is never compacted below this size (see _compact)."""
+
+
 class _Entry:
     """A message id in flight at one end: its frame, state, give-up time and heap token."""
 
@@ -336,6 +340,8 @@ class _Machine:
         self._memory = _Memory(timers)
         self._heap: list[tuple[float, int, str]] = []
         self._tokens = 0
+        # The heap is compacted (its stale items dropped) when it reaches this size.
+        self._compact_at = _MIN_COMPACT
 
     def state_of(self, message_id: str) -> State:
         """The state of ``message_id`` at this end."""
@@ -383,8 +389,8 @@ class _Machine:
     def _timeout(self, now: float) -> list[_Acts]:
         """:meth:`handle_timeout`, as acts."""
         acts: list[_Acts] = []
-        heap = self._heap
-        while heap and heap[0][0] <= now:
+        # (self._heap is read again each time: a resend may compact it into a new list.)
+        while (heap := self._heap) and heap[0][0] <= now:
             _when, token, message_id = heapq.heappop(heap)
             entry = self._live.get(message_id)
             if entry is None or entry.token != token:
@@ -403,7 +409,28 @@ class _Machine:
         when = now + self.timers.resend_interval
         if entry.give_up_at < when:
             when = entry.give_up_at
-        heapq.heappush(self._heap, (when, token, entry.frame.id))
+        heap = self._heap
+        if len(heap) >= self._compact_at:
+            self._compact()
+            heap = self._heap
+        heapq.heappush(heap, (when, token, entry.frame.id))
+
+    def _compact(self) -> None:
+        """Drop the heap's stale items (ids finished or rescheduled since) all at once.
+
+        An acked id leaves its item behind until its deadline, when it would be popped
+        alone (a heap pop each, in bulk when the timer fires). Dropping them whenever the
+        heap has doubled since the last time costs one pass per as many items: the heap
+        stays within twice the live ids (and ``_MIN_COMPACT``)."""
+        live = self._live
+        heap = [
+            item
+            for item in self._heap
+            if (entry := live.get(item[2])) is not None and entry.token == item[1]
+        ]
+        heapq.heapify(heap)
+        self._heap = heap
+        self._compact_at = max(_MIN_COMPACT, 2 * len(heap))
 
     def _apply(
         self,
