@@ -6,6 +6,7 @@ import os
 import signal
 import sqlite3
 import sys
+import threading
 from pathlib import Path
 
 import anyio
@@ -15,7 +16,7 @@ import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 import imkit
-from imkit.chat.sqlite import SQLiteStore, _Kind
+from imkit.chat.sqlite import SQLiteStore, _Job, _Kind, _Round
 from imkit.chat.store import StoredMessage
 from imkit.exceptions import StoreError, StoreUnavailable
 
@@ -259,6 +260,50 @@ async def test_cancelled_append_leaves_the_store_consistent(tmp_path: Path) -> N
         stored = await store.read_after("a_b", 0, limit=10)
         assert [m.seq for m in stored] == list(range(1, len(stored) + 1))
         assert [m.msg_id for m in stored] == ["0", "1", "2"]
+
+
+async def test_a_wait_cancelled_while_its_round_commits_leaves_the_others_answered(
+    tmp_path: Path,
+) -> None:
+    # The round's writes have run and its COMMIT is queued behind a job that holds the
+    # worker; one writer gives up then. Waking the round must skip it and still answer
+    # the other writer (under asyncio each wait is a bare future, cancelled with it).
+    release = threading.Event()
+    async with SQLiteStore(tmp_path / "chat.db") as store:
+        held = anyio.Event()
+
+        def hold_worker(conn: sqlite3.Connection) -> None:  # on the loop, in the round
+            assert store._queue is not None
+            store._queue.put(_Job(_Kind.READ, lambda _conn: release.wait(10)))
+            held.set()
+
+        scopes: list[anyio.CancelScope] = []
+        answered: list[StoredMessage] = []
+
+        async def doomed() -> None:
+            with anyio.CancelScope() as scope:
+                scopes.append(scope)
+                await send(store, "x")
+
+        async def kept() -> None:
+            answered.append((await send(store, "y"))[0])
+
+        try:
+            with anyio.fail_after(10):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(doomed)  # one round (asyncio: in this order)
+                    tg.start_soon(kept)
+                    tg.start_soon(store._call, _Kind.WRITE, hold_worker)
+                    await held.wait()
+                    assert store._round is _Round.COMMIT
+                    scopes[0].cancel()
+                    await anyio.wait_all_tasks_blocked()  # the doomed writer is gone
+                    release.set()
+        finally:
+            release.set()
+        assert [m.msg_id for m in answered] == ["y"]
+        stored = await store.read_after("a_b", 0, limit=10)
+        assert sorted(m.msg_id for m in stored) == ["x", "y"]  # trio starts tasks in any order
 
 
 async def test_close_finishes_queued_work(tmp_path: Path) -> None:

@@ -561,12 +561,16 @@ class ChatService:
         """A device acknowledged a frame: advance its watermarks over what it carried."""
         user = session.user_id
         key = (user, session.device_id)
-        data = frame.data
-        if frame.method == PUSH_METHOD and isinstance(data, dict):  # one message: most acks
+        data, method = frame.data, frame.method
+        # One message: a push, or the answer to the device's own chat (nearly every ack).
+        if isinstance(data, dict) and (
+            method == PUSH_METHOD or (method == CHAT_METHOD and frame.reply_to)
+        ):
             conversation, seq = data.get("conversationId"), data.get("seq")
             if isinstance(conversation, str) and isinstance(seq, int) and seq > 0:
                 if self._is_member(key, conversation):
-                    await self._advance(key, conversation, ((seq, data.get("sendId") == user),))
+                    own = method == CHAT_METHOD or data.get("sendId") == user
+                    await self._advance(key, conversation, ((seq, own),))
             return
         by_conversation: dict[str, list[tuple[int, bool]]] = {}
         for conversation, seq, own in _carried(frame, user):

@@ -60,7 +60,6 @@ from typing import Any, Literal, TypeVar
 
 import anyio
 import anyio.to_thread
-import attrs
 
 from imkit.chat.store import (
     SCHEMA_VERSION,
@@ -177,7 +176,12 @@ class _Round(enum.Enum):
 
 
 class _Job:
-    """One request, and the slot its answer comes back in."""
+    """One request, and the slot its answer comes back in.
+
+    Its ``event`` is what the caller waits on: under asyncio a bare future of the store's
+    loop (an :class:`anyio.Event` there wraps an :class:`asyncio.Event`, which finds the
+    loop and keeps a list of waiters, for each wait), else an :class:`anyio.Event`.
+    """
 
     __slots__ = ("batch", "cancelled", "error", "event", "fn", "kind", "result")
 
@@ -185,7 +189,7 @@ class _Job:
         self,
         kind: _Kind,
         fn: Callable[[sqlite3.Connection], Any] | None = None,
-        event: anyio.Event | None = None,
+        event: anyio.Event | asyncio.Future[None] | None = None,
     ) -> None:
         self.kind = kind
         self.fn = fn
@@ -194,6 +198,17 @@ class _Job:
         self.error: BaseException | None = None
         self.cancelled = False
         self.batch: list[_Job] = []  # a COMMIT's writes
+
+    def wake(self) -> None:
+        """Wake the caller waiting for this job (if it still waits)."""
+        event = self.event
+        if event is None:
+            return
+        if isinstance(event, asyncio.Future):
+            if not event.done():  # done: the wait was cancelled
+                event.set_result(None)
+        else:
+            event.set()
 
 
 def _row_to_message(row: Sequence[Any]) -> StoredMessage:
@@ -258,6 +273,7 @@ class SQLiteStore(StoreLifecycle):
         self._open = False
         self._owner = 0  # the thread of the event loop that opened the store
         self._waker: _Waker | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the owner's, under asyncio
         self._new_event = EventFactory()
         self._writes: deque[_Job] = deque()  # waiting for a round
         self._parked: list[_Job] = []  # reads waiting for the round's COMMIT
@@ -294,17 +310,18 @@ class SQLiteStore(StoreLifecycle):
             return
         self._opening = opening = anyio.Event()
         try:
-            _key, self._waker = _current_waker()
+            key, self._waker = _current_waker()
+            self._loop = key if isinstance(key, asyncio.AbstractEventLoop) else None
             self._owner = threading.get_ident()
             jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
-            ready = _Job(_Kind.STOP, event=anyio.Event())
+            ready_event = anyio.Event()
+            ready = _Job(_Kind.STOP, event=ready_event)
             thread = threading.Thread(
                 target=self._serve, args=(jobs, ready), name="imkit-sqlite", daemon=True
             )
             thread.start()
             with anyio.CancelScope(shield=True):  # never leave a thread without an owner
-                assert ready.event is not None
-                await ready.event.wait()
+                await ready_event.wait()
             if ready.error is not None:
                 await anyio.to_thread.run_sync(thread.join)
                 raise ready.error
@@ -325,10 +342,9 @@ class SQLiteStore(StoreLifecycle):
             while self._round is not None or self._writes:
                 self._idle = idle = Flag()
                 await idle.wait()
-            stop = _Job(_Kind.STOP, event=anyio.Event())
-            jobs.put(stop)
-            assert stop.event is not None
-            await stop.event.wait()
+            stopped = anyio.Event()
+            jobs.put(_Job(_Kind.STOP, event=stopped))
+            await stopped.wait()
             await anyio.to_thread.run_sync(thread.join)
         self._thread = self._queue = self._conn = None
         logger.debug("closed %s", self._path)
@@ -339,7 +355,8 @@ class SQLiteStore(StoreLifecycle):
             raise StoreError("the store is not open")
         if threading.get_ident() != self._owner:
             raise RuntimeError("an SQLiteStore is used by the event loop that opened it")
-        job = _Job(kind, fn, self._new_event())
+        loop = self._loop
+        job = _Job(kind, fn, self._new_event() if loop is None else loop.create_future())
         if kind is _Kind.WRITE:
             self._writes.append(job)
             if self._round is None:
@@ -351,7 +368,7 @@ class SQLiteStore(StoreLifecycle):
         event = job.event
         assert event is not None
         try:
-            await event.wait()
+            await (event if isinstance(event, asyncio.Future) else event.wait())
         except BaseException:
             job.cancelled = True
             raise
@@ -487,8 +504,7 @@ class SQLiteStore(StoreLifecycle):
             for job in parked:
                 self._queue.put(job)
         for job in batch:
-            assert job.event is not None
-            job.event.set()
+            job.wake()
         if self._writes:
             self._begin()
         else:
@@ -502,8 +518,8 @@ class SQLiteStore(StoreLifecycle):
                     self._begun(job)
                 elif job.kind is _Kind.COMMIT:
                     self._committed(job)
-                elif job.event is not None:
-                    job.event.set()
+                else:
+                    job.wake()
             except Exception:  # pragma: no cover - a bug above; never raise into the loop
                 logger.exception("SQLite store: handling the worker's answer failed")
 
@@ -650,7 +666,7 @@ class SQLiteStore(StoreLifecycle):
         send_time: int,
     ) -> tuple[StoredMessage, bool]:
         """Store a message under the next seq, or return the one stored before."""
-        draft = draft_message(
+        draft_message(
             conversation_id=conversation_id,
             sender_id=sender_id,
             recv_id=recv_id,
@@ -673,10 +689,22 @@ class SQLiteStore(StoreLifecycle):
             else:
                 seq = row[0] + 1
                 conn.execute(_NEXT_SEQ, (seq, conversation_id))
-            message = attrs.evolve(draft, seq=seq)
-            conn.execute(_INSERT_MESSAGE, attrs.astuple(message))
+            # The row in the order of StoredMessage's fields (no attrs.evolve / astuple:
+            # they look the fields up on every call).
+            values = (
+                conversation_id,
+                seq,
+                sender_id,
+                recv_id,
+                msg_id,
+                chat_type,
+                m_type,
+                content,
+                send_time,
+            )
+            conn.execute(_INSERT_MESSAGE, values)
             conn.execute(_ADD_MEMBERS, (sender_id, conversation_id, recv_id, conversation_id))
-            return message, True
+            return StoredMessage(*values), True
 
         return await self._call(_Kind.WRITE, run)
 
