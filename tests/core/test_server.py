@@ -51,6 +51,18 @@ def test_router_registers_and_looks_up_routes() -> None:
     assert [r.method for r in router] == ["conversation.chat"] and len(router) == 1
 
 
+def test_router_contains_follows_later_routes() -> None:
+    router = Router()
+    contains = router.contains  # taken once, as a connection does
+    assert not contains("late")
+
+    @router.route("late")
+    async def late(ctx: Any) -> None:
+        return None
+
+    assert contains("late") and not contains("nope") and not contains(5)
+
+
 class AsyncCallable:
     async def __call__(self, ctx: Any) -> None:
         return None
@@ -185,6 +197,13 @@ def test_multi_policy_keeps_one_connection_per_device() -> None:
     assert sorted(registry.connections("alice")) == ["laptop1", "phone2"]
     assert len(registry) == 3 and sorted(registry.all()) == ["bob1", "laptop1", "phone2"]
     assert registry.remove("alice", "e2") and registry.count("alice") == 1
+    # live(): the same connections as a tuple that later changes do not touch.
+    live = registry.live("alice")
+    assert live == ("phone2",) and registry.live("nobody") == ()
+    registry.add(Identity("alice", device_id="tablet"), "e5", "tablet1")
+    assert live == ("phone2",) and registry.live("alice") == ("phone2", "tablet1")
+    assert registry.remove("alice", "e3") and registry.live("alice") == ("tablet1",)
+    assert registry.remove("alice", "e5") and registry.live("alice") == ()
 
 
 def test_an_epoch_is_registered_once() -> None:

@@ -290,10 +290,31 @@ class _Conn:
         raise NotImplementedError  # pragma: no cover - overridden by both ends
 
     # ------------------------------------------------------------------ sending
-    def send(self, method: str, data: Any, now: float, **options: Any) -> Frame:
+    def send(
+        self,
+        method: str,
+        data: Any,
+        now: float,
+        *,
+        message_id: str | None = None,
+        reply_to: str = "",
+        acked: bool = True,
+        form_id: str = "",
+    ) -> Frame:
         """Send a message with the connection's ack mode; see :meth:`Peer.send`."""
-        peer = self._require_peer()
-        frame = peer.send(method, data, now, **options)
+        # (The options are spelled out: no keyword dict is built and unpacked per push.)
+        peer = self.peer
+        if peer is None or self.state is not _OPEN:
+            peer = self._require_peer()  # raises
+        frame = peer.send(
+            method,
+            data,
+            now,
+            message_id=message_id,
+            reply_to=reply_to,
+            acked=acked,
+            form_id=form_id,
+        )
         self._pump(now)
         return frame
 

@@ -248,7 +248,7 @@ class Peer:
 
     def _receive_data(self, frame: Frame, now: float) -> None:
         if self.server:
-            if not self._take_token(now):
+            if self.options.rate_limit is not None and not self._take_token(now):
                 retry = (1.0 - self._tokens) / (self.options.rate_limit or 1.0)
                 # One strike per retry window: the frames a client sent before it could
                 # read the first refusal are refused too, but only a client that goes on
@@ -287,8 +287,7 @@ class Peer:
 
     def _take_token(self, now: float) -> bool:
         rate = self.options.rate_limit
-        if rate is None:
-            return True
+        assert rate is not None  # the caller skips a connection without a rate limit
         tokens = min(float(self.options.rate_burst), self._tokens + (now - self._tokens_at) * rate)
         self._tokens_at = now
         if tokens < 1.0:
@@ -368,11 +367,12 @@ class Peer:
         if not acked:
             self._out.append(text)
             return frame
-        if self.sender.backlog >= self.options.max_backlog:
+        sender = self.sender
+        backlog = sender._backlog  # (sender.backlog, without a property call per send)
+        if backlog is not None and len(backlog) >= self.options.max_backlog:
             self._events.append(DeliveryFailed(frame, "overflow"))
             self.request_close(CLOSE_POLICY, "send queue full: the client is not reading")
             return frame
-        sender = self.sender
         self._act(frame, sender._send(frame, now), sender, text)
         return frame
 

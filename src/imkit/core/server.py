@@ -327,6 +327,8 @@ class Registry(Generic[C]):
     def __init__(self, policy: LoginPolicy | str = LoginPolicy.SINGLE) -> None:
         self.policy = LoginPolicy(policy)
         self._users: dict[str, dict[str, _Entry[C]]] = {}
+        # Each user's connections as a tuple, made when they change (read once per push).
+        self._live: dict[str, tuple[C, ...]] = {}
         self._inbound: dict[tuple[str, str], _Inbound] = {}
         self._next_prune = 0.0
 
@@ -347,6 +349,7 @@ class Registry(Generic[C]):
         ]:
             del entries[key]
         entries[epoch] = _Entry(identity, epoch, conn)
+        self._live[identity.user_id] = tuple(e.conn for e in entries.values())
         return displaced
 
     def remove(self, user_id: str, epoch: str) -> bool:
@@ -355,14 +358,21 @@ class Registry(Generic[C]):
         if not entries or epoch not in entries:
             return False
         del entries[epoch]
-        if not entries:
+        if entries:
+            self._live[user_id] = tuple(e.conn for e in entries.values())
+        else:
             del self._users[user_id]
+            del self._live[user_id]
         return True
 
     def connections(self, user_id: str) -> list[C]:
         """The user's live connections."""
-        entries = self._users.get(user_id)
-        return [e.conn for e in entries.values()] if entries else []
+        return list(self._live.get(user_id, ()))
+
+    def live(self, user_id: str) -> tuple[C, ...]:
+        """The user's live connections, as the registry keeps them (no copy is made: what
+        a push to every connection of a user reads). Later changes make a new tuple."""
+        return self._live.get(user_id, ())
 
     def count(self, user_id: str) -> int:
         """How many live connections the user has."""
