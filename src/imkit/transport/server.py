@@ -121,7 +121,7 @@ class Server:
         pressed = False
         registry = self.registry
         for user_id in user_ids:
-            for session in registry.connections(user_id):
+            for session in registry.live(user_id):
                 session.deliver(method, data, form_id=form_id)
                 reached += 1
                 pressed = pressed or session.unsent > self._press_at

@@ -541,10 +541,9 @@ class ServerSession(HeldFanOut):
         if data and not self._writer.write(data):
             self._abort("send buffer full: the client is not reading")
             return ()
-        events = conn.events()
         messages: Sequence[_Message] = ()
-        if events:
-            messages = self._on_events(events, linger=bool(data))
+        if conn._events:  # (no events() call, and no new list, when there are none)
+            messages = self._on_events(conn.events(), linger=bool(data))
         if (self._timer_loop is not None or self._timer_scope is not None) and (
             self.closed_with is not None or self._timer_at > now + self._min_step
         ):
@@ -893,7 +892,7 @@ class ServerSession(HeldFanOut):
             now,
             options=app.options,
             receiver=receiver,
-            accepts_method=app.router.__contains__,
+            accepts_method=app.router.contains,
             subprotocol=next((p for p in offered if p.startswith("token.")), None),
         )
         self._identity = identity
