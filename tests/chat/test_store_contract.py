@@ -484,6 +484,7 @@ async def test_use_before_open_raises(store_factory: StoreFactory) -> None:
         {"sender_id": "a\x00"},
         {"msg_id": "\x00"},
         {"content": "lone \ud800 surrogate"},
+        {"recv_id": "b\udc80"},  # in an id too (ASCII ids skip the encode)
         {"m_type": 2**31},
         {"send_time": 2**63},
     ],

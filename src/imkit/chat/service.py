@@ -45,7 +45,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, Protocol, runtime_checkable
 
 import anyio
@@ -298,20 +298,26 @@ class ChatService:
         if not msg_id or len(msg_id) > _MAX_ID_CHARS:
             raise HandlerError(ErrorCode.BAD_REQUEST, "a chat message needs an id (msgId)")
         stored, _created = await self._store(
-            conversation_id=conversation_id,
-            sender_id=sender,
-            recv_id=recv_id,
-            msg_id=msg_id,
-            chat_type=chat_type,
-            m_type=m_type,
-            content=content,
-            send_time=self.now_ms(),
+            self.store.append(
+                conversation_id=conversation_id,
+                sender_id=sender,
+                recv_id=recv_id,
+                msg_id=msg_id,
+                chat_type=chat_type,
+                m_type=m_type,
+                content=content,
+                send_time=self.now_ms(),
+            )
         )
         session = ctx.session
+        seq, devices = stored.seq, self._devices
         for other in ctx.server.sessions(sender):  # for each device here, a seq to skip
-            device = self._devices.get((sender, other.device_id))
+            device = devices.get((sender, other.device_id))
             if device is not None:
-                device.own.setdefault(conversation_id, set()).add(stored.seq)
+                own = device.own.get(conversation_id)
+                if own is None:
+                    own = device.own[conversation_id] = set()
+                own.add(seq)
         await ctx.reply(
             {
                 "conversationId": stored.conversation_id,
@@ -345,9 +351,12 @@ class ChatService:
         for key in live:  # NoAck: handed to the connection counts as delivered
             await self._advance(key, conversation, [(seq, key[0] == message.sender_id)])
 
-    async def _store(self, **fields: Any) -> tuple[StoredMessage, bool]:
+    async def _store(
+        self, append: Awaitable[tuple[StoredMessage, bool]]
+    ) -> tuple[StoredMessage, bool]:
+        """Await a :meth:`MessageStore.append` call; its failures as :class:`HandlerError`."""
         try:
-            return await self.store.append(**fields)
+            return await append
         except StoreError as exc:  # StoreUnavailable, or worse: either way not answered
             log = self.logger.warning if isinstance(exc, StoreUnavailable) else self.logger.error
             log("the store failed, message not stored: %s", exc)

@@ -197,7 +197,7 @@ class _Job:
         self.result: Any = None
         self.error: BaseException | None = None
         self.cancelled = False
-        self.batch: list[_Job] = []  # a COMMIT's writes
+        self.batch: Sequence[_Job] = ()  # a COMMIT's writes
 
     def wake(self) -> None:
         """Wake the caller waiting for this job (if it still waits)."""
@@ -492,11 +492,11 @@ class SQLiteStore(StoreLifecycle):
         self._end_round(commit.batch)
 
     @staticmethod
-    def _fail(batch: list[_Job], error: BaseException) -> None:
+    def _fail(batch: Sequence[_Job], error: BaseException) -> None:
         for job in batch:  # one exception object per waiter: each gets raised
             job.result, job.error = None, _translate(error)
 
-    def _end_round(self, batch: list[_Job]) -> None:
+    def _end_round(self, batch: Sequence[_Job]) -> None:
         self._round = None
         if self._parked:
             assert self._queue is not None

@@ -266,6 +266,8 @@ def check_text(name: str, value: object, *, allow_empty: bool = False) -> str:
 
 def check_unicode(name: str, value: str) -> None:
     """Reject strings that cannot be encoded as UTF-8 (lone surrogates)."""
+    if value.isascii():  # no surrogate, and answered without reading the string
+        return
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
