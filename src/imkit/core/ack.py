@@ -305,10 +305,11 @@ class _Memory(OrderedDict[str, float]):
             self.head = next(iter(self.values()))
             return
         self[message_id] = expiry
-        if len(self) > self._max:
+        size = len(self)
+        if size > self._max:
             self.popitem(last=False)
             self.head = next(iter(self.values()))
-        elif len(self) == 1:
+        elif size == 1:
             self.head = expiry
 
     def prune(self, now: float) -> None:
@@ -448,9 +449,9 @@ class _Machine:
         )
         message_id = frame.id
         if new_state is _NEW or new_state is _DONE:
-            if entry is not None:
+            if entry is not None:  # (an id without an entry is not live: nothing to drop)
                 entry.token = -1
-            self._live.pop(message_id, None)
+                self._live.pop(message_id, None)
             if new_state is _DONE and message_id:
                 self._memory.add(message_id, now)
         else:
