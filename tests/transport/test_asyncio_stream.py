@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -20,6 +21,7 @@ from tests.transport.helpers import RawWS, make_app, serve_tcp
 from imkit import PeerOptions
 from imkit.transport._asyncio_stream import (
     AsyncioSocketStream,
+    _loop_clock,
     accept_stream,
     running_on_asyncio,
 )
@@ -346,6 +348,24 @@ async def test_a_client_reset_breaks_receive_send_and_wait_flushed() -> None:
             await server.send_eof()
         server.write_soon(b"dropped")
         assert server.write_buffered == 0
+
+
+def test_the_loop_clock_skips_asyncios_method_but_keeps_a_loops_own() -> None:
+    class OwnClock(asyncio.SelectorEventLoop):
+        def time(self) -> float:
+            return 42.0
+
+    plain, own = asyncio.new_event_loop(), OwnClock()
+    try:
+        assert _loop_clock(plain) is time.monotonic  # what BaseEventLoop.time returns
+        assert _loop_clock(own)() == 42.0
+        patched = asyncio.new_event_loop()
+        patched.time = lambda: 7.0  # type: ignore[method-assign]
+        assert _loop_clock(patched)() == 7.0
+        patched.close()
+    finally:
+        plain.close()
+        own.close()
 
 
 def test_running_on_asyncio_tells_the_backends_apart() -> None:

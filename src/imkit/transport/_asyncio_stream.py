@@ -31,6 +31,7 @@ import asyncio
 import math
 import socket
 import threading
+import time
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from typing import Any, TypeVar, cast
@@ -90,7 +91,7 @@ class _Flusher:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._streams: list[AsyncioSocketStream] = []
-        self.time = loop.time
+        self.time = _loop_clock(loop)
         """The loop's clock, bound once for all its streams."""
 
     def add(self, stream: AsyncioSocketStream) -> None:
@@ -109,6 +110,15 @@ class _Flusher:
                 self._loop.call_exception_handler(
                     {"message": "flushing a connection failed", "exception": exc}
                 )
+
+
+def _loop_clock(loop: asyncio.AbstractEventLoop) -> Callable[[], float]:
+    """``loop.time``, or what it calls: asyncio's own loops read ``time.monotonic()``
+    through a Python method (a call more per read, several reads per message); a loop
+    that defines its own clock (uvloop) keeps it."""
+    if getattr(loop.time, "__func__", None) is asyncio.BaseEventLoop.time:
+        return time.monotonic
+    return loop.time
 
 
 def _flusher(loop: asyncio.AbstractEventLoop) -> _Flusher:
