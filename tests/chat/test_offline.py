@@ -127,6 +127,26 @@ async def test_catch_up_holds_live_pushes_so_bob_sees_seqs_rising(tmp_path: Path
     assert all(s > 600 for s in repeated), f"catch-up messages came twice: {sorted(repeated)}"
 
 
+async def test_a_catch_up_that_sent_nothing_leaves_no_filter_on_the_session() -> None:
+    """The catch-up's filter (dropping live pushes it already sent) stays on a session
+    only when it sent something: otherwise each push would pass it for nothing."""
+    with anyio.fail_after(20):
+        async with chat_server(MemoryStore()) as srv:
+            async with chat_client(srv.url, "alice") as alice:
+                async with connect(ws_url(srv.url, "bob")) as bob:
+                    await alice.send("bob", "live")  # pushed once the hold is released
+                    assert [p["seq"] for p in await raw_pushes(bob, 1)] == [1]
+                    (session,) = srv.server.sessions("bob")
+                    assert session._keep is None
+                await alice.send("bob", "offline")
+                async with connect(ws_url(srv.url, "bob")) as bob:
+                    assert [p["seq"] for p in await raw_pushes(bob, 1)] == [2]
+                    await alice.send("bob", "live again")
+                    assert [p["seq"] for p in await raw_pushes(bob, 1)] == [3]
+                    (session,) = srv.server.sessions("bob")
+                    assert session._keep is not None
+
+
 async def test_a_catch_up_in_pages_crosses_conversations_in_order(tmp_path: Path) -> None:
     """Read five at a time, Bob's catch-up of three conversations (with one message of
     his own among them) brings each peer message once, by conversation, then seq."""

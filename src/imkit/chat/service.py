@@ -548,7 +548,12 @@ class ChatService:
 
         # The filter stays on the session: a live push of a message this catch-up already
         # sent (stored just as the device connected) is dropped even after the release.
-        await session.release(keep)
+        # A catch-up that sent nothing leaves none (it would drop nothing, and under
+        # OnlyAck / RigorAck note nothing): every later push skips it.
+        if covered or self.no_ack:
+            await session.release(keep)
+        else:
+            await session.release()
         releasing = False
         device.live.add(session.epoch)
         if self.no_ack:
