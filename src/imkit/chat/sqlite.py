@@ -9,9 +9,10 @@ Threading
     would fight the loop for the GIL on every statement, which cost the loop far more
     than the statements do. The loop touches the connection only between the worker's
     ``BEGIN`` and the ``COMMIT`` it hands back, and hands the worker nothing in between,
-    so the connection is never used by two threads at once. Coroutines sleep on an
-    :class:`anyio.Event` that the worker's answer sets through the loop's thread-safe
-    entry point (``call_soon_threadsafe`` under asyncio, the trio token under trio).
+    so the connection is never used by two threads at once. Coroutines sleep on a future
+    of the loop (under asyncio) or an :class:`anyio.Event` (under trio) that the
+    worker's answer sets through the loop's thread-safe entry point
+    (``call_soon_threadsafe`` under asyncio, the trio token under trio).
 
 Group commit
     One write round at a time: the worker opens a transaction, the loop runs every write
