@@ -202,14 +202,7 @@ class Inbox(Generic[T]):
     def put(self, item: T) -> None:
         """Queue an item that is not counted against the limit (an event, the end)."""
         self._items.append(item)
-        on_first = self._on_first
-        if on_first is not None:
-            self._on_first = None
-            on_first()
-        ready = self._ready
-        if ready is not None:
-            self._ready = None
-            ready.set()
+        self._wake()
 
     async def put_message(self, item: T) -> None:
         """Queue a message, first waiting while ``limit`` messages are queued or handled."""
@@ -233,6 +226,10 @@ class Inbox(Generic[T]):
             return
         self._messages += len(items)
         self._items.extend(items)
+        self._wake()
+
+    def _wake(self) -> None:
+        """Items were queued: start the consumer (the first time), wake it if it waits."""
         on_first = self._on_first
         if on_first is not None:
             self._on_first = None
