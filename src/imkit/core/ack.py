@@ -564,7 +564,12 @@ class Sender(_Machine):
 
     def _ack(self, message_id: str, now: float) -> list[_Acts]:
         """:meth:`on_ack`, as acts."""
-        acts = [self._on_id(message_id, _IN_ACK, now)]
+        return self._settle(message_id, _IN_ACK, now)
+
+    def _settle(self, message_id: str, event: Input, now: float) -> list[_Acts]:
+        """The peer settled ``message_id`` (``event``: an ack or a refusal); the acts, then
+        those of the backlog's messages that took the room."""
+        acts = [self._on_id(message_id, event, now)]
         if self._backlog:
             self._drain(now, acts)
         return acts
@@ -576,10 +581,7 @@ class Sender(_Machine):
 
     def _refuse(self, message_id: str, now: float) -> list[_Acts]:
         """:meth:`refuse`, as acts."""
-        acts = [self._on_id(message_id, _IN_REFUSED, now)]
-        if self._backlog:
-            self._drain(now, acts)
-        return acts
+        return self._settle(message_id, _IN_REFUSED, now)
 
     def handle_timeout(self, now: float) -> list[Effect]:
         """Fire resends and give-ups due at ``now``; give-ups make room for the backlog."""
