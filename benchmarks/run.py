@@ -245,11 +245,11 @@ def render_table(records: list[dict[str, Any]]) -> str:
         if record["server"] in idle_notes and record["status"] == "ok":
             note = "; ".join(filter(None, [note, f"idle: {idle_notes[record['server']]}"]))
         cells += [kib, note]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(_row(cells))
     for server, kib_value in idle_kib.items():
         if server not in relay_servers:
             row = [server, "idle", *["-"] * (4 + len(BASELINE_SERVERS)), _fmt(kib_value), ""]
-            lines.append("| " + " | ".join(row) + " |")
+            lines.append(_row(row))
     for extra in (_offline_table(records), _heartbeat_table(records)):
         if extra:
             lines += ["", *extra] if lines else extra
@@ -270,6 +270,16 @@ def _row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _table_head(title: str, header: list[str]) -> list[str]:
+    """A table's title line, a blank line, its header row and the separator."""
+    return [title, "", _row(header), "|" + "---|" * len(header)]
+
+
+def _failed_row(record: dict[str, Any], width: int) -> list[str]:
+    """The cells of a case that measured nothing: the server, dashes, why."""
+    return [record["server"], *["-"] * (width - 2), f"{record['status']}: {record['reason']}"]
+
+
 def _offline_table(records: list[dict[str, Any]]) -> list[str]:
     """Offline catch-up: one row per case (imkit only: the peers have no offline store)."""
     rows = [r for r in records if r["scenario"] == "offline"]
@@ -285,18 +295,15 @@ def _offline_table(records: list[dict[str, Any]]) -> list[str]:
         "storing msgs/s",
         "note",
     ]
-    lines = [
+    lines = _table_head(
         "Offline catch-up: a user reconnects to messages stored while away (SQLite store; "
         "imkit only: peers have no offline store)",
-        "",
-        _row(header),
-        "|" + "---|" * len(header),
-    ]
+        header,
+    )
     for record in rows:
         figures = record["figures"] if record["status"] == "ok" else None
         if figures is None:
-            cells = [record["server"], *["-"] * (len(header) - 2)]
-            cells.append(f"{record['status']}: {record['reason']}")
+            cells = _failed_row(record, len(header))
         else:
             mine = figures["server_cpu_us_per_msg"]
             cells = [
@@ -334,18 +341,13 @@ def _heartbeat_table(records: list[dict[str, Any]]) -> list[str]:
         "RTT p99 ms",
         "note",
     ]
-    lines = [
-        "Connections held with heartbeats (each connection beats once per interval)",
-        "",
-        _row(header),
-        "|" + "---|" * len(header),
-    ]
+    lines = _table_head(
+        "Connections held with heartbeats (each connection beats once per interval)", header
+    )
     for record in rows:
         figures = record["figures"] if record["status"] == "ok" else None
         if figures is None:
-            cells = [record["server"], *["-"] * (len(header) - 2)]
-            cells.append(f"{record['status']}: {record['reason']}")
-            lines.append(_row(cells))
+            lines.append(_row(_failed_row(record, len(header))))
             continue
         mine = figures["server_cpu_us_per_hb"]
         rtt = figures["rtt_ms"] or {}
