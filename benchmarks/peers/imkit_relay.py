@@ -61,8 +61,9 @@ class ImkitCodec:
     - connect: ``ws://host:port/ws?userId=<user>`` (dev auth);
     - send ``{"frameType": 0, "id": <unique>, "ackSeq": 0, "method": <method>,
       "formId": "", "transpondUid": "", "data": <payload>}`` where the payload is
-      ``{"to", "text"}`` for ``relay`` and ``{"chatType": 2, "recvId", "msg": {"mType": 0,
-      "content"}}`` for ``conversation.chat``;
+      ``{"to", "text"}`` for ``relay`` and ``{"chatType": 2, "recvId", "msgId", "msg":
+      {"mType": 0, "content"}}`` for ``conversation.chat`` (``msgId`` = the frame id, as
+      :class:`~imkit.chat.ChatClient` names its messages);
     - with ``ack_downstream``, answer every received Data frame (frameType 0) with
       ``{"frameType": 2, "id": <its id>, "ackSeq": 1}`` (OnlyAck downstream);
     - classify received frames as described in :mod:`benchmarks.wire`; an ``Err``
@@ -86,7 +87,13 @@ class ImkitCodec:
         if self.method == RELAY_METHOD:
             data = {"to": to, "text": text}
         else:
-            data = {"chatType": 2, "recvId": to, "msg": {"mType": 0, "content": text}}
+            # As ChatClient sends it: the message named by a msgId (its answer: NoAck).
+            data = {
+                "chatType": 2,
+                "recvId": to,
+                "msgId": msg_id,
+                "msg": {"mType": 0, "content": text},
+            }
         return dumps(
             {
                 "frameType": FRAME_DATA,

@@ -81,6 +81,10 @@ def make_app(ack_mode: str = "only", **options: Any) -> tuple[imkit.App, Recorde
         seen.add("echo", ctx.data)
         await ctx.reply(ctx.data)
 
+    @app.route("echo_once")
+    async def echo_once(ctx: imkit.Context) -> None:
+        await ctx.reply(ctx.data, acked=False)
+
     @app.route("push_me")
     async def push_me(ctx: imkit.Context) -> None:
         await ctx.session.push("pushed", ctx.data)
@@ -220,6 +224,23 @@ async def test_upstream_and_downstream_frames_only_ack() -> None:
 
 
 _blank = {"method": "", "formId": "", "transpondUid": "", "data": None}
+
+
+async def test_a_reply_sent_unacked_is_a_noack_frame_never_resent() -> None:
+    """``ctx.reply(data, acked=False)`` under OnlyAck: the client gets the transport Ack,
+    then a NoAck frame (frameType 3) with ``replyTo``; it acks nothing and nothing comes
+    again, however long it waits past the resend interval; no delivery hook runs."""
+    timers = AckTimers(resend_interval=0.05, ack_timeout=0.5)
+    app, seen = make_app("only", timers=timers)
+    with anyio.fail_after(TIMEOUT):
+        async with serving(ASGIApp(app)) as port:
+            async with ws_connect(f"ws://127.0.0.1:{port}/ws?user=alice") as ws:
+                await ws.send(data("m1", "echo_once", "hi"))
+                assert (await recv(ws))["frameType"] == 2
+                reply = await recv(ws)
+                assert (reply["frameType"], reply["replyTo"], reply["data"]) == (3, "m1", "hi")
+                assert await nothing_within(ws, 0.3)
+                assert seen.of("delivered") == []
 
 
 async def test_upstream_and_downstream_frames_rigor_ack() -> None:

@@ -69,7 +69,7 @@ async def answer_to(ws: ClientConnection, frame_id: str, *, ack: bool = True) ->
             await ws.send(frame(frameType=2, id=got["id"], ackSeq=1))
         if got["frameType"] == 9 and got["id"] == frame_id:
             raise AssertionError(f"refused: {got['data']}")
-        if got["frameType"] == 0 and got.get("replyTo") == frame_id:
+        if got["frameType"] in (0, 3) and got.get("replyTo") == frame_id:
             data: dict[str, Any] = got["data"]
             return data
 
@@ -124,6 +124,30 @@ async def test_lost_answer_is_replayed_on_reconnect_and_the_resend_stores_nothin
                 assert await nothing_more(bob.client) == []
                 log = await bob.client.request("conversation.getChatLog", {"conversationId": AB})
                 assert len(log["list"]) == 1
+
+
+async def test_an_answer_to_a_named_message_is_a_noack_frame_and_counts_as_delivered() -> None:
+    """With a ``msgId`` the answer comes as a NoAck frame (frameType 3): Alice sends no ack
+    for it, nothing is resent, and her device's watermark passes her own message all the
+    same (written when she disconnects). Without a ``msgId`` the answer is an acked Data
+    frame, resent until acked."""
+    store = MemoryStore()
+    with anyio.fail_after(15):
+        async with chat_server(store, timers=AckTimers(resend_interval=0.2)) as srv:
+            async with raw(srv.url, "alice") as ws:
+                named = chat("a", msgId="m1")
+                await ws.send(frame(id="n1", method="conversation.chat", data=named))
+                frames = await quiet(ws, 0.8)  # longer than the resend interval
+                answers = [f for f in frames if f.get("replyTo") == "n1"]
+                assert [(f["frameType"], f["data"]["seq"]) for f in answers] == [(3, 1)]
+                assert [f["frameType"] for f in frames if f not in answers] == [2]  # its ack
+                await ws.send(frame(id="d1", method="conversation.chat", data=chat("b")))
+                frames = await quiet(ws, 0.8)
+                answers = [f for f in frames if f.get("replyTo") == "d1"]
+                assert len(answers) >= 2, "an acked answer is resent until acked"
+                assert {(f["frameType"], f["data"]["seq"]) for f in answers} == {(0, 2)}
+        await store.open()  # the server has stopped: every watermark it held is written
+        assert await store.get_delivered("alice", "", AB) == 1, "seq 2 was never acked"
 
 
 async def test_same_frame_twice_on_one_connection_is_handled_once() -> None:

@@ -157,6 +157,7 @@ class _Replier(Protocol):
         message_id: str | None = None,
         form_id: str = "",
         reply_to: str = "",
+        acked: bool = True,
     ) -> Frame: ...
 
 
@@ -294,7 +295,8 @@ class ChatService:
         claimed = _require(data, "conversationId", str, optional=True)
         if claimed and claimed != conversation_id:
             raise HandlerError(ErrorCode.FORBIDDEN, "that conversation is not yours")
-        msg_id = _require(data, "msgId", str, optional=True) or ctx.frame.id
+        given_id = _require(data, "msgId", str, optional=True)
+        msg_id = given_id or ctx.frame.id
         if not msg_id or len(msg_id) > _MAX_ID_CHARS:
             raise HandlerError(ErrorCode.BAD_REQUEST, "a chat message needs an id (msgId)")
         stored, _created = await self._store(
@@ -318,15 +320,20 @@ class ChatService:
                 if own is None:
                     own = device.own[conversation_id] = set()
                 own.add(seq)
+        # A client that names its message (msgId) resends it under that id until answered
+        # (ChatClient, the page): its answer needs no ack, and a lost one is asked again.
+        # Without msgId the frame id names it: the answer is acked, replayed if lost.
+        acked = not given_id
         await ctx.reply(
             {
                 "conversationId": stored.conversation_id,
                 "seq": stored.seq,
                 "sendTime": stored.send_time,
                 "msgId": stored.msg_id,
-            }
+            },
+            acked=acked,
         )
-        if self.no_ack:  # the answer carried it: the sending device has it
+        if self.no_ack or not acked:  # the answer carried it: the sending device has it
             await self._advance((sender, session.device_id), conversation_id, [(stored.seq, True)])
         # Pushed again on a resend too: the first push may never have gone out. Clients
         # drop what they already have by (conversationId, seq).

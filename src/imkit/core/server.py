@@ -165,8 +165,9 @@ class Context(Protocol):
         """The running server."""
         ...
 
-    async def reply(self, data: Any) -> Frame:
-        """Answer the message: a ``Data`` frame with ``replyTo`` = its id."""
+    async def reply(self, data: Any, *, acked: bool = True) -> Frame:
+        """Answer the message: a ``Data`` frame with ``replyTo`` = its id, sent with the
+        downstream ack mode; ``acked=False``: a ``NoAck`` frame (never acked or resent)."""
         ...
 
     async def error(self, code: str, message: str, **extra: Any) -> None:

@@ -68,6 +68,7 @@ class HeldFanOut:
         message_id: str | None = None,
         form_id: str = "",
         reply_to: str = "",
+        acked: bool = True,
     ) -> Frame:
         """Send at once (provided by the session)."""
         raise NotImplementedError  # pragma: no cover - every session defines it
@@ -133,8 +134,9 @@ class Connection(Session, Protocol):
         message_id: str | None = None,
         form_id: str = "",
         reply_to: str = "",
+        acked: bool = True,
     ) -> Frame:
-        """Send at once with the downstream ack mode."""
+        """Send at once with the downstream ack mode (``acked=False``: a NoAck frame)."""
         ...
 
     def send_error(self, code: str, message: str, frame_id: str = "", **extra: Any) -> None:
@@ -320,9 +322,11 @@ class HandlerContext:
         self.server: ServerAPI = session.server
         """The running server (an :class:`~imkit.transport.server.Server`)."""
 
-    async def reply(self, data: Any) -> Frame:
-        """Answer with a ``Data`` frame whose ``replyTo`` is this message's id."""
-        return self.session.send_now(self.method, data, reply_to=self.frame.id)
+    async def reply(self, data: Any, *, acked: bool = True) -> Frame:
+        """Answer with a ``Data`` frame whose ``replyTo`` is this message's id, sent with
+        the downstream ack mode; ``acked=False`` sends a ``NoAck`` frame instead (for an
+        answer whose loss the client recovers by asking again)."""
+        return self.session.send_now(self.method, data, reply_to=self.frame.id, acked=acked)
 
     async def error(self, code: str, message: str, **extra: Any) -> None:
         """Answer with an ``Err`` frame."""

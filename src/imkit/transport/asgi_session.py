@@ -215,15 +215,17 @@ class ASGISession(HeldFanOut):
         message_id: str | None = None,
         form_id: str = "",
         reply_to: str = "",
+        acked: bool = True,
     ) -> Frame:
-        """Send without waiting (fan-out, replies). Past the backlog limit the client is
-        closed with 1008, and past ``max_write_buffer`` too.
+        """Send without waiting (fan-out, replies), with the downstream ack mode, or as a
+        ``NoAck`` frame with ``acked=False``. Past the backlog limit the client is closed
+        with 1008, and past ``max_write_buffer`` too.
 
         Raises ``TypeError``/``ValueError`` for ``data`` that is not JSON.
         """
         if not self.is_open:
             frame = Frame(
-                FrameType.DATA,
+                FrameType.DATA if acked else FrameType.NO_ACK,
                 id=message_id if message_id is not None else self._new_id(),
                 method=method,
                 form_id=form_id,
@@ -239,6 +241,7 @@ class ASGISession(HeldFanOut):
             message_id=message_id,
             form_id=form_id,
             reply_to=reply_to,
+            acked=acked,
         )
         self._collect()
         return frame

@@ -316,16 +316,18 @@ class ServerSession(HeldFanOut):
         message_id: str | None = None,
         form_id: str = "",
         reply_to: str = "",
+        acked: bool = True,
     ) -> Frame:
-        """Send without waiting (fan-out, replies). Past the backlog limit the client is
-        closed with 1008; past ``max_write_buffer`` it is cut off.
+        """Send without waiting (fan-out, replies), with the downstream ack mode, or as a
+        ``NoAck`` frame with ``acked=False``. Past the backlog limit the client is closed
+        with 1008; past ``max_write_buffer`` it is cut off.
 
         Raises ``TypeError``/``ValueError`` for ``data`` that is not JSON.
         """
         conn = self.conn
         if conn.state is not _OPEN or conn.peer is None:
             frame = Frame(
-                FrameType.DATA,
+                FrameType.DATA if acked else FrameType.NO_ACK,
                 id=message_id if message_id is not None else self._new_id(),
                 method=method,
                 form_id=form_id,
@@ -336,7 +338,13 @@ class ServerSession(HeldFanOut):
             return frame
         now = self._now()
         frame = conn.send(
-            method, data, now, message_id=message_id, form_id=form_id, reply_to=reply_to
+            method,
+            data,
+            now,
+            message_id=message_id,
+            form_id=form_id,
+            reply_to=reply_to,
+            acked=acked,
         )
         self._collect(now)
         return frame
