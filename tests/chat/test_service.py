@@ -22,6 +22,7 @@ from imkit.transport.client import connect
 
 from .test_service_helpers import (
     chat_client,
+    chat_pair,
     chat_server,
     collect,
     nothing_more,
@@ -107,41 +108,36 @@ async def test_two_senders_and_two_devices_see_one_gapless_order(tmp_path: Path)
 
 async def test_outsider_can_neither_read_sync_mark_nor_post_into_a_conversation() -> None:
     """Carol gets ``forbidden`` for every route on the Alice-Bob conversation."""
-    with anyio.fail_after(10):
-        async with (
-            chat_server(MemoryStore()) as srv,
-            chat_client(srv.url, "alice") as alice,
-            chat_client(srv.url, "carol") as carol,
-        ):
-            await alice.send("bob", "for bob only")
-            c = carol.client
-            assert await _request_error(
-                c.request("conversation.getChatLog", {"conversationId": AB})
-            ) == ("forbidden")
-            assert await _request_error(c.request("conversation.sync", {AB: 0})) == "forbidden"
+    async with chat_pair(MemoryStore(), users=("alice", "carol")) as (_, alice, carol):
+        await alice.send("bob", "for bob only")
+        c = carol.client
+        assert await _request_error(
+            c.request("conversation.getChatLog", {"conversationId": AB})
+        ) == ("forbidden")
+        assert await _request_error(c.request("conversation.sync", {AB: 0})) == "forbidden"
+        assert (
+            await _request_error(
+                c.request("conversation.markChat", {"conversationId": AB, "seq": 1})
+            )
+            == "forbidden"
+        )
+        posting = {
+            "conversationId": AB,
+            "chatType": 2,
+            "recvId": "bob",
+            "msg": {"mType": 0, "content": "sneaky"},
+        }
+        assert await _request_error(c.request("conversation.chat", posting)) == "forbidden"
+        # A made-up conversation id is refused the same way, not as a server error.
+        for bogus in ("alice_bob_carol", "_x", "bob_alice", "carol"):
             assert (
                 await _request_error(
-                    c.request("conversation.markChat", {"conversationId": AB, "seq": 1})
+                    c.request("conversation.getChatLog", {"conversationId": bogus})
                 )
                 == "forbidden"
             )
-            posting = {
-                "conversationId": AB,
-                "chatType": 2,
-                "recvId": "bob",
-                "msg": {"mType": 0, "content": "sneaky"},
-            }
-            assert await _request_error(c.request("conversation.chat", posting)) == "forbidden"
-            # A made-up conversation id is refused the same way, not as a server error.
-            for bogus in ("alice_bob_carol", "_x", "bob_alice", "carol"):
-                assert (
-                    await _request_error(
-                        c.request("conversation.getChatLog", {"conversationId": bogus})
-                    )
-                    == "forbidden"
-                )
-            log = await alice.client.request("conversation.getChatLog", {"conversationId": AB})
-            assert [m["msg"]["content"] for m in log["list"]] == ["for bob only"]
+        log = await alice.client.request("conversation.getChatLog", {"conversationId": AB})
+        assert [m["msg"]["content"] for m in log["list"]] == ["for bob only"]
 
 
 async def test_user_online_lists_only_the_callers_conversation_peers() -> None:
@@ -166,26 +162,21 @@ async def test_user_online_lists_only_the_callers_conversation_peers() -> None:
 
 async def test_sender_is_always_the_authenticated_user() -> None:
     """Sender fields in the data are ignored: the message is stored and pushed as Alice's."""
-    with anyio.fail_after(10):
-        async with (
-            chat_server(MemoryStore()) as srv,
-            chat_client(srv.url, "alice") as alice,
-            chat_client(srv.url, "bob") as bob,
-        ):
-            data = {
-                "chatType": 2,
-                "recvId": "bob",
-                "sendId": "mallory",
-                "formId": "mallory",
-                "msgId": "m1",
-                "msg": {"mType": 0, "content": "trust me", "sendId": "mallory"},
-            }
-            answer = await alice.client.request("conversation.chat", data)
-            assert answer["conversationId"] == AB
-            frame = await bob.client.receive()
-            assert frame.form_id == "alice"
-            assert frame.data["sendId"] == "alice"
-            assert frame.data["msg"] == {"mType": 0, "content": "trust me"}
+    async with chat_pair(MemoryStore()) as (_, alice, bob):
+        data = {
+            "chatType": 2,
+            "recvId": "bob",
+            "sendId": "mallory",
+            "formId": "mallory",
+            "msgId": "m1",
+            "msg": {"mType": 0, "content": "trust me", "sendId": "mallory"},
+        }
+        answer = await alice.client.request("conversation.chat", data)
+        assert answer["conversationId"] == AB
+        frame = await bob.client.receive()
+        assert frame.form_id == "alice"
+        assert frame.data["sendId"] == "alice"
+        assert frame.data["msg"] == {"mType": 0, "content": "trust me"}
 
 
 # ---------------------------------------------------------------- content
@@ -210,18 +201,13 @@ AWKWARD = [
 
 async def test_awkward_content_round_trips_byte_for_byte(tmp_path: Path) -> None:
     """What Alice sends is what Bob gets, as UTF-8 bytes, and what history returns."""
-    with anyio.fail_after(20):
-        async with (
-            chat_server(SQLiteStore(tmp_path / "chat.db")) as srv,
-            chat_client(srv.url, "alice") as alice,
-            chat_client(srv.url, "bob") as bob,
-        ):
-            for text in AWKWARD:
-                await alice.send("bob", text)
-            got = await collect(bob, len(AWKWARD))
-            log = await bob.client.request(
-                "conversation.getChatLog", {"conversationId": AB, "count": 100}
-            )
+    async with chat_pair(SQLiteStore(tmp_path / "chat.db"), seconds=20) as (_, alice, bob):
+        for text in AWKWARD:
+            await alice.send("bob", text)
+        got = await collect(bob, len(AWKWARD))
+        log = await bob.client.request(
+            "conversation.getChatLog", {"conversationId": AB, "count": 100}
+        )
     for sent, pushed, stored in zip(AWKWARD, got, log["list"], strict=True):
         assert pushed["msg"]["content"].encode("utf-8") == sent.encode("utf-8")
         assert stored["msg"]["content"].encode("utf-8") == sent.encode("utf-8")
@@ -229,18 +215,13 @@ async def test_awkward_content_round_trips_byte_for_byte(tmp_path: Path) -> None
 
 async def test_content_over_the_limit_is_refused_and_neither_stored_nor_pushed() -> None:
     """64 KiB + 1 byte → ``too_large``; Bob receives nothing, history stays empty."""
-    with anyio.fail_after(10):
-        async with (
-            chat_server(MemoryStore()) as srv,
-            chat_client(srv.url, "alice") as alice,
-            chat_client(srv.url, "bob") as bob,
-        ):
-            for text in ("x" * (64 * 1024 + 1), "\u00e9" * (32 * 1024) + "x"):
-                assert await _request_error(alice.send("bob", text)) == "too_large"
-            assert await nothing_more(bob.client) == []
-            assert (await alice.client.request("conversation.list", {}))["list"] == []
-            ok = await alice.send("bob", "x" * (64 * 1024))
-            assert ok["seq"] == 1, "nothing before it took a seq"
+    async with chat_pair(MemoryStore()) as (_, alice, bob):
+        for text in ("x" * (64 * 1024 + 1), "\u00e9" * (32 * 1024) + "x"):
+            assert await _request_error(alice.send("bob", text)) == "too_large"
+        assert await nothing_more(bob.client) == []
+        assert (await alice.client.request("conversation.list", {}))["list"] == []
+        ok = await alice.send("bob", "x" * (64 * 1024))
+        assert ok["seq"] == 1, "nothing before it took a seq"
 
 
 async def test_malformed_chat_requests_get_bad_request_and_the_connection_stays() -> None:
@@ -273,96 +254,81 @@ async def test_malformed_chat_requests_get_bad_request_and_the_connection_stays(
 
 async def test_mark_chat_moves_the_read_watermark_and_tells_the_other_side() -> None:
     """Bob marks 3 of 5 read: Alice gets ``conversation.read``; his unread count drops."""
-    with anyio.fail_after(10):
-        async with (
-            chat_server(MemoryStore()) as srv,
-            chat_client(srv.url, "alice") as alice,
-            chat_client(srv.url, "bob") as bob,
-        ):
-            for i in range(5):
-                await alice.send("bob", f"m{i}")
-            await collect(bob, 5)
-            (summary,) = await bob.conversations()
-            assert summary["conversationId"] == AB
-            assert summary["peerId"] == "alice"
-            assert (summary["lastSeq"], summary["readSeq"], summary["unread"]) == (5, 0, 5)
-            assert summary["lastMessage"]["msg"]["content"] == "m4"
-            (mine,) = await alice.conversations()
-            assert (mine["peerId"], mine["unread"]) == ("bob", 0), "own messages are not unread"
+    async with chat_pair(MemoryStore()) as (_, alice, bob):
+        for i in range(5):
+            await alice.send("bob", f"m{i}")
+        await collect(bob, 5)
+        (summary,) = await bob.conversations()
+        assert summary["conversationId"] == AB
+        assert summary["peerId"] == "alice"
+        assert (summary["lastSeq"], summary["readSeq"], summary["unread"]) == (5, 0, 5)
+        assert summary["lastMessage"]["msg"]["content"] == "m4"
+        (mine,) = await alice.conversations()
+        assert (mine["peerId"], mine["unread"]) == ("bob", 0), "own messages are not unread"
 
-            assert await bob.mark_read(AB, 3) == 3
-            frame = await alice.client.receive()
-            assert frame.method == "conversation.read"
-            assert frame.data == {"conversationId": AB, "userId": "bob", "readSeq": 3}
-            assert (await bob.conversations())[0]["unread"] == 2
-            assert await bob.mark_read(AB, 1) == 3, "a read watermark never moves back"
-            assert await bob.mark_read(AB, 99) == 5, "nor beyond the last message"
-            assert (await bob.conversations())[0]["unread"] == 0
+        assert await bob.mark_read(AB, 3) == 3
+        frame = await alice.client.receive()
+        assert frame.method == "conversation.read"
+        assert frame.data == {"conversationId": AB, "userId": "bob", "readSeq": 3}
+        assert (await bob.conversations())[0]["unread"] == 2
+        assert await bob.mark_read(AB, 1) == 3, "a read watermark never moves back"
+        assert await bob.mark_read(AB, 99) == 5, "nor beyond the last message"
+        assert (await bob.conversations())[0]["unread"] == 0
 
 
 async def test_get_chat_log_by_seq_and_time_range_paged() -> None:
     """History pages by seq range (``hasMore`` says when to go on) and by send time."""
     clock = iter(range(1000, 100_000, 1000))
-    with anyio.fail_after(10):
-        async with (
-            chat_server(MemoryStore()) as srv,
-            chat_client(srv.url, "alice") as alice,
-            chat_client(srv.url, "bob") as bob,
-        ):
-            srv.service.now_ms = lambda: next(clock)
-            for i in range(1, 8):
-                sender, peer = (alice, "bob") if i % 2 else (bob, "alice")
-                assert (await sender.send(peer, f"m{i}"))["seq"] == i
-            request = bob.client.request
+    async with chat_pair(MemoryStore()) as (srv, alice, bob):
+        srv.service.now_ms = lambda: next(clock)
+        for i in range(1, 8):
+            sender, peer = (alice, "bob") if i % 2 else (bob, "alice")
+            assert (await sender.send(peer, f"m{i}"))["seq"] == i
+        request = bob.client.request
 
-            async def log(**query: Any) -> tuple[list[int], bool]:
-                page = await request("conversation.getChatLog", {"conversationId": AB, **query})
-                return [m["seq"] for m in page["list"]], page["hasMore"]
+        async def log(**query: Any) -> tuple[list[int], bool]:
+            page = await request("conversation.getChatLog", {"conversationId": AB, **query})
+            return [m["seq"] for m in page["list"]], page["hasMore"]
 
-            assert await log(startSeq=2, endSeq=4) == ([2, 3, 4], False)
-            pages, start = [], 1
-            while True:
-                seqs, more = await log(startSeq=start, count=3)
-                pages.append(seqs)
-                if not more:
-                    break
-                start = seqs[-1] + 1
-            assert pages == [[1, 2, 3], [4, 5, 6], [7]]
-            assert await log(descending=True, count=2) == ([7, 6], True)
-            assert await log(startSendTime=2000, endSendTime=4000) == ([2, 3, 4], False)
-            assert await log(startSendTime=6500) == ([7], False)
-            assert await log(startSeq=9) == ([], False)
-            page = await request("conversation.getChatLog", {"conversationId": AB, "count": 1})
-            (first,) = page["list"]
-            assert first == {
-                "conversationId": AB,
-                "seq": 1,
-                "sendId": "alice",
-                "recvId": "bob",
-                "msgId": first["msgId"],
-                "chatType": 2,
-                "sendTime": 1000,
-                "msg": {"mType": 0, "content": "m1"},
-            }
+        assert await log(startSeq=2, endSeq=4) == ([2, 3, 4], False)
+        pages, start = [], 1
+        while True:
+            seqs, more = await log(startSeq=start, count=3)
+            pages.append(seqs)
+            if not more:
+                break
+            start = seqs[-1] + 1
+        assert pages == [[1, 2, 3], [4, 5, 6], [7]]
+        assert await log(descending=True, count=2) == ([7, 6], True)
+        assert await log(startSendTime=2000, endSendTime=4000) == ([2, 3, 4], False)
+        assert await log(startSendTime=6500) == ([7], False)
+        assert await log(startSeq=9) == ([], False)
+        page = await request("conversation.getChatLog", {"conversationId": AB, "count": 1})
+        (first,) = page["list"]
+        assert first == {
+            "conversationId": AB,
+            "seq": 1,
+            "sendId": "alice",
+            "recvId": "bob",
+            "msgId": first["msgId"],
+            "chatType": 2,
+            "sendTime": 1000,
+            "msg": {"mType": 0, "content": "m1"},
+        }
 
 
 async def test_sync_pages_with_has_more() -> None:
     """``conversation.sync`` returns what follows each seq, at most ``limit`` at a time."""
-    with anyio.fail_after(10):
-        async with (
-            chat_server(MemoryStore()) as srv,
-            chat_client(srv.url, "alice") as alice,
-            chat_client(srv.url, "bob") as bob,
-        ):
-            for i in range(5):
-                await alice.send("bob", f"m{i}")
-            page = await bob.client.request("conversation.sync", {AB: 1, "limit": 2})
-            assert [m["seq"] for m in page["messages"][AB]] == [2, 3]
-            assert page["hasMore"] == {AB: True}
-            page = await bob.client.request("conversation.sync", {AB: 3})
-            assert [m["seq"] for m in page["messages"][AB]] == [4, 5]
-            assert page["hasMore"] == {AB: False}
-            assert [m["seq"] for m in await bob.sync(AB, 0, limit=2)] == [1, 2, 3, 4, 5]
+    async with chat_pair(MemoryStore()) as (_, alice, bob):
+        for i in range(5):
+            await alice.send("bob", f"m{i}")
+        page = await bob.client.request("conversation.sync", {AB: 1, "limit": 2})
+        assert [m["seq"] for m in page["messages"][AB]] == [2, 3]
+        assert page["hasMore"] == {AB: True}
+        page = await bob.client.request("conversation.sync", {AB: 3})
+        assert [m["seq"] for m in page["messages"][AB]] == [4, 5]
+        assert page["hasMore"] == {AB: False}
+        assert [m["seq"] for m in await bob.sync(AB, 0, limit=2)] == [1, 2, 3, 4, 5]
 
 
 # ---------------------------------------------------------------- live delivery
@@ -371,20 +337,15 @@ async def test_sync_pages_with_has_more() -> None:
 async def test_live_messages_reach_every_device_and_a_gap_is_pulled(tmp_path: Path) -> None:
     """Bob online gets Alice's messages at once; a client that missed one (it saw seq 3
     after seq 1) pulls seq 2 before handing out seq 3."""
-    with anyio.fail_after(10):
-        async with (
-            chat_server(SQLiteStore(tmp_path / "chat.db")) as srv,
-            chat_client(srv.url, "alice") as alice,
-            chat_client(srv.url, "bob") as bob,
-        ):
-            await alice.send("bob", "one")
-            assert [m["msg"]["content"] for m in await collect(bob, 1)] == ["one"]
-            await alice.send("bob", "two")
-            missed = await bob.client.receive()  # taken off the stream: the client never saw it
-            assert missed.data["seq"] == 2
-            await alice.send("bob", "three")
-            got = await collect(bob, 2)
-            assert [(m["seq"], m["msg"]["content"]) for m in got] == [(2, "two"), (3, "three")]
+    async with chat_pair(SQLiteStore(tmp_path / "chat.db")) as (_, alice, bob):
+        await alice.send("bob", "one")
+        assert [m["msg"]["content"] for m in await collect(bob, 1)] == ["one"]
+        await alice.send("bob", "two")
+        missed = await bob.client.receive()  # taken off the stream: the client never saw it
+        assert missed.data["seq"] == 2
+        await alice.send("bob", "three")
+        got = await collect(bob, 2)
+        assert [(m["seq"], m["msg"]["content"]) for m in got] == [(2, "two"), (3, "three")]
 
 
 async def test_page_is_served_at_root_with_the_servers_ack_mode() -> None:

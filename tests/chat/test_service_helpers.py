@@ -34,6 +34,7 @@ from imkit.transport.server import Server
 __all__ = (
     "ChatServer",
     "chat_client",
+    "chat_pair",
     "chat_server",
     "collect",
     "imkit_serve",
@@ -90,6 +91,27 @@ async def chat_client(
     :func:`~imkit.transport.client.connect`)."""
     async with connect(ws_url(base, user, device), **options) as client:
         yield ChatClient(client, user_id=user, seen=seen)
+
+
+@asynccontextmanager
+async def chat_pair(
+    store: MessageStore,
+    *,
+    users: tuple[str, str] = ("alice", "bob"),
+    seconds: float = 10.0,
+    **options: Any,
+) -> AsyncIterator[tuple[ChatServer, ChatClient, ChatClient]]:
+    """A :func:`chat_server` on ``store`` and a :func:`chat_client` for each of the two
+    ``users``, all within ``seconds`` (:func:`anyio.fail_after`); ``options`` go to
+    :func:`chat_server`."""
+    first, second = users
+    with anyio.fail_after(seconds):
+        async with (
+            chat_server(store, **options) as srv,
+            chat_client(srv.url, first) as one,
+            chat_client(srv.url, second) as two,
+        ):
+            yield srv, one, two
 
 
 async def collect(chat: ChatClient, count: int) -> list[dict[str, Any]]:
