@@ -383,3 +383,45 @@ async def test_client_learns_nothing_about_users_it_never_talked_to() -> None:
             await carol.send("dave", "hi dave")
             listing = await bob.request("conversation.list", {})
             assert [(c["conversationId"], c["peerId"]) for c in listing["list"]] == [(AB, "alice")]
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+async def test_messages_sent_back_to_back_are_answered_and_pushed_in_order(
+    kind: str, tmp_path: Path
+) -> None:
+    """Alice sends 12 messages one after the other, each as soon as the server acked the
+    one before (not waiting for its answer): the answers come in her order with seqs
+    1..12, and Bob's pushes in that order too, on either backend (the handlers of one
+    connection overlap while they wait for the store; they answer in order)."""
+    store = MemoryStore() if kind == "memory" else SQLiteStore(tmp_path / "chat.db")
+    async with chat_pair(store) as (_, alice, bob):
+        for i in range(12):
+            data = {"chatType": 2, "recvId": "bob", "msgId": f"m{i}", "msg": {"content": f"{i}"}}
+            await alice.client.send("conversation.chat", data)
+        answers = [await alice.client.receive() for _ in range(12)]
+        assert [(a.data["msgId"], a.data["seq"]) for a in answers] == [
+            (f"m{i}", i + 1) for i in range(12)
+        ]
+        pushes = [await bob.client.receive() for _ in range(12)]
+        assert [(p.data["seq"], p.data["msg"]["content"]) for p in pushes] == [
+            (i + 1, f"{i}") for i in range(12)
+        ]
+
+
+async def test_a_store_subclass_that_changes_append_alone_is_called_through_it() -> None:
+    """A MemoryStore subclass that overrides ``append`` (not ``append_nowait``): the
+    service stores through its ``append``, one message at a time, never around it."""
+
+    class Counting(MemoryStore):
+        calls = 0
+
+        async def append(self, **fields: Any) -> Any:
+            self.calls += 1
+            return await super().append(**fields)
+
+    store = Counting()
+    async with chat_pair(store) as (_, alice, bob):
+        assert (await alice.send("bob", "one"))["seq"] == 1
+        assert (await alice.send("bob", "two"))["seq"] == 2
+        assert [m["msg"]["content"] for m in await collect(bob, 2)] == ["one", "two"]
+    assert store.calls == 2

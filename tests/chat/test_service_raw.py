@@ -150,6 +150,32 @@ async def test_an_answer_to_a_named_message_is_a_noack_frame_and_counts_as_deliv
         assert await store.get_delivered("alice", "", AB) == 1, "seq 2 was never acked"
 
 
+async def test_a_burst_from_one_connection_is_stored_in_order_in_few_commits(
+    tmp_path: Path,
+) -> None:
+    """Alice sends 20 messages without waiting: each is answered, seqs 1..20 in the order
+    she sent them, and Bob gets the pushes in that order. Her connection's next message
+    starts while the one before waits for its commit, so the 20 share a few SQLite
+    transactions (one each when a connection's messages were stored one at a time)."""
+    store = SQLiteStore(tmp_path / "chat.db")
+    with anyio.fail_after(15):
+        async with chat_server(store) as srv, chat_client(srv.url, "bob") as bob:
+            before = store.write_transactions
+            async with raw(srv.url, "alice") as ws:
+                for i in range(20):
+                    data = chat(f"m{i}", msgId=f"m{i}")
+                    await ws.send(frame(id=f"f{i}", method="conversation.chat", data=data))
+                answers = [await answer_to(ws, f"f{i}") for i in range(20)]
+            assert [(a["msgId"], a["seq"]) for a in answers] == [
+                (f"m{i}", i + 1) for i in range(20)
+            ]
+            assert store.write_transactions - before <= 5
+            pushes = [await bob.client.receive() for _ in range(20)]
+            assert [(p.data["seq"], p.data["msg"]["content"]) for p in pushes] == [
+                (i + 1, f"m{i}") for i in range(20)
+            ]
+
+
 async def test_same_frame_twice_on_one_connection_is_handled_once() -> None:
     """A duplicated Data frame: two acks, one answer, one stored message."""
     with anyio.fail_after(10):

@@ -16,7 +16,7 @@ import pytest
 
 from imkit.chat.memory import MemoryStore
 from imkit.chat.sqlite import SQLiteStore
-from imkit.chat.store import ConversationSummary, MessageStore, StoredMessage
+from imkit.chat.store import ConversationSummary, MessageStore, QueuedAppend, StoredMessage
 from imkit.exceptions import StoreError
 from services import require_postgres_dsn
 
@@ -547,3 +547,61 @@ def test_to_wire_uses_easy_chat_names() -> None:
         "sendTime": 1_700_000_000_123,
         "msg": {"mType": 0, "content": "hello"},
     }
+
+
+def _queued(store: MessageStore) -> QueuedAppend:
+    if not isinstance(store, QueuedAppend):
+        pytest.skip(f"{type(store).__name__} does not queue appends (no append_nowait)")
+    return store
+
+
+def _fields(msg_id: str, **changes: Any) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "conversation_id": "a_b",
+        "sender_id": "a",
+        "recv_id": "b",
+        "msg_id": msg_id,
+        "chat_type": 2,
+        "m_type": 0,
+        "content": msg_id,
+        "send_time": 1_700_000_000_000,
+    }
+    return {**fields, **changes}
+
+
+async def test_queued_appends_take_seqs_in_call_order(store: MessageStore) -> None:
+    """Five appends queued before any is awaited, awaited in reverse: seqs follow the
+    calls; a queued repeat of a msg_id returns the first one."""
+    queued = _queued(store)
+    pending = [queued.append_nowait(**_fields(f"m{i}")) for i in range(5)]
+    pending.append(queued.append_nowait(**_fields("m1")))
+    results = [await p for p in reversed(pending)][::-1]
+    assert [(m.msg_id, m.seq, created) for m, created in results] == [
+        ("m0", 1, True),
+        ("m1", 2, True),
+        ("m2", 3, True),
+        ("m3", 4, True),
+        ("m4", 5, True),
+        ("m1", 2, False),
+    ]
+    assert await store.last_seq("a_b") == 5
+
+
+async def test_a_queued_append_fails_at_the_await_not_at_the_call(
+    store_factory: StoreFactory,
+) -> None:
+    """Bad arguments (ValueError) and a closed store (StoreError) raise from the await;
+    the call itself never raises."""
+    store = store_factory()
+    queued = _queued(store)
+    closed = queued.append_nowait(**_fields("m0"))
+    with pytest.raises(StoreError):
+        await closed
+    await store.open()
+    try:
+        bad = queued.append_nowait(**_fields("", content="x"))
+        with pytest.raises(ValueError, match="msg_id"):
+            await bad
+        assert await store.last_seq("a_b") == 0
+    finally:
+        await store.close()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Awaitable
+from typing import TypeVar
 
 import anyio.lowlevel
 import attrs
@@ -23,8 +25,17 @@ from imkit.chat.store import (
     check_limit,
     check_text,
     draft_message,
+    raise_when_awaited,
 )
 from imkit.exceptions import StoreError
+
+_T = TypeVar("_T")
+
+
+async def _after_checkpoint(value: _T) -> _T:
+    await anyio.lowlevel.checkpoint()
+    return value
+
 
 __all__ = ("MemoryStore",)
 
@@ -91,6 +102,42 @@ class MemoryStore(StoreLifecycle):
             send_time=send_time,
         )
         await self._enter()
+        return self._append(draft)
+
+    def append_nowait(
+        self,
+        *,
+        conversation_id: str,
+        sender_id: str,
+        recv_id: str,
+        msg_id: str,
+        chat_type: int,
+        m_type: int,
+        content: str,
+        send_time: int,
+    ) -> Awaitable[tuple[StoredMessage, bool]]:
+        """Store the message now (seqs in the order of the calls); await the result
+        (:class:`~imkit.chat.store.QueuedAppend`: every failure comes from the await)."""
+        try:
+            draft = draft_message(
+                conversation_id=conversation_id,
+                sender_id=sender_id,
+                recv_id=recv_id,
+                msg_id=msg_id,
+                chat_type=chat_type,
+                m_type=m_type,
+                content=content,
+                send_time=send_time,
+            )
+            if not self._open:
+                raise StoreError("the store is not open")
+            result = self._append(draft)
+        except Exception as exc:  # noqa: BLE001 - raised by the await, as promised
+            return raise_when_awaited(exc)
+        return _after_checkpoint(result)
+
+    def _append(self, draft: StoredMessage) -> tuple[StoredMessage, bool]:
+        conversation_id, sender_id, msg_id = draft.conversation_id, draft.sender_id, draft.msg_id
         conv = self._conversations.get(conversation_id)
         if conv is None:
             conv = self._conversations[conversation_id] = _Conversation()
@@ -100,7 +147,7 @@ class MemoryStore(StoreLifecycle):
         message = attrs.evolve(draft, seq=len(conv.messages) + 1)
         conv.messages.append(message)
         conv.by_msg_id[(sender_id, msg_id)] = message
-        for user in (sender_id, recv_id):
+        for user in (sender_id, draft.recv_id):
             conv.members.add(user)
             self._by_user[user].add(conversation_id)
         return message, True

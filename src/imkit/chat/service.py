@@ -51,11 +51,12 @@ from typing import Any, Protocol, runtime_checkable
 import anyio
 
 from imkit.chat.ids import conversation_members, private_conversation_id
-from imkit.chat.store import MessageStore, StoredMessage
+from imkit.chat.store import MessageStore, QueuedAppend, StoredMessage
 from imkit.core.ack import AckMode
 from imkit.core.frames import ErrorCode, Frame
 from imkit.core.server import App, Context, LoginPolicy, ServerAPI, Session
 from imkit.exceptions import HandlerError, StoreError, StoreUnavailable
+from imkit.transport._sync import Flag
 
 __all__ = (
     "CHAT_METHOD",
@@ -112,6 +113,18 @@ def _require(data: Any, key: str, kind: type, *, optional: bool = False) -> Any:
         name = "an integer" if kind is int else "a string" if kind is str else kind.__name__
         raise HandlerError(ErrorCode.BAD_REQUEST, f"{key!r} must be {name}")
     return value
+
+
+def _queued_appends(store: MessageStore) -> QueuedAppend | None:
+    """``store`` if its appends can be queued in call order (:class:`QueuedAppend`) and its
+    ``append`` and ``append_nowait`` come from the same class: a subclass that changes
+    ``append`` alone (a fault injector, a metrics wrapper) is called through ``append``."""
+    if not isinstance(store, QueuedAppend):
+        return None
+    mro = type(store).__mro__
+    append = next((c for c in mro if "append" in vars(c)), None)
+    nowait = next((c for c in mro if "append_nowait" in vars(c)), None)
+    return store if append is nowait else None
 
 
 def _user_id(value: str, name: str) -> str:
@@ -242,6 +255,11 @@ class ChatService:
         self.no_ack = False
         self._devices: dict[Key, _Device] = {}
         self._lost: OrderedDict[Key, OrderedDict[str, tuple[int, Any]]] = OrderedDict()
+        # A store that queues appends in call order lets a connection's next message start
+        # while this one waits for its commit; per connection, the last such message
+        # (its flag is set once it has answered and pushed: the next one waits for it).
+        self._queued = _queued_appends(store)
+        self._turns: dict[str, Flag] = {}
 
     def install(self, app: App) -> None:
         """Register the chat routes and the delivery hooks on ``app``."""
@@ -299,19 +317,57 @@ class ChatService:
         msg_id = given_id or ctx.frame.id
         if not msg_id or len(msg_id) > _MAX_ID_CHARS:
             raise HandlerError(ErrorCode.BAD_REQUEST, "a chat message needs an id (msgId)")
-        stored, _created = await self._store(
-            self.store.append(
-                conversation_id=conversation_id,
-                sender_id=sender,
-                recv_id=recv_id,
-                msg_id=msg_id,
-                chat_type=chat_type,
-                m_type=m_type,
-                content=content,
-                send_time=self.now_ms(),
+        queued = self._queued
+        if queued is None:
+            stored, _created = await self._store(
+                self.store.append(
+                    conversation_id=conversation_id,
+                    sender_id=sender,
+                    recv_id=recv_id,
+                    msg_id=msg_id,
+                    chat_type=chat_type,
+                    m_type=m_type,
+                    content=content,
+                    send_time=self.now_ms(),
+                )
             )
+            await self._answer(ctx, stored, recv_id, given_id)
+            return
+        # The append is queued behind this connection's earlier ones (its seq follows
+        # theirs): the next message may start while this one waits for the commit. It
+        # answers and pushes after the one before it has (whatever order the scheduler
+        # wakes them in).
+        pending = queued.append_nowait(
+            conversation_id=conversation_id,
+            sender_id=sender,
+            recv_id=recv_id,
+            msg_id=msg_id,
+            chat_type=chat_type,
+            m_type=m_type,
+            content=content,
+            send_time=self.now_ms(),
         )
-        session = ctx.session
+        epoch = ctx.session.epoch
+        before = self._turns.get(epoch)
+        turn = None
+        if ctx.unblock():
+            turn = self._turns[epoch] = Flag()
+        try:
+            stored, _created = await self._store(pending)
+            if before is not None:
+                await before.wait()
+            await self._answer(ctx, stored, recv_id, given_id)
+        finally:
+            if turn is not None:
+                turn.set()
+                if self._turns.get(epoch) is turn:
+                    del self._turns[epoch]
+
+    async def _answer(
+        self, ctx: Context, stored: StoredMessage, recv_id: str, given_id: str | None
+    ) -> None:
+        """Answer the sender of a stored chat message and push it (the end of :meth:`chat`)."""
+        sender, session, conversation_id = ctx.user_id, ctx.session, stored.conversation_id
         seq, devices = stored.seq, self._devices
         for other in ctx.server.sessions(sender):  # for each device here, a seq to skip
             device = devices.get((sender, other.device_id))

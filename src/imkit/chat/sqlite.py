@@ -56,7 +56,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal, TypeVar
 
 import anyio
@@ -73,6 +73,7 @@ from imkit.chat.store import (
     check_limit,
     check_text,
     draft_message,
+    raise_when_awaited,
 )
 from imkit.exceptions import ImkitError, StoreError, StoreUnavailable
 from imkit.transport._sync import EventFactory, Flag
@@ -351,6 +352,11 @@ class SQLiteStore(StoreLifecycle):
         logger.debug("closed %s", self._path)
 
     async def _call(self, kind: _Kind, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        result: _T = await self._wait(self._submit(kind, fn))
+        return result
+
+    def _submit(self, kind: _Kind, fn: Callable[[sqlite3.Connection], Any]) -> _Job:
+        """Queue a job now (writes run in the order they are queued)."""
         jobs = self._queue
         if jobs is None or not self._open:
             raise StoreError("the store is not open")
@@ -366,6 +372,11 @@ class SQLiteStore(StoreLifecycle):
             self._parked.append(job)  # the loop writes until the COMMIT: the worker waits
         else:
             jobs.put(job)
+        return job
+
+    @staticmethod
+    async def _wait(job: _Job) -> Any:
+        """The result of a queued job (its error raised)."""
         event = job.event
         assert event is not None
         try:
@@ -375,8 +386,7 @@ class SQLiteStore(StoreLifecycle):
             raise
         if job.error is not None:
             raise job.error
-        result: _T = job.result
-        return result
+        return job.result
 
     # -- write rounds (on the event loop) --------------------------------------------
     #
@@ -667,6 +677,61 @@ class SQLiteStore(StoreLifecycle):
         send_time: int,
     ) -> tuple[StoredMessage, bool]:
         """Store a message under the next seq, or return the one stored before."""
+        run = self._append_job(
+            conversation_id=conversation_id,
+            sender_id=sender_id,
+            recv_id=recv_id,
+            msg_id=msg_id,
+            chat_type=chat_type,
+            m_type=m_type,
+            content=content,
+            send_time=send_time,
+        )
+        return await self._call(_Kind.WRITE, run)
+
+    def append_nowait(
+        self,
+        *,
+        conversation_id: str,
+        sender_id: str,
+        recv_id: str,
+        msg_id: str,
+        chat_type: int,
+        m_type: int,
+        content: str,
+        send_time: int,
+    ) -> Awaitable[tuple[StoredMessage, bool]]:
+        """Queue :meth:`append` now, behind every write queued before; await the result
+        (:class:`~imkit.chat.store.QueuedAppend`: every failure comes from the await)."""
+        try:
+            run = self._append_job(
+                conversation_id=conversation_id,
+                sender_id=sender_id,
+                recv_id=recv_id,
+                msg_id=msg_id,
+                chat_type=chat_type,
+                m_type=m_type,
+                content=content,
+                send_time=send_time,
+            )
+            job = self._submit(_Kind.WRITE, run)
+        except Exception as exc:  # noqa: BLE001 - raised by the await, as promised
+            return raise_when_awaited(exc)
+        return self._wait(job)
+
+    @staticmethod
+    def _append_job(
+        *,
+        conversation_id: str,
+        sender_id: str,
+        recv_id: str,
+        msg_id: str,
+        chat_type: int,
+        m_type: int,
+        content: str,
+        send_time: int,
+    ) -> Callable[[sqlite3.Connection], tuple[StoredMessage, bool]]:
+        """Check an append's arguments; the write that stores it."""
         draft_message(
             conversation_id=conversation_id,
             sender_id=sender_id,
@@ -707,7 +772,7 @@ class SQLiteStore(StoreLifecycle):
             conn.execute(_ADD_MEMBERS, (sender_id, conversation_id, recv_id, conversation_id))
             return StoredMessage(*values), True
 
-        return await self._call(_Kind.WRITE, run)
+        return run
 
     async def read_after(
         self, conversation_id: str, after_seq: int, *, limit: int

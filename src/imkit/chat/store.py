@@ -48,11 +48,18 @@ Errors
     :class:`~imkit.exceptions.StoreError` for the rest; driver exceptions never escape.
     Using a store before :meth:`MessageStore.open` or after
     :meth:`MessageStore.close` raises ``StoreError``.
+
+Queued appends (optional)
+    A store that can take an append at once, behind every append queued before it, in
+    call order (the memory and SQLite stores; not PostgreSQL's pool), also provides
+    :class:`QueuedAppend`'s ``append_nowait``. The chat service then lets a connection's
+    next message start while one waits for its commit. A subclass that overrides
+    ``append`` alone is still called through ``append``, one message at a time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from types import TracebackType
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -62,6 +69,7 @@ __all__ = (
     "SCHEMA_VERSION",
     "ConversationSummary",
     "MessageStore",
+    "QueuedAppend",
     "StoredMessage",
 )
 
@@ -220,6 +228,40 @@ class MessageStore(Protocol):
     async def conversations(self, user_id: str) -> list[ConversationSummary]:
         """The user's conversations, the most recently active first."""
         ...
+
+
+@runtime_checkable
+class QueuedAppend(Protocol):
+    """A store whose appends can be queued at once, in the order of the calls.
+
+    :class:`~imkit.chat.service.ChatService` uses it to let a connection's next message
+    start while this one waits for its commit (``Context.unblock``): the appends still
+    take their seqs in the order the sender sent them. A store that cannot promise that
+    order (one whose appends may overtake each other) does not provide it, and each
+    connection's messages are then stored one after the other.
+    """
+
+    def append_nowait(
+        self,
+        *,
+        conversation_id: str,
+        sender_id: str,
+        recv_id: str,
+        msg_id: str,
+        chat_type: int,
+        m_type: int,
+        content: str,
+        send_time: int,
+    ) -> Awaitable[tuple[StoredMessage, bool]]:
+        """Queue :meth:`MessageStore.append` now, behind every append queued before;
+        await the result. Never raises at the call: every failure comes from the await."""
+        ...
+
+
+async def raise_when_awaited(exc: BaseException) -> Any:
+    """An awaitable that raises ``exc``: what an ``append_nowait`` that failed at the call
+    returns (:class:`QueuedAppend` raises only from the await)."""
+    raise exc
 
 
 _S = TypeVar("_S", bound="StoreLifecycle")

@@ -170,6 +170,20 @@ class Context(Protocol):
         downstream ack mode; ``acked=False``: a ``NoAck`` frame (never acked or resent)."""
         ...
 
+    def unblock(self) -> bool:
+        """Let this connection's next message start before this handler returns.
+
+        A connection's messages are handled one at a time, in order. A handler that has
+        done the part that must stay in order (say, queued a write that keeps the order it
+        was queued in) calls this: the next message's handler starts at once, and the
+        rest of this one runs alongside it. Handlers still start in arrival order, and
+        ``on_disconnect`` still runs after all of them. Returns ``False`` (the handler
+        stays in order) when the server cannot: 64 handlers of the connection already run
+        so, the connection is ending, the call is not from the message's own handler, or
+        the transport handles one message at a time (the ASGI adapter).
+        """
+        ...
+
     async def error(self, code: str, message: str, **extra: Any) -> None:
         """Answer the message with an ``Err`` frame."""
         ...

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = (
     "HOOK_TIMEOUT",
+    "MAX_UNBLOCKED",
     "UNBIND_TIMEOUT",
     "Connection",
     "HandlerContext",
@@ -46,6 +47,8 @@ HOOK_TIMEOUT = 10.0
 """Longest an ``on_disconnect`` hook may run (and an ``on_connect`` hook may delay it)."""
 UNBIND_TIMEOUT = 5.0
 """Longest a discovery ``unbind`` may take when a connection closes."""
+MAX_UNBLOCKED = 64
+"""At most this many handlers of one connection run on after ``Context.unblock()``."""
 
 
 class HeldFanOut:
@@ -137,6 +140,11 @@ class Connection(Session, Protocol):
         acked: bool = True,
     ) -> Frame:
         """Send at once with the downstream ack mode (``acked=False``: a NoAck frame)."""
+        ...
+
+    def unblock(self, frame: Frame) -> bool:
+        """Let the connection's next message start before the handler of ``frame`` ends
+        (``False``: it cannot, and the handler stays in order)."""
         ...
 
     def send_error(self, code: str, message: str, frame_id: str = "", **extra: Any) -> None:
@@ -327,6 +335,11 @@ class HandlerContext:
         the downstream ack mode; ``acked=False`` sends a ``NoAck`` frame instead (for an
         answer whose loss the client recovers by asking again)."""
         return self.session.send_now(self.method, data, reply_to=self.frame.id, acked=acked)
+
+    def unblock(self) -> bool:
+        """Let this connection's next message start before this handler returns (see
+        :meth:`imkit.core.server.Context.unblock`)."""
+        return self.session.unblock(self.frame)
 
     async def error(self, code: str, message: str, **extra: Any) -> None:
         """Answer with an ``Err`` frame."""

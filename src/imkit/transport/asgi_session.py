@@ -249,6 +249,10 @@ class ASGISession(HeldFanOut):
     def _new_id(self) -> str:
         return self.peer.new_id()
 
+    def unblock(self, frame: Frame) -> bool:
+        """ASGI connections handle their messages one at a time: always ``False``."""
+        return False
+
     def send_error(self, code: str, message: str, frame_id: str = "", **extra: Any) -> None:
         """Send an ``Err`` frame (ignored once the connection is closing)."""
         if self.is_open:

@@ -77,6 +77,7 @@ from imkit.core.peer import CLOSE_POLICY
 from imkit.exceptions import AuthenticationFailed
 from imkit.transport._asyncio_stream import AsyncioSocketStream, run_as_asyncio
 from imkit.transport._lifecycle import (
+    MAX_UNBLOCKED,
     HeldFanOut,
     announce,
     decide_handshake,
@@ -122,6 +123,7 @@ class ServerSession(HeldFanOut):
         "_connected_done",
         "_deferred",
         "_disconnected",
+        "_dispatching",
         "_ending",
         "_expires_at",
         "_finished",
@@ -146,6 +148,8 @@ class ServerSession(HeldFanOut):
         "_timer_handle",
         "_timer_loop",
         "_timer_scope",
+        "_unblocked",
+        "_unblocked_idle",
         "_worker_done",
         "_writer",
         "app",
@@ -218,6 +222,11 @@ class ServerSession(HeldFanOut):
             server.max_queued_messages, self._lean.loop if self._lean is not None else None
         )
         self._worker_done = Flag()
+        # unblock(): the message the worker is handling, the handlers let go on before
+        # their end (each in a task that was a worker), and a flag for their last end.
+        self._dispatching: Frame | None = None
+        self._unblocked = 0
+        self._unblocked_idle: Flag | None = None
         self._handshakes: list[tuple[HandshakeRequest, str | None]] = []
         # pushes
         self._room = Flag()
@@ -819,6 +828,7 @@ class ServerSession(HeldFanOut):
     async def _worker(self) -> None:
         inbox = self._inbox
         server = self.server
+        retired = False  # its handler called unblock(): another worker took over
         try:
             while True:
                 # What is queued is taken without a coroutine per item; a wait only when
@@ -827,17 +837,51 @@ class ServerSession(HeldFanOut):
                 if item is None:
                     item = await inbox.get()
                 if isinstance(item, Frame):  # a route call: the commonest, inline
+                    self._dispatching = item
                     try:
                         await dispatch(server, self, item)
                     finally:
                         inbox.message_done()
+                        if self._dispatching is not item:
+                            retired = True
+                            self._unblocked_end()
+                    if retired:
+                        return
+                    self._dispatching = None
                 elif item is _STOP:
                     break
                 else:
                     await self._handle(item)
+            while self._unblocked:  # on_disconnect after every handler
+                if self._unblocked_idle is None:
+                    self._unblocked_idle = Flag()
+                await self._unblocked_idle.wait()
             await self._disconnect()
         finally:
-            self._worker_done.set()
+            if not retired:
+                self._worker_done.set()
+
+    def unblock(self, frame: Frame) -> bool:
+        """Let the next message start before the handler of ``frame`` ends (see
+        :meth:`imkit.core.server.Context.unblock`); ``False`` if it cannot: ``frame`` is
+        not the message the worker is handling, :data:`MAX_UNBLOCKED` handlers of this
+        connection already run so, or the connection is ending."""
+        if self._dispatching is not frame or self._unblocked >= MAX_UNBLOCKED:
+            return False
+        self._dispatching = None
+        self._unblocked += 1
+        if not self._spawn(self._worker):  # the connection is ending: stay in order
+            self._unblocked -= 1
+            self._dispatching = frame
+            return False
+        return True
+
+    def _unblocked_end(self) -> None:
+        self._unblocked -= 1
+        idle = self._unblocked_idle
+        if not self._unblocked and idle is not None:
+            self._unblocked_idle = None
+            idle.set()
 
     async def _handle(self, item: _Item) -> None:
         if isinstance(item, Frame):

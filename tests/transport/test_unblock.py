@@ -1,0 +1,128 @@
+"""``Context.unblock()``: a handler lets its connection's next message start before it
+ends; messages still start in arrival order, and ``on_disconnect`` waits for them all."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+
+import imkit
+from imkit.testing import MemoryServer
+from imkit.transport._lifecycle import MAX_UNBLOCKED
+
+pytestmark = pytest.mark.anyio
+
+
+class Log(list[tuple[str, Any]]):
+    """What the handlers did, in order; :meth:`wait` for an entry."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._changed = anyio.Event()
+
+    def add(self, kind: str, value: Any) -> None:
+        self.append((kind, value))
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def wait(self, entry: tuple[str, Any]) -> None:
+        while entry not in self:
+            await self._changed.wait()
+
+    async def wait_kind(self, kind: str, count: int) -> list[Any]:
+        """The values of the first ``count`` entries of ``kind``, once there are so many."""
+        while sum(k == kind for k, _ in self) < count:
+            await self._changed.wait()
+        return [value for k, value in self if k == kind]
+
+
+def gated_app() -> tuple[imkit.App, anyio.Event, Log]:
+    """An app whose ``slow`` route unblocks, then waits for the gate; ``fast`` answers."""
+    app = imkit.App(auth=imkit.InsecureDevAuth(quiet=True))
+    gate = anyio.Event()
+    log = Log()
+
+    @app.route("slow")
+    async def slow(ctx: imkit.Context) -> None:
+        log.add("start", ctx.data)
+        log.add("unblocked", ctx.unblock())
+        await gate.wait()
+        log.add("end", ctx.data)
+        await ctx.reply(ctx.data)
+
+    @app.route("fast")
+    async def fast(ctx: imkit.Context) -> None:
+        log.add("fast", ctx.data)
+        await ctx.reply(ctx.data)
+
+    @app.on_disconnect
+    async def gone(session: imkit.Session, server: imkit.ServerAPI) -> None:
+        log.add("disconnect", session.user_id)
+
+    return app, gate, log
+
+
+async def test_the_next_message_runs_while_an_unblocked_handler_waits() -> None:
+    """Alice's ``slow`` 1 unblocks and waits; her ``fast`` 2 is answered meanwhile. A
+    second unblock() of the same handler is refused (False)."""
+    app, gate, log = gated_app()
+
+    @app.route("twice")
+    async def twice(ctx: imkit.Context) -> None:
+        await ctx.reply([ctx.unblock(), ctx.unblock()])
+
+    with anyio.fail_after(10):
+        async with MemoryServer(app) as server, server.connect(user_id="alice") as alice:
+            assert await alice.request("twice", None) == [True, False]
+            answers: list[Any] = []
+
+            async def ask_slow() -> None:
+                answers.append(await alice.request("slow", 1))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(ask_slow)
+                await log.wait(("unblocked", True))
+                assert await alice.request("fast", 2) == 2
+                assert log == [("start", 1), ("unblocked", True), ("fast", 2)]
+                gate.set()
+            assert answers == [1]
+
+
+async def test_on_disconnect_runs_after_the_unblocked_handlers_end() -> None:
+    """Alice leaves while her unblocked ``slow`` handler still waits: ``on_disconnect``
+    comes only once it has ended."""
+    app, gate, log = gated_app()
+    with anyio.fail_after(10):
+        async with MemoryServer(app) as server:
+            async with server.connect(user_id="alice") as alice:
+                await alice.send("slow", 1)
+                await log.wait(("unblocked", True))
+                assert await alice.request("fast", 2) == 2
+            await anyio.sleep(0.2)
+            assert ("disconnect", "alice") not in log
+            gate.set()
+            await log.wait(("disconnect", "alice"))
+            assert log.index(("end", 1)) < log.index(("disconnect", "alice"))
+
+
+async def test_at_most_max_unblocked_handlers_run_on_per_connection() -> None:
+    """70 ``slow`` messages at once: the first 64 unblock; the 65th is refused and holds
+    the rest back (in order) until the gate opens; then all 70 are answered."""
+    app, gate, log = gated_app()
+    with anyio.fail_after(20):
+        async with (
+            MemoryServer(app, max_queued_messages=100) as server,
+            server.connect(user_id="alice") as alice,
+        ):
+            async with anyio.create_task_group() as tg:
+                for i in range(70):
+                    tg.start_soon(alice.send, "slow", i)
+                await log.wait(("unblocked", False))
+                await anyio.sleep(0.1)
+                started = [value for kind, value in log if kind == "start"]
+                assert len(started) == MAX_UNBLOCKED + 1
+                assert [v for k, v in log if k == "unblocked"] == [True] * MAX_UNBLOCKED + [False]
+                gate.set()
+            assert sorted(await log.wait_kind("end", 70)) == list(range(70))
