@@ -132,8 +132,10 @@ def test_noack_sender_sends_once_and_remembers_nothing() -> None:
 def test_window_holds_later_messages_in_the_backlog() -> None:
     sender = Sender(AckMode.ONLY, T)
     assert sent_ids(sender.send(data("a"), 0.0)) == ["a"]
+    assert sender.has_room()
     assert sent_ids(sender.send(data("b"), 0.0)) == ["b"]
-    assert sender.send(data("c"), 0.0) == []  # window of 2 is full
+    assert not sender.has_room()  # window of 2 is full
+    assert sender.send(data("c"), 0.0) == []
     assert sender.send(data("d"), 0.0) == []
     assert sender.backlog == 2 and sender.in_flight == 2
     assert [f.id for f in sender.pending()] == ["a", "b"]
@@ -143,7 +145,9 @@ def test_window_holds_later_messages_in_the_backlog() -> None:
     effects = sender.handle_timeout(5.0)
     assert [type(e).__name__ for e in effects] == ["GaveUp", "SendFrame", "SendFrame"]
     assert effects[0].frame.id == "a" and sent_ids(effects) == ["c", "d"]
-    assert sender.backlog == 0
+    assert sender.backlog == 0 and not sender.has_room()  # c and d fill the window
+    sender.on_ack("c", 6.0)
+    assert sender.has_room()
 
 
 def test_an_id_waiting_in_the_backlog_cannot_be_sent_twice() -> None:

@@ -535,6 +535,11 @@ class Sender(_Machine):
         """How many messages wait for room in the window."""
         return len(self._backlog) if self._backlog is not None else 0
 
+    def has_room(self) -> bool:
+        """Whether a new message would go out at once: nothing waits in the backlog and
+        the window is not full."""
+        return not self._backlog and len(self._live) < self.timers.window
+
     def send(self, frame: Frame, now: float) -> list[Effect]:
         """Send a new ``Data`` frame; its id must not be in flight or remembered."""
         effect = self._effect

@@ -193,12 +193,7 @@ class ASGISession(HeldFanOut):
         closed)."""
         limit = self.server.max_write_buffer // 2
         while self.is_open:
-            sender = self.peer.sender
-            if (
-                sender.backlog == 0
-                and sender.in_flight < sender.timers.window
-                and self._out_size < limit
-            ):
+            if self._out_size < limit and self.peer.sender.has_room():
                 return
             room = self._room
             self._room_waiters += 1

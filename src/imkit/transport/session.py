@@ -303,13 +303,14 @@ class ServerSession(HeldFanOut):
         """Wait until the ack window and the write buffer have room (or the connection
         is closed)."""
         limit = self.server.max_write_buffer // 2
-        while self.is_open:
-            peer = self.conn.peer
-            if self._writer.buffered < limit and (
-                peer is None  # raw mode: only the write buffer counts
-                or (peer.sender.backlog == 0 and peer.sender.in_flight < peer.sender.timers.window)
-            ):
-                return
+        conn = self.conn
+        while conn.state is _OPEN:
+            peer = conn.peer
+            if self.unsent < limit:
+                if peer is None:  # raw mode: only the write buffer counts
+                    return
+                if peer.sender.has_room():
+                    return
             room = self._room
             self._room_waiters += 1
             try:
