@@ -227,6 +227,12 @@ async def test_membership(store: MessageStore) -> None:
     assert await store.is_member("a_b", "b")
     assert not await store.is_member("a_b", "c")
     assert not await store.is_member("a_c", "a")
+    # A later message records its users too, also in a conversation that exists.
+    await send(store, "a_b", "a", "b", "2")
+    await send(store, "a_b", "c", "a", "3")
+    assert await store.is_member("a_b", "c")
+    await send(store, "a_b", "a", "d", "4")
+    assert await store.is_member("a_b", "d")
 
 
 async def test_delivered_watermark_is_monotonic_and_per_device(store: MessageStore) -> None:

@@ -94,6 +94,7 @@ _MAX_SYNC_CONVERSATIONS = 100
 _MAX_LOST_REPLIES = 256
 _LOST_REPLY_TTL_MS = 300_000  # the ack machines' default ``remember_for``
 _MAX_ID_CHARS = 256
+_MAX_PAIRS = 65_536  # conversation ids remembered by (sender, recipient), then forgotten
 # A push nobody acknowledged within the ack timeout: close, so the catch-up repairs it.
 _CLOSE_UNACKED = 1011
 
@@ -260,6 +261,7 @@ class ChatService:
         # (its flag is set once it has answered and pushed: the next one waits for it).
         self._queued = _queued_appends(store)
         self._turns: dict[str, Flag] = {}
+        self._pairs: dict[tuple[str, str], str] = {}  # (sender, recipient): conversation id
 
     def install(self, app: App) -> None:
         """Register the chat routes and the delivery hooks on ``app``."""
@@ -309,7 +311,12 @@ class ChatService:
                 limit=self.max_content_bytes,
             )
         sender = ctx.user_id  # never a field of the data: the authenticated identity
-        conversation_id = private_conversation_id(sender, recv_id)
+        pair = (sender, recv_id)
+        conversation_id = self._pairs.get(pair)
+        if conversation_id is None:  # made once per pair (the id's escaping is not free)
+            if len(self._pairs) >= _MAX_PAIRS:
+                self._pairs.clear()
+            conversation_id = self._pairs[pair] = private_conversation_id(sender, recv_id)
         claimed = _require(data, "conversationId", str, optional=True)
         if claimed and claimed != conversation_id:
             raise HandlerError(ErrorCode.FORBIDDEN, "that conversation is not yours")

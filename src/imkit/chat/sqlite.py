@@ -89,7 +89,9 @@ _COLUMNS = "conversation_id, seq, sender_id, recv_id, msg_id, chat_type, m_type,
 _M_COLUMNS = ", ".join(f"m.{c.strip()}" for c in _COLUMNS.split(","))
 
 _APPEND_LOOKUP = (
-    f"SELECT c.last_seq, {_M_COLUMNS} FROM imkit_conversations c"
+    "SELECT c.last_seq, (SELECT count(*) FROM imkit_members WHERE"
+    "  conversation_id = c.conversation_id AND user_id IN (?, ?)),"
+    f" {_M_COLUMNS} FROM imkit_conversations c"
     " LEFT JOIN imkit_messages m ON m.conversation_id = c.conversation_id"
     "  AND m.sender_id = ? AND m.msg_id = ?"
     " WHERE c.conversation_id = ?"
@@ -744,16 +746,19 @@ class SQLiteStore(StoreLifecycle):
         )
 
         def run(conn: sqlite3.Connection) -> tuple[StoredMessage, bool]:
-            # One read for both questions: the conversation's last seq, and whether this
-            # sender's msg_id is stored already (no conversation row: neither).
-            row = conn.execute(_APPEND_LOOKUP, (sender_id, msg_id, conversation_id)).fetchone()
+            # One read for three questions: the conversation's last seq, whether both
+            # users are members already, and whether this sender's msg_id is stored
+            # (no conversation row: none of them).
+            row = conn.execute(
+                _APPEND_LOOKUP, (sender_id, recv_id, sender_id, msg_id, conversation_id)
+            ).fetchone()
             if row is None:
-                seq = 1
+                seq, members = 1, 0
                 conn.execute(_NEW_CONVERSATION, (conversation_id,))
-            elif row[1] is not None:
-                return _row_to_message(row[1:]), False
+            elif row[2] is not None:
+                return _row_to_message(row[2:]), False
             else:
-                seq = row[0] + 1
+                seq, members = row[0] + 1, row[1]
                 conn.execute(_NEXT_SEQ, (seq, conversation_id))
             # The row in the order of StoredMessage's fields (no attrs.evolve / astuple:
             # they look the fields up on every call).
@@ -769,7 +774,8 @@ class SQLiteStore(StoreLifecycle):
                 send_time,
             )
             conn.execute(_INSERT_MESSAGE, values)
-            conn.execute(_ADD_MEMBERS, (sender_id, conversation_id, recv_id, conversation_id))
+            if members < (1 if sender_id == recv_id else 2):
+                conn.execute(_ADD_MEMBERS, (sender_id, conversation_id, recv_id, conversation_id))
             return StoredMessage(*values), True
 
         return run

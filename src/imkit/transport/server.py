@@ -101,7 +101,7 @@ class Server:
 
     def sessions(self, user_id: str) -> list[Session]:
         """The user's live connections on this node."""
-        return list(self.registry.connections(user_id))
+        return list(self.registry.live(user_id))
 
     async def send_to_users(
         self, user_ids: Sequence[str], method: str, data: Any, *, form_id: str = ""
