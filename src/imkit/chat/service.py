@@ -324,27 +324,14 @@ class ChatService:
         msg_id = given_id or ctx.frame.id
         if not msg_id or len(msg_id) > _MAX_ID_CHARS:
             raise HandlerError(ErrorCode.BAD_REQUEST, "a chat message needs an id (msgId)")
+        # A store that queues appends takes this one now, behind this connection's
+        # earlier ones (its seq follows theirs): the next message may then start while
+        # this one waits for the commit, and this one answers and pushes after the one
+        # before it has (whatever order the scheduler wakes them in). Any other store
+        # is called through append, one message of the connection at a time.
         queued = self._queued
-        if queued is None:
-            stored, _created = await self._store(
-                self.store.append(
-                    conversation_id=conversation_id,
-                    sender_id=sender,
-                    recv_id=recv_id,
-                    msg_id=msg_id,
-                    chat_type=chat_type,
-                    m_type=m_type,
-                    content=content,
-                    send_time=self.now_ms(),
-                )
-            )
-            await self._answer(ctx, stored, recv_id, given_id)
-            return
-        # The append is queued behind this connection's earlier ones (its seq follows
-        # theirs): the next message may start while this one waits for the commit. It
-        # answers and pushes after the one before it has (whatever order the scheduler
-        # wakes them in).
-        pending = queued.append_nowait(
+        append = self.store.append if queued is None else queued.append_nowait
+        pending = append(
             conversation_id=conversation_id,
             sender_id=sender,
             recv_id=recv_id,
@@ -355,9 +342,9 @@ class ChatService:
             send_time=self.now_ms(),
         )
         epoch = ctx.session.epoch
-        before = self._turns.get(epoch)
+        before = self._turns.get(epoch) if queued is not None else None
         turn = None
-        if ctx.unblock():
+        if queued is not None and ctx.unblock():
             turn = self._turns[epoch] = Flag()
         try:
             stored, _created = await self._store(pending)
