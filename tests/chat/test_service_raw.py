@@ -7,6 +7,7 @@ answer, a push that is never acknowledged. ``websockets`` runs on asyncio only.
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -153,23 +154,37 @@ async def test_an_answer_to_a_named_message_is_a_noack_frame_and_counts_as_deliv
 async def test_a_burst_from_one_connection_is_stored_in_order_in_few_commits(
     tmp_path: Path,
 ) -> None:
-    """Alice sends 20 messages without waiting: each is answered, seqs 1..20 in the order
+    """Alice sends 20 messages while another process holds the database's write lock:
+    each is acked at once; then the lock goes. Each is answered, seqs 1..20 in the order
     she sent them, and Bob gets the pushes in that order. Her connection's next message
-    starts while the one before waits for its commit, so the 20 share a few SQLite
-    transactions (one each when a connection's messages were stored one at a time)."""
-    store = SQLiteStore(tmp_path / "chat.db")
+    started while the one before waited, up to 16 of them (the 17th waits for its own
+    commit, holding back the last three): the first transaction stores 17, and the 20
+    take at most 4, where storing one message of a connection at a time took 20."""
+    path = tmp_path / "chat.db"
+    store = SQLiteStore(path)
     with anyio.fail_after(15):
         async with chat_server(store) as srv, chat_client(srv.url, "bob") as bob:
             before = store.write_transactions
-            async with raw(srv.url, "alice") as ws:
-                for i in range(20):
-                    data = chat(f"m{i}", msgId=f"m{i}")
-                    await ws.send(frame(id=f"f{i}", method="conversation.chat", data=data))
-                answers = [await answer_to(ws, f"f{i}") for i in range(20)]
+            other = sqlite3.connect(path, isolation_level=None)
+            other.execute("BEGIN IMMEDIATE")  # the server's next transaction must wait
+            try:
+                async with raw(srv.url, "alice") as ws:
+                    for i in range(20):
+                        data = chat(f"m{i}", msgId=f"m{i}")
+                        await ws.send(frame(id=f"f{i}", method="conversation.chat", data=data))
+                    acks = [await receive(ws) for _ in range(20)]
+                    assert [(a["frameType"], a["id"]) for a in acks] == [
+                        (2, f"f{i}") for i in range(20)
+                    ]
+                    await anyio.sleep(0.3)  # the handlers queue their appends meanwhile
+                    other.execute("ROLLBACK")
+                    answers = [await answer_to(ws, f"f{i}") for i in range(20)]
+            finally:
+                other.close()
             assert [(a["msgId"], a["seq"]) for a in answers] == [
                 (f"m{i}", i + 1) for i in range(20)
             ]
-            assert store.write_transactions - before <= 5
+            assert store.write_transactions - before <= 4
             pushes = [await bob.client.receive() for _ in range(20)]
             assert [(p.data["seq"], p.data["msg"]["content"]) for p in pushes] == [
                 (i + 1, f"m{i}") for i in range(20)

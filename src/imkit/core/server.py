@@ -178,7 +178,7 @@ class Context(Protocol):
         was queued in) calls this: the next message's handler starts at once, and the
         rest of this one runs alongside it. Handlers still start in arrival order, and
         ``on_disconnect`` still runs after all of them. Returns ``False`` (the handler
-        stays in order) when the server cannot: 64 handlers of the connection already run
+        stays in order) when the server cannot: 16 handlers of the connection already run
         so, the connection is ending, the call is not from the message's own handler, or
         the transport handles one message at a time (the ASGI adapter).
         """

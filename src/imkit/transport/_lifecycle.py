@@ -47,8 +47,10 @@ HOOK_TIMEOUT = 10.0
 """Longest an ``on_disconnect`` hook may run (and an ``on_connect`` hook may delay it)."""
 UNBIND_TIMEOUT = 5.0
 """Longest a discovery ``unbind`` may take when a connection closes."""
-MAX_UNBLOCKED = 64
-"""At most this many handlers of one connection run on after ``Context.unblock()``."""
+MAX_UNBLOCKED = 16
+"""At most this many handlers of one connection run on after ``Context.unblock()`` (each
+holds one of the server's ``max_concurrent_handlers`` slots: one connection takes no more
+than this and one)."""
 
 
 class HeldFanOut:
