@@ -7,6 +7,7 @@ from typing import Any
 
 import anyio
 import pytest
+from tests.transport.helpers import Collected
 
 import imkit
 from imkit.testing import MemoryServer
@@ -15,51 +16,33 @@ from imkit.transport._lifecycle import MAX_UNBLOCKED
 pytestmark = pytest.mark.anyio
 
 
-class Log(list[tuple[str, Any]]):
-    """What the handlers did, in order; :meth:`wait` for an entry."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._changed = anyio.Event()
-
-    def add(self, kind: str, value: Any) -> None:
-        self.append((kind, value))
-        self._changed.set()
-        self._changed = anyio.Event()
-
-    async def wait(self, entry: tuple[str, Any]) -> None:
-        while entry not in self:
-            await self._changed.wait()
-
-    async def wait_kind(self, kind: str, count: int) -> list[Any]:
-        """The values of the first ``count`` entries of ``kind``, once there are so many."""
-        while sum(k == kind for k, _ in self) < count:
-            await self._changed.wait()
-        return [value for k, value in self if k == kind]
+async def wait_for(log: Collected, entry: tuple[str, Any]) -> None:
+    """Wait until the handlers logged ``entry``."""
+    await log.wait_until(lambda entries: entry in entries)
 
 
-def gated_app() -> tuple[imkit.App, anyio.Event, Log]:
+def gated_app() -> tuple[imkit.App, anyio.Event, Collected]:
     """An app whose ``slow`` route unblocks, then waits for the gate; ``fast`` answers."""
     app = imkit.App(auth=imkit.InsecureDevAuth(quiet=True))
     gate = anyio.Event()
-    log = Log()
+    log = Collected()
 
     @app.route("slow")
     async def slow(ctx: imkit.Context) -> None:
-        log.add("start", ctx.data)
-        log.add("unblocked", ctx.unblock())
+        log.add(("start", ctx.data))
+        log.add(("unblocked", ctx.unblock()))
         await gate.wait()
-        log.add("end", ctx.data)
+        log.add(("end", ctx.data))
         await ctx.reply(ctx.data)
 
     @app.route("fast")
     async def fast(ctx: imkit.Context) -> None:
-        log.add("fast", ctx.data)
+        log.add(("fast", ctx.data))
         await ctx.reply(ctx.data)
 
     @app.on_disconnect
     async def gone(session: imkit.Session, server: imkit.ServerAPI) -> None:
-        log.add("disconnect", session.user_id)
+        log.add(("disconnect", session.user_id))
 
     return app, gate, log
 
@@ -83,7 +66,7 @@ async def test_the_next_message_runs_while_an_unblocked_handler_waits() -> None:
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(ask_slow)
-                await log.wait(("unblocked", True))
+                await wait_for(log, ("unblocked", True))
                 assert await alice.request("fast", 2) == 2
                 assert log == [("start", 1), ("unblocked", True), ("fast", 2)]
                 gate.set()
@@ -98,12 +81,12 @@ async def test_on_disconnect_runs_after_the_unblocked_handlers_end() -> None:
         async with MemoryServer(app) as server:
             async with server.connect(user_id="alice") as alice:
                 await alice.send("slow", 1)
-                await log.wait(("unblocked", True))
+                await wait_for(log, ("unblocked", True))
                 assert await alice.request("fast", 2) == 2
             await anyio.sleep(0.2)
             assert ("disconnect", "alice") not in log
             gate.set()
-            await log.wait(("disconnect", "alice"))
+            await wait_for(log, ("disconnect", "alice"))
             assert log.index(("end", 1)) < log.index(("disconnect", "alice"))
 
 
@@ -119,10 +102,11 @@ async def test_at_most_max_unblocked_handlers_run_on_per_connection() -> None:
             async with anyio.create_task_group() as tg:
                 for i in range(70):
                     tg.start_soon(alice.send, "slow", i)
-                await log.wait(("unblocked", False))
+                await wait_for(log, ("unblocked", False))
                 await anyio.sleep(0.1)
                 started = [value for kind, value in log if kind == "start"]
                 assert len(started) == MAX_UNBLOCKED + 1
                 assert [v for k, v in log if k == "unblocked"] == [True] * MAX_UNBLOCKED + [False]
                 gate.set()
-            assert sorted(await log.wait_kind("end", 70)) == list(range(70))
+            await log.wait_until(lambda entries: sum(k == "end" for k, _ in entries) >= 70)
+            assert sorted(value for kind, value in log if kind == "end") == list(range(70))
