@@ -71,6 +71,9 @@ class MemoryStore(StoreLifecycle):
 
     async def _enter(self) -> None:
         await anyio.lowlevel.checkpoint()
+        self._check_open()
+
+    def _check_open(self) -> None:
         if not self._open:
             raise StoreError("the store is not open")
 
@@ -129,8 +132,7 @@ class MemoryStore(StoreLifecycle):
                 content=content,
                 send_time=send_time,
             )
-            if not self._open:
-                raise StoreError("the store is not open")
+            self._check_open()
             result = self._append(draft)
         except Exception as exc:  # noqa: BLE001 - raised by the await, as promised
             return raise_when_awaited(exc)

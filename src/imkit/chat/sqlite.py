@@ -679,7 +679,7 @@ class SQLiteStore(StoreLifecycle):
         send_time: int,
     ) -> tuple[StoredMessage, bool]:
         """Store a message under the next seq, or return the one stored before."""
-        run = self._append_job(
+        return await self.append_nowait(
             conversation_id=conversation_id,
             sender_id=sender_id,
             recv_id=recv_id,
@@ -689,7 +689,6 @@ class SQLiteStore(StoreLifecycle):
             content=content,
             send_time=send_time,
         )
-        return await self._call(_Kind.WRITE, run)
 
     def append_nowait(
         self,
@@ -705,45 +704,6 @@ class SQLiteStore(StoreLifecycle):
     ) -> Awaitable[tuple[StoredMessage, bool]]:
         """Queue :meth:`append` now, behind every write queued before; await the result
         (:class:`~imkit.chat.store.QueuedAppend`: every failure comes from the await)."""
-        try:
-            run = self._append_job(
-                conversation_id=conversation_id,
-                sender_id=sender_id,
-                recv_id=recv_id,
-                msg_id=msg_id,
-                chat_type=chat_type,
-                m_type=m_type,
-                content=content,
-                send_time=send_time,
-            )
-            job = self._submit(_Kind.WRITE, run)
-        except Exception as exc:  # noqa: BLE001 - raised by the await, as promised
-            return raise_when_awaited(exc)
-        return self._wait(job)
-
-    @staticmethod
-    def _append_job(
-        *,
-        conversation_id: str,
-        sender_id: str,
-        recv_id: str,
-        msg_id: str,
-        chat_type: int,
-        m_type: int,
-        content: str,
-        send_time: int,
-    ) -> Callable[[sqlite3.Connection], tuple[StoredMessage, bool]]:
-        """Check an append's arguments; the write that stores it."""
-        draft_message(
-            conversation_id=conversation_id,
-            sender_id=sender_id,
-            recv_id=recv_id,
-            msg_id=msg_id,
-            chat_type=chat_type,
-            m_type=m_type,
-            content=content,
-            send_time=send_time,
-        )
 
         def run(conn: sqlite3.Connection) -> tuple[StoredMessage, bool]:
             # One read for three questions: the conversation's last seq, whether both
@@ -778,7 +738,21 @@ class SQLiteStore(StoreLifecycle):
                 conn.execute(_ADD_MEMBERS, (sender_id, conversation_id, recv_id, conversation_id))
             return StoredMessage(*values), True
 
-        return run
+        try:
+            draft_message(
+                conversation_id=conversation_id,
+                sender_id=sender_id,
+                recv_id=recv_id,
+                msg_id=msg_id,
+                chat_type=chat_type,
+                m_type=m_type,
+                content=content,
+                send_time=send_time,
+            )
+            job = self._submit(_Kind.WRITE, run)
+        except Exception as exc:  # noqa: BLE001 - raised by the await, as promised
+            return raise_when_awaited(exc)
+        return self._wait(job)
 
     async def read_after(
         self, conversation_id: str, after_seq: int, *, limit: int
