@@ -37,7 +37,15 @@ from imkit.core.interfaces import (
     SingleNode,
 )
 from imkit.core.peer import PeerOptions
-from imkit.core.server import App, Context, HttpResponse, LoginPolicy, ServerAPI, Session
+from imkit.core.server import (
+    App,
+    Context,
+    Deferred,
+    HttpResponse,
+    LoginPolicy,
+    ServerAPI,
+    Session,
+)
 from imkit.exceptions import (
     AuthenticationFailed,
     ClientError,
@@ -94,6 +102,7 @@ __all__ = (
     "ConnLimits",
     "ConnectionClosed",
     "Context",
+    "Deferred",
     "DeliveryFailed",
     "Discover",
     "DiscoverError",

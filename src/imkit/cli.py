@@ -8,8 +8,9 @@ logged and, with ``--port-file``, written to a file for scripts.
 Testing hooks (crash tests only; nothing happens when they are unset):
 ``IMKIT_FAULT_KILL_AFTER_STORE=N`` ends the process with ``os._exit(137)`` right after
 the N-th stored chat message commits, before its answer is sent;
-``IMKIT_FAULT_KILL_AFTER_ANSWER=N`` does so when the N-th chat message is about to be
-pushed to its recipients (its answer was written to the sender, 0.2 s before).
+``IMKIT_FAULT_KILL_AFTER_ANSWER=N`` drops the N-th chat message's push to its
+recipients (and every push after it) and ends the process 0.2 s later, its answer to the
+sender written meanwhile.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -137,16 +139,18 @@ def _run_server(app: Any, args: argparse.Namespace, where: str, log: logging.Log
         left = [kill_after_answer]
 
         class KillAfterAnswer(Server):
-            async def send_to_users(
+            def push_here(
                 self, user_ids: Sequence[str], method: str, data: Any, *, form_id: str = ""
             ) -> int:
-                if method == "push":
+                if method == "push" and left[0] > 0:
                     left[0] -= 1
                     if left[0] == 0:
-                        await anyio.sleep(0.2)  # the writer sends the answer out
+                        # The answer goes out (the loop runs on); the push never does.
                         sys.stderr.write(f"{FAULT_KILL_AFTER_ANSWER_ENV}: exiting before a push\n")
-                        os._exit(137)
-                return await super().send_to_users(user_ids, method, data, form_id=form_id)
+                        threading.Timer(0.2, os._exit, (137,)).start()
+                if method == "push" and left[0] == 0:
+                    return 0
+                return super().push_here(user_ids, method, data, form_id=form_id)
 
         server_class = KillAfterAnswer
 

@@ -85,6 +85,10 @@ def make_app(ack_mode: str = "only", **options: Any) -> tuple[imkit.App, Recorde
     async def echo_once(ctx: imkit.Context) -> None:
         await ctx.reply(ctx.data, acked=False)
 
+    @app.route("in_turn")
+    async def in_turn(ctx: imkit.Context) -> None:
+        await ctx.reply({"unblocked": ctx.unblock(), "deferred": ctx.defer() is not None})
+
     @app.route("push_me")
     async def push_me(ctx: imkit.Context) -> None:
         await ctx.session.push("pushed", ctx.data)
@@ -241,6 +245,19 @@ async def test_a_reply_sent_unacked_is_a_noack_frame_never_resent() -> None:
                 assert (reply["frameType"], reply["replyTo"], reply["data"]) == (3, "m1", "hi")
                 assert await nothing_within(ws, 0.3)
                 assert seen.of("delivered") == []
+
+
+async def test_asgi_handles_a_connections_messages_one_at_a_time() -> None:
+    """The ASGI adapter neither unblocks nor defers a message: ``ctx.unblock()`` is
+    False and ``ctx.defer()`` None, so the handler answers in its turn."""
+    app, _ = make_app("none")
+    with anyio.fail_after(TIMEOUT):
+        async with serving(ASGIApp(app)) as port:
+            async with ws_connect(f"ws://127.0.0.1:{port}/ws?user=alice") as ws:
+                await ws.send(data("m1", "in_turn", None))
+                reply = await recv(ws)
+                assert reply["replyTo"] == "m1"
+                assert reply["data"] == {"unblocked": False, "deferred": False}
 
 
 async def test_upstream_and_downstream_frames_rigor_ack() -> None:

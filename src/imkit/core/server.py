@@ -41,6 +41,7 @@ __all__ = (
     "DEFAULT_MAX_CONNECTIONS_PER_USER",
     "App",
     "Context",
+    "Deferred",
     "HttpResponse",
     "LoginPolicy",
     "Registry",
@@ -115,12 +116,34 @@ class ServerAPI(Protocol):
         ...
 
     async def send_to_users(
-        self, user_ids: Sequence[str], method: str, data: Any, *, form_id: str = ""
+        self,
+        user_ids: Sequence[str],
+        method: str,
+        data: Any,
+        *,
+        form_id: str = "",
+        here: bool = True,
     ) -> int:
-        """Push to every connection of each user, on this node or others.
+        """Push to every connection of each user, on this node or others (``here=False``:
+        on other nodes only, for pushes :meth:`push_here` made here already).
 
         Returns how many connections (local) or nodes (remote) it was handed to.
         """
+        ...
+
+    @property
+    def single_node(self) -> bool:
+        """Whether this node is the only one (no discovery backend spans nodes): then
+        :meth:`push_here` reaches every connection :meth:`send_to_users` would."""
+        ...
+
+    def push_here(
+        self, user_ids: Sequence[str], method: str, data: Any, *, form_id: str = ""
+    ) -> int:
+        """Push to every connection of each user on this node, at once: the local part of
+        :meth:`send_to_users`, for code that may not await (a :class:`Deferred`'s
+        callback). It never waits and never reaches another node. Returns how many
+        connections it was handed to."""
         ...
 
     def sessions(self, user_id: str) -> list[Session]:
@@ -129,6 +152,35 @@ class ServerAPI(Protocol):
 
     async def online(self, user_ids: Sequence[str]) -> set[str]:
         """Which of ``user_ids`` are connected, on any node."""
+        ...
+
+
+class Deferred(Protocol):
+    """A message whose handler has returned and whose answer comes later, from a callback
+    (:meth:`Context.defer`). Its methods do not await: they may be called on the event
+    loop's thread from a callback (a store's, say) as well as from a task. (Under asyncio
+    a callback that runs ``end(then)`` must run in the context of one of the loop's tasks,
+    as ``call_soon`` from a task does: anyio finds the event loop through it.)"""
+
+    def reply(self, data: Any, *, acked: bool = True) -> Frame:
+        """Answer the message, as :meth:`Context.reply` does."""
+        ...
+
+    def error(self, code: str, message: str, **extra: Any) -> None:
+        """Answer the message with an ``Err`` frame, as :meth:`Context.error` does."""
+        ...
+
+    def fail(self, exc: Exception) -> None:
+        """Answer the message as a handler that raised ``exc`` is answered: a
+        :class:`~imkit.exceptions.HandlerError` with its ``Err`` frame, anything else
+        logged and answered ``HANDLER_ERROR``."""
+        ...
+
+    def end(self, then: Callable[[], Awaitable[None]] | None = None) -> None:
+        """The message is done (a second call does nothing). With ``then``, it is done
+        once ``then()`` has run in a task of the connection: for the rare work that must
+        await; a :class:`~imkit.exceptions.HandlerError` it raises answers the message
+        with an ``Err`` frame, as from a handler."""
         ...
 
 
@@ -178,9 +230,26 @@ class Context(Protocol):
         was queued in) calls this: the next message's handler starts at once, and the
         rest of this one runs alongside it. Handlers still start in arrival order, and
         ``on_disconnect`` still runs after all of them. Returns ``False`` (the handler
-        stays in order) when the server cannot: 16 handlers of the connection already run
-        so, the connection is ending, the call is not from the message's own handler, or
-        the transport handles one message at a time (the ASGI adapter).
+        stays in order) when the server cannot: 16 messages of the connection are
+        unblocked or deferred already, the connection is ending, the call is not from
+        the message's own handler, or the transport handles one message at a time (the
+        ASGI adapter).
+        """
+        ...
+
+    def defer(self) -> Deferred | None:
+        """Finish this message after the handler returns, from a callback.
+
+        For a handler whose answer waits on something that reports through a callback
+        (a store's queued write, say): it calls this, hands the returned
+        :class:`Deferred` to that callback, and returns. The connection's next message
+        starts at once and no task is kept for this one; the callback answers with
+        :meth:`Deferred.reply` and calls :meth:`Deferred.end`. Handlers still start in
+        arrival order; ``on_disconnect`` runs after every deferred message has ended
+        (or after the server's ``shutdown_timeout``). Returns ``None`` (finish in the
+        handler) when the server cannot: 16 messages of the connection are deferred or
+        unblocked already, the connection is ending, the call is not from the message's
+        own handler, or the transport handles one message at a time (the ASGI adapter).
         """
         ...
 

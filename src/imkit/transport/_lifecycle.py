@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import anyio
@@ -30,6 +30,7 @@ __all__ = (
     "MAX_UNBLOCKED",
     "UNBIND_TIMEOUT",
     "Connection",
+    "DeferredMessage",
     "HandlerContext",
     "HeldFanOut",
     "announce",
@@ -48,9 +49,9 @@ HOOK_TIMEOUT = 10.0
 UNBIND_TIMEOUT = 5.0
 """Longest a discovery ``unbind`` may take when a connection closes."""
 MAX_UNBLOCKED = 16
-"""At most this many handlers of one connection run on after ``Context.unblock()`` (each
-holds one of the server's ``max_concurrent_handlers`` slots: one connection takes no more
-than this and one)."""
+"""At most this many messages of one connection are unblocked (``Context.unblock()``) or
+deferred (``Context.defer()``) at a time. An unblocked handler holds one of the server's
+``max_concurrent_handlers`` slots: one connection takes no more than this and one."""
 
 
 class HeldFanOut:
@@ -149,6 +150,17 @@ class Connection(Session, Protocol):
         (``False``: it cannot, and the handler stays in order)."""
         ...
 
+    def defer(self, frame: Frame) -> DeferredMessage | None:
+        """Let the handler of ``frame`` return before the message is done (``None``: it
+        cannot, and the handler finishes the message)."""
+        ...
+
+    def deferred_end(
+        self, message: DeferredMessage, then: Callable[[], Awaitable[None]] | None
+    ) -> None:
+        """A deferred message is done (after ``then`` has run in a task, if given)."""
+        ...
+
     def send_error(self, code: str, message: str, frame_id: str = "", **extra: Any) -> None:
         """Send an ``Err`` frame."""
         ...
@@ -236,20 +248,42 @@ async def dispatch(server: Server, session: Connection, frame: Frame) -> None:
     try:
         try:
             await route.handler(HandlerContext(session, frame))
-        except HandlerError as exc:
-            session.send_error(exc.code, exc.message, frame.id, **exc.extra)
-        except Exception:
-            server.logger.exception(
-                "handler for %r failed (user %r, message %r)",
-                frame.method,
-                session.user_id,
-                frame.id,
-            )
-            session.send_error(
-                ErrorCode.HANDLER_ERROR, "the handler failed; see the server log", frame.id
-            )
+        except Exception as exc:  # noqa: BLE001 - answered with Err, logged unless a HandlerError
+            _failed(server, session, frame, exc)
     finally:
         limiter.release()
+
+
+async def finish_deferred(
+    server: Server, session: Connection, frame: Frame, then: Callable[[], Awaitable[None]]
+) -> None:
+    """Run the awaiting end of a deferred message (:meth:`DeferredMessage.end`) as its
+    handler would run: under the handler limit, errors answered with ``Err``."""
+    limiter = server.handler_limiter
+    if not limiter.acquire_nowait():
+        await limiter.acquire()
+    try:
+        try:
+            await then()
+        except Exception as exc:  # noqa: BLE001 - answered with Err, logged unless a HandlerError
+            _failed(server, session, frame, exc)
+    finally:
+        limiter.release()
+
+
+def _failed(server: Server, session: Connection, frame: Frame, exc: Exception) -> None:
+    """Answer ``frame`` for a handler that raised ``exc``."""
+    if isinstance(exc, HandlerError):
+        session.send_error(exc.code, exc.message, frame.id, **exc.extra)
+        return
+    server.logger.error(
+        "handler for %r failed (user %r, message %r)",
+        frame.method,
+        session.user_id,
+        frame.id,
+        exc_info=exc,
+    )
+    session.send_error(ErrorCode.HANDLER_ERROR, "the handler failed; see the server log", frame.id)
 
 
 async def delivery_hooks(server: Server, session: Connection, event: Any) -> None:
@@ -343,6 +377,46 @@ class HandlerContext:
         :meth:`imkit.core.server.Context.unblock`)."""
         return self.session.unblock(self.frame)
 
+    def defer(self) -> DeferredMessage | None:
+        """Finish this message after the handler returns, from a callback (see
+        :meth:`imkit.core.server.Context.defer`)."""
+        return self.session.defer(self.frame)
+
     async def error(self, code: str, message: str, **extra: Any) -> None:
         """Answer with an ``Err`` frame."""
         self.session.send_error(code, message, self.frame.id, **extra)
+
+
+class DeferredMessage:
+    """The :class:`~imkit.core.server.Deferred` of one message (from :meth:`Connection.defer`)."""
+
+    __slots__ = ("_ended", "frame", "session")
+
+    def __init__(self, session: Connection, frame: Frame) -> None:
+        self.session = session
+        """The connection the message came on."""
+        self.frame = frame
+        """The message."""
+        self._ended = False
+
+    def reply(self, data: Any, *, acked: bool = True) -> Frame:
+        """Answer the message (see :meth:`imkit.core.server.Context.reply`)."""
+        frame = self.frame
+        return self.session.send_now(frame.method, data, reply_to=frame.id, acked=acked)
+
+    def error(self, code: str, message: str, **extra: Any) -> None:
+        """Answer the message with an ``Err`` frame."""
+        self.session.send_error(code, message, self.frame.id, **extra)
+
+    def fail(self, exc: Exception) -> None:
+        """Answer the message as a handler that raised ``exc`` is answered."""
+        session = self.session
+        _failed(session.server, session, self.frame, exc)
+
+    def end(self, then: Callable[[], Awaitable[None]] | None = None) -> None:
+        """The message is done, or once ``then()`` has run (see
+        :meth:`imkit.core.server.Deferred.end`); a second call does nothing."""
+        if self._ended:
+            return
+        self._ended = True
+        self.session.deferred_end(self, then)

@@ -38,6 +38,7 @@ from imkit.core.interfaces import HandshakeRequest, Identity
 from imkit.core.peer import CLOSE_POLICY, Peer
 from imkit.transport._lifecycle import (
     HOOK_TIMEOUT,
+    DeferredMessage,
     HeldFanOut,
     announce,
     delivery_hooks,
@@ -247,6 +248,16 @@ class ASGISession(HeldFanOut):
     def unblock(self, frame: Frame) -> bool:
         """ASGI connections handle their messages one at a time: always ``False``."""
         return False
+
+    def defer(self, frame: Frame) -> DeferredMessage | None:
+        """ASGI connections handle their messages one at a time: always ``None``."""
+        return None
+
+    def deferred_end(
+        self, message: DeferredMessage, then: Callable[[], Awaitable[None]] | None
+    ) -> None:
+        """Never called: :meth:`defer` defers nothing."""
+        raise RuntimeError("an ASGI connection defers no message")  # pragma: no cover
 
     def send_error(self, code: str, message: str, frame_id: str = "", **extra: Any) -> None:
         """Send an ``Err`` frame (ignored once the connection is closing)."""

@@ -89,6 +89,7 @@ class Server:
         self._per_ip: Counter[str] = Counter()
         self._unyielded = 0  # pushes since send_to_users last yielded
         self._press_at = max_write_buffer // 8  # unsent bytes that make it yield at once
+        self._pressed = False  # a push passed _press_at since send_to_users last yielded
         self._sessions: set[ServerSession] = set()
         self._stop = anyio.Event()
         self._started = False
@@ -103,8 +104,32 @@ class Server:
         """The user's live connections on this node."""
         return list(self.registry.live(user_id))
 
-    async def send_to_users(
+    def push_here(
         self, user_ids: Sequence[str], method: str, data: Any, *, form_id: str = ""
+    ) -> int:
+        """Push to every connection of each user on this node, at once (the local part of
+        :meth:`send_to_users`; it never waits and never reaches another node). Returns
+        the number of connections reached."""
+        reached = 0
+        pressed = False
+        registry = self.registry
+        for user_id in user_ids:
+            for session in registry.live(user_id):
+                session.deliver(method, data, form_id=form_id)
+                reached += 1
+                pressed = pressed or session.unsent > self._press_at
+        if pressed:  # the next send_to_users yields, so that the writers run
+            self._pressed = True
+        return reached
+
+    async def send_to_users(
+        self,
+        user_ids: Sequence[str],
+        method: str,
+        data: Any,
+        *,
+        form_id: str = "",
+        here: bool = True,
     ) -> int:
         """Push to every connection of each user here, and forward to the nodes that hold
         the others. Returns the number of local connections and remote nodes reached.
@@ -116,19 +141,16 @@ class Server:
         pass an eighth of ``max_write_buffer``, and at least once every
         ``_PUSHES_PER_YIELD`` pushes (a yield on every call would cost a trip through
         the event loop per message, and split the writes that one loop iteration batches).
+        ``here=False`` leaves out this node's connections (:meth:`push_here` reached them).
         """
         reached = 0
-        pressed = False
-        registry = self.registry
-        for user_id in user_ids:
-            for session in registry.live(user_id):
-                session.deliver(method, data, form_id=form_id)
-                reached += 1
-                pressed = pressed or session.unsent > self._press_at
-        self._unyielded += reached or 1
-        if pressed or self._unyielded >= _PUSHES_PER_YIELD:
-            self._unyielded = 0
-            await anyio.lowlevel.checkpoint()
+        if here:
+            reached = self.push_here(user_ids, method, data, form_id=form_id)
+            self._unyielded += reached or 1
+            if self._pressed or self._unyielded >= _PUSHES_PER_YIELD:
+                self._pressed = False
+                self._unyielded = 0
+                await anyio.lowlevel.checkpoint()
         if self.single_node or not user_ids:
             return reached
         discover = self.app.discover

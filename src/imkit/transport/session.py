@@ -75,14 +75,20 @@ from imkit.core.frames import Frame, FrameType
 from imkit.core.interfaces import HandshakeRequest, Identity
 from imkit.core.peer import CLOSE_POLICY
 from imkit.exceptions import AuthenticationFailed
-from imkit.transport._asyncio_stream import AsyncioSocketStream, run_as_asyncio
+from imkit.transport._asyncio_stream import (
+    AsyncioSocketStream,
+    run_as_asyncio,
+    running_on_asyncio,
+)
 from imkit.transport._lifecycle import (
     MAX_UNBLOCKED,
+    DeferredMessage,
     HeldFanOut,
     announce,
     decide_handshake,
     delivery_hooks,
     dispatch,
+    finish_deferred,
     page_response,
     retire,
 )
@@ -876,6 +882,53 @@ class ServerSession(HeldFanOut):
             self._dispatching = frame
             return False
         return True
+
+    def defer(self, frame: Frame) -> DeferredMessage | None:
+        """Let the handler of ``frame`` return before the message is done (see
+        :meth:`imkit.core.server.Context.defer`); ``None`` if it cannot: ``frame`` is not
+        the message the worker is handling, :data:`MAX_UNBLOCKED` messages of this
+        connection are unblocked or deferred already, or the connection is ending."""
+        if self._dispatching is not frame or self._unblocked >= MAX_UNBLOCKED:
+            return None
+        if self._jobs is None:
+            return None
+        self._unblocked += 1
+        return DeferredMessage(self, frame)
+
+    def deferred_end(
+        self, message: DeferredMessage, then: Callable[[], Awaitable[None]] | None
+    ) -> None:
+        """A deferred message is done; with ``then``, once ``then()`` has run in a task of
+        the connection (if the connection is too far gone to start one, ``then`` is
+        dropped, with a warning)."""
+        if then is None:
+            self._unblocked_end()
+            return
+
+        async def finish() -> None:
+            try:
+                await finish_deferred(self.server, self, message.frame, then)
+            finally:
+                self._unblocked_end()
+
+        started: list[bool] = []
+
+        def spawn(job: Callable[[], Awaitable[None]]) -> None:
+            started.append(self._spawn(job))
+
+        # Called from a callback (outside any task), anyio on asyncio must be told which
+        # library runs, or it cannot start the task.
+        if running_on_asyncio():
+            run_as_asyncio(spawn, finish)
+        else:
+            spawn(finish)
+        if not started[0]:
+            self.server.logger.warning(
+                "the end of message %r of %r was dropped: its connection is gone",
+                message.frame.id,
+                self.user_id,
+            )
+            self._unblocked_end()
 
     def _unblocked_end(self) -> None:
         self._unblocked -= 1
