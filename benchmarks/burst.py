@@ -4,9 +4,10 @@ A user sends ``--messages`` private messages back to back on one connection (eac
 soon as the server's transport Ack for the one before arrives, not waiting for its
 answer), to ``imkit.chat`` on a fresh SQLite file (``synchronous=FULL``) in ``--dir``.
 Printed: the time from the first send until the last answer, and how many SQLite write
-transactions (each one fsync) stored them. With ``Context.unblock()`` the chat handler
-of the next message starts while this one waits for its commit, so a burst shares
-transactions; one message per transaction means the connection waited for every fsync.
+transactions (each one fsync) stored them. The chat handler defers its answer to the
+store's callback (``Context.defer()``), so the next message starts while this one waits
+for its commit and a burst shares transactions; one message per transaction means the
+connection waited for every fsync.
 Runs the server and the client in this process (asyncio), ``--repeat`` times, best first.
 """
 

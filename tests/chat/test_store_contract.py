@@ -575,14 +575,46 @@ def _fields(msg_id: str, **changes: Any) -> dict[str, Any]:
     return {**fields, **changes}
 
 
-async def test_queued_appends_take_seqs_in_call_order(store: MessageStore) -> None:
-    """Five appends queued before any is awaited, awaited in reverse: seqs follow the
-    calls; a queued repeat of a msg_id returns the first one."""
+class _Outcomes:
+    """What a store's ``append_nowait`` reported: ``(msg_id, seq, created)`` or
+    ``(msg_id, error)``, in the order the callbacks ran."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[Any, ...]] = []
+        self._wanted = 0
+        self._enough = anyio.Event()
+
+    def done(self, msg_id: str) -> Any:
+        def record(result: tuple[StoredMessage, bool] | None, error: BaseException | None) -> None:
+            assert (result is None) != (error is None), "exactly one of result and error"
+            if result is not None:
+                message, created = result
+                assert message.msg_id == msg_id
+                self.got.append((msg_id, message.seq, created))
+            else:
+                self.got.append((msg_id, error))
+            if self._wanted and len(self.got) >= self._wanted:
+                self._enough.set()
+
+        return record
+
+    async def wait(self, count: int) -> list[tuple[Any, ...]]:
+        if len(self.got) < count:
+            self._wanted, self._enough = count, anyio.Event()
+            with anyio.fail_after(5):
+                await self._enough.wait()
+        return self.got
+
+
+async def test_queued_appends_take_seqs_and_report_in_call_order(store: MessageStore) -> None:
+    """Five appends queued at once, then a repeat of a msg_id: seqs follow the calls, the
+    callbacks run in call order, the repeat gets the first one back (created False)."""
     queued = _queued(store)
-    pending = [queued.append_nowait(**_fields(f"m{i}")) for i in range(5)]
-    pending.append(queued.append_nowait(**_fields("m1")))
-    results = [await p for p in reversed(pending)][::-1]
-    assert [(m.msg_id, m.seq, created) for m, created in results] == [
+    outcomes = _Outcomes()
+    for i in range(5):
+        queued.append_nowait(**_fields(f"m{i}"), done=outcomes.done(f"m{i}"))
+    queued.append_nowait(**_fields("m1"), done=outcomes.done("m1"))
+    assert await outcomes.wait(6) == [
         ("m0", 1, True),
         ("m1", 2, True),
         ("m2", 3, True),
@@ -591,23 +623,43 @@ async def test_queued_appends_take_seqs_in_call_order(store: MessageStore) -> No
         ("m1", 2, False),
     ]
     assert await store.last_seq("a_b") == 5
+    assert [m.msg_id for m in await store.read_after("a_b", 0, limit=10)] == [
+        f"m{i}" for i in range(5)
+    ]
 
 
-async def test_a_queued_append_fails_at_the_await_not_at_the_call(
-    store_factory: StoreFactory,
+async def test_a_queued_append_reports_failures_to_its_callback_never_raising(
+    store_factory: StoreFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Bad arguments (ValueError) and a closed store (StoreError) raise from the await;
-    the call itself never raises."""
+    """Bad arguments (ValueError) and a closed store (StoreError) go to ``done``; the call
+    never raises, the appends around a bad one are stored, and a callback that raises
+    is logged without stopping the store."""
     store = store_factory()
     queued = _queued(store)
-    closed = queued.append_nowait(**_fields("m0"))
-    with pytest.raises(StoreError):
-        await closed
+    outcomes = _Outcomes()
+    queued.append_nowait(**_fields("m0"), done=outcomes.done("m0"))
+    [(msg_id, error)] = await outcomes.wait(1)
+    assert msg_id == "m0" and isinstance(error, StoreError)
     await store.open()
     try:
-        bad = queued.append_nowait(**_fields("", content="x"))
-        with pytest.raises(ValueError, match="msg_id"):
-            await bad
-        assert await store.last_seq("a_b") == 0
+        outcomes = _Outcomes()
+        queued.append_nowait(**_fields("good-1"), done=outcomes.done("good-1"))
+        queued.append_nowait(**_fields("", content="x"), done=outcomes.done(""))
+        queued.append_nowait(**_fields("good-2"), done=outcomes.done("good-2"))
+        got = await outcomes.wait(3)
+        [(_, error)] = [o for o in got if o[0] == ""]
+        assert isinstance(error, ValueError) and "msg_id" in str(error)
+        assert [o for o in got if o[0] != ""] == [("good-1", 1, True), ("good-2", 2, True)]
+
+        def explode(result: object, error: object) -> None:
+            raise RuntimeError("a bug in the callback")
+
+        queued.append_nowait(**_fields("boom"), done=explode)
+        outcomes = _Outcomes()
+        queued.append_nowait(**_fields("after"), done=outcomes.done("after"))
+        assert await outcomes.wait(1) == [("after", 4, True)]
+        assert await store.last_seq("a_b") == 4
+        assert "an append_nowait callback failed" in caplog.text
+        assert "a bug in the callback" in caplog.text
     finally:
         await store.close()

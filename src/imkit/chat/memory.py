@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Awaitable
-from typing import TypeVar
 
 import anyio.lowlevel
 import attrs
 
 from imkit.chat.store import (
+    AppendDone,
     ConversationSummary,
     StoredMessage,
     StoreLifecycle,
@@ -25,17 +24,9 @@ from imkit.chat.store import (
     check_limit,
     check_text,
     draft_message,
-    raise_when_awaited,
+    report_append,
 )
 from imkit.exceptions import StoreError
-
-_T = TypeVar("_T")
-
-
-async def _after_checkpoint(value: _T) -> _T:
-    await anyio.lowlevel.checkpoint()
-    return value
-
 
 __all__ = ("MemoryStore",)
 
@@ -118,9 +109,10 @@ class MemoryStore(StoreLifecycle):
         m_type: int,
         content: str,
         send_time: int,
-    ) -> Awaitable[tuple[StoredMessage, bool]]:
-        """Store the message now (seqs in the order of the calls); await the result
-        (:class:`~imkit.chat.store.QueuedAppend`: every failure comes from the await)."""
+        done: AppendDone,
+    ) -> None:
+        """Store the message now and call ``done`` with the outcome before returning
+        (:class:`~imkit.chat.store.QueuedAppend`)."""
         try:
             draft = draft_message(
                 conversation_id=conversation_id,
@@ -134,9 +126,10 @@ class MemoryStore(StoreLifecycle):
             )
             self._check_open()
             result = self._append(draft)
-        except Exception as exc:  # noqa: BLE001 - raised by the await, as promised
-            return raise_when_awaited(exc)
-        return _after_checkpoint(result)
+        except Exception as exc:  # noqa: BLE001 - given to done, as promised
+            report_append(done, None, exc)
+        else:
+            report_append(done, result, None)
 
     def _append(self, draft: StoredMessage) -> tuple[StoredMessage, bool]:
         conversation_id, sender_id, msg_id = draft.conversation_id, draft.sender_id, draft.msg_id

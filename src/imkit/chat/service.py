@@ -42,6 +42,7 @@ has no acks: there a push counts as delivered once it is handed to the connectio
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from collections import OrderedDict
@@ -54,9 +55,8 @@ from imkit.chat.ids import conversation_members, private_conversation_id
 from imkit.chat.store import MessageStore, QueuedAppend, StoredMessage
 from imkit.core.ack import AckMode
 from imkit.core.frames import ErrorCode, Frame
-from imkit.core.server import App, Context, LoginPolicy, ServerAPI, Session
+from imkit.core.server import App, Context, Deferred, LoginPolicy, ServerAPI, Session
 from imkit.exceptions import HandlerError, StoreError, StoreUnavailable
-from imkit.transport._sync import Flag
 
 __all__ = (
     "CHAT_METHOD",
@@ -256,11 +256,9 @@ class ChatService:
         self.no_ack = False
         self._devices: dict[Key, _Device] = {}
         self._lost: OrderedDict[Key, OrderedDict[str, tuple[int, Any]]] = OrderedDict()
-        # A store that queues appends in call order lets a connection's next message start
-        # while this one waits for its commit; per connection, the last such message
-        # (its flag is set once it has answered and pushed: the next one waits for it).
+        # A store that queues appends and reports them in call order: each message is
+        # answered from its callback (Context.defer), not from a task kept waiting.
         self._queued = _queued_appends(store)
-        self._turns: dict[str, Flag] = {}
         self._pairs: dict[tuple[str, str], str] = {}  # (sender, recipient): conversation id
 
     def install(self, app: App) -> None:
@@ -324,45 +322,64 @@ class ChatService:
         msg_id = given_id or ctx.frame.id
         if not msg_id or len(msg_id) > _MAX_ID_CHARS:
             raise HandlerError(ErrorCode.BAD_REQUEST, "a chat message needs an id (msgId)")
+        message = {
+            "conversation_id": conversation_id,
+            "sender_id": sender,
+            "recv_id": recv_id,
+            "msg_id": msg_id,
+            "chat_type": chat_type,
+            "m_type": m_type,
+            "content": content,
+            "send_time": self.now_ms(),
+        }
         # A store that queues appends takes this one now, behind this connection's
-        # earlier ones (its seq follows theirs): the next message may then start while
-        # this one waits for the commit, and this one answers and pushes after the one
-        # before it has (whatever order the scheduler wakes them in). Any other store
-        # is called through append, one message of the connection at a time.
+        # earlier ones (its seq follows theirs), and answers in call order: the handler
+        # returns, the next message starts, and the store's callback answers and pushes
+        # (the answers and pushes of one commit go out together). On one node only:
+        # pushes forwarded to other nodes must keep the order, which awaiting them one
+        # message at a time does. Any other store is called through append, one message
+        # of the connection at a time.
         queued = self._queued
-        append = self.store.append if queued is None else queued.append_nowait
-        pending = append(
-            conversation_id=conversation_id,
-            sender_id=sender,
-            recv_id=recv_id,
-            msg_id=msg_id,
-            chat_type=chat_type,
-            m_type=m_type,
-            content=content,
-            send_time=self.now_ms(),
-        )
-        epoch = ctx.session.epoch
-        before = self._turns.get(epoch) if queued is not None else None
-        turn = None
-        if queued is not None and ctx.unblock():
-            turn = self._turns[epoch] = Flag()
-        try:
-            stored, _created = await self._store(pending)
-            if before is not None:
-                await before.wait()
-            await self._answer(ctx, stored, recv_id, given_id)
-        finally:
-            if turn is not None:
-                turn.set()
-                if self._turns.get(epoch) is turn:
-                    del self._turns[epoch]
+        if queued is not None and ctx.server.single_node:
+            deferred = ctx.defer()
+            if deferred is not None:
+                done = functools.partial(self._stored, ctx, deferred, recv_id, given_id)
+                queued.append_nowait(**message, done=done)
+                return
+        stored, _created = await self._store(self.store.append(**message))
+        acked = not given_id
+        await ctx.reply(self._answer(ctx, stored), acked=acked)
+        await _run_steps(self._deliver(ctx, stored, recv_id, acked))
 
-    async def _answer(
-        self, ctx: Context, stored: StoredMessage, recv_id: str, given_id: str | None
+    def _stored(
+        self,
+        ctx: Context,
+        deferred: Deferred,
+        recv_id: str,
+        given_id: str | None,
+        result: tuple[StoredMessage, bool] | None,
+        error: BaseException | None,
     ) -> None:
-        """Answer the sender of a stored chat message and push it (the end of :meth:`chat`)."""
-        sender, session, conversation_id = ctx.user_id, ctx.session, stored.conversation_id
-        seq, devices = stored.seq, self._devices
+        """The store's callback for a deferred chat message: answer, push, end it."""
+        if result is None:
+            deferred.fail(_store_failure(self.logger, error))
+            deferred.end()
+            return
+        stored = result[0]
+        acked = not given_id
+        try:
+            deferred.reply(self._answer(ctx, stored), acked=acked)
+            steps = self._deliver(ctx, stored, recv_id, acked)
+        except Exception as exc:  # noqa: BLE001 - answered as a handler's failure
+            deferred.fail(exc)
+            steps = []
+        deferred.end(functools.partial(_run_steps, steps) if steps else None)
+
+    def _answer(self, ctx: Context, stored: StoredMessage) -> dict[str, Any]:
+        """The answer to the sender of a stored chat message; notes its seq as the
+        sender's own on each of the sender's devices here."""
+        sender, conversation_id, seq = ctx.user_id, stored.conversation_id, stored.seq
+        devices = self._devices
         for other in ctx.server.sessions(sender):  # for each device here, a seq to skip
             device = devices.get((sender, other.device_id))
             if device is not None:
@@ -370,43 +387,58 @@ class ChatService:
                 if own is None:
                     own = device.own[conversation_id] = set()
                 own.add(seq)
-        # A client that names its message (msgId) resends it under that id until answered
-        # (ChatClient, the page): its answer needs no ack, and a lost one is asked again.
-        # Without msgId the frame id names it: the answer is acked, replayed if lost.
-        acked = not given_id
-        await ctx.reply(
-            {
-                "conversationId": stored.conversation_id,
-                "seq": stored.seq,
-                "sendTime": stored.send_time,
-                "msgId": stored.msg_id,
-            },
-            acked=acked,
-        )
-        if self.no_ack or not acked:  # the answer carried it: the sending device has it
-            await self._advance((sender, session.device_id), conversation_id, [(stored.seq, True)])
+        return {
+            "conversationId": conversation_id,
+            "seq": seq,
+            "sendTime": stored.send_time,
+            "msgId": stored.msg_id,
+        }
+
+    def _deliver(
+        self, ctx: Context, stored: StoredMessage, recv_id: str, acked: bool
+    ) -> list[_Step]:
+        """After the answer: advance the sending device past its message when the answer
+        carried it (NoAck, or an answer that needs no ack: a client that names its
+        message resends it under that name until answered); push the message to this
+        node's connections of its recipients. What must await (a watermark to write, the
+        other nodes to reach) comes back as steps, to run in order."""
+        sender, session = ctx.user_id, ctx.session
+        conversation, seq = stored.conversation_id, stored.seq
+        steps: list[_Step] = []
+        if self.no_ack or not acked:
+            self._advance_later(steps, (sender, session.device_id), conversation, ((seq, True),))
         # Pushed again on a resend too: the first push may never have gone out. Clients
         # drop what they already have by (conversationId, seq).
-        targets = [recv_id] if recv_id == sender or not self.echo_to_sender else [recv_id, sender]
-        await self._fan_out(ctx.server, targets, stored, skip=session.epoch)
-
-    async def _fan_out(
-        self, server: ServerAPI, users: list[str], message: StoredMessage, *, skip: str
-    ) -> None:
-        """Push ``message`` to every connection of ``users``; note what each device expects."""
-        conversation, seq = message.conversation_id, message.seq
+        users = [recv_id] if recv_id == sender or not self.echo_to_sender else [recv_id, sender]
+        server = ctx.server
+        skip = session.epoch
         live: list[Key] = []
         for user in users:
-            for session in server.sessions(user):
-                device = self._devices.get((user, session.device_id))
+            for other in server.sessions(user):
+                device = self._devices.get((user, other.device_id))
                 if device is None:
                     continue
                 device.expect[conversation] = max(device.expect.get(conversation, 0), seq)
-                if self.no_ack and session.epoch in device.live and session.epoch != skip:
-                    live.append((user, session.device_id))
-        await server.send_to_users(users, PUSH_METHOD, message.to_wire(), form_id=message.sender_id)
+                if self.no_ack and other.epoch in device.live and other.epoch != skip:
+                    live.append((user, other.device_id))
+        wire = stored.to_wire()
+        server.push_here(users, PUSH_METHOD, wire, form_id=sender)
+        if not server.single_node:
+            forward = server.send_to_users
+            steps.append(
+                functools.partial(forward, users, PUSH_METHOD, wire, form_id=sender, here=False)
+            )
         for key in live:  # NoAck: handed to the connection counts as delivered
-            await self._advance(key, conversation, [(seq, key[0] == message.sender_id)])
+            self._advance_later(steps, key, conversation, ((seq, key[0] == sender),))
+        return steps
+
+    def _advance_later(
+        self, steps: list[_Step], key: Key, conversation: str, seqs: Iterable[tuple[int, bool]]
+    ) -> None:
+        """:meth:`_advance` without awaiting: what needs the store is added to ``steps``."""
+        rest = self._advance_now(key, conversation, seqs)
+        if rest is not None:
+            steps.append(functools.partial(self._advance_slow, key, conversation, rest))
 
     async def _store(
         self, append: Awaitable[tuple[StoredMessage, bool]]
@@ -414,15 +446,8 @@ class ChatService:
         """Await a :meth:`MessageStore.append` call; its failures as :class:`HandlerError`."""
         try:
             return await append
-        except StoreError as exc:  # StoreUnavailable, or worse: either way not answered
-            log = self.logger.warning if isinstance(exc, StoreUnavailable) else self.logger.error
-            log("the store failed, message not stored: %s", exc)
-            raise HandlerError(
-                ErrorCode.STORE_UNAVAILABLE,
-                "the message store is unavailable; nothing was stored; resend with the same id",
-            ) from None
-        except (ValueError, TypeError) as exc:
-            raise HandlerError(ErrorCode.BAD_REQUEST, str(exc)) from None
+        except (StoreError, ValueError, TypeError) as exc:
+            raise _store_failure(self.logger, exc) from None
 
     @staticmethod
     def _member(ctx: Context, conversation_id: Any) -> str:
@@ -682,19 +707,37 @@ class ChatService:
         """Record that device ``key`` has the ``(seq, sent_by_its_user)`` of ``seqs``; raise
         its watermark over every contiguous seq it has or its user sent; write it when due:
         once the device has all this node sent it, or ``flush_every`` messages later."""
+        rest = self._advance_now(key, conversation, seqs)
+        if rest is not None:
+            await self._advance_slow(key, conversation, rest)
+
+    def _advance_now(
+        self, key: Key, conversation: str, seqs: Iterable[tuple[int, bool]]
+    ) -> Iterable[tuple[int, bool]] | None:
+        """The part of :meth:`_advance` that needs no store: ``None`` when that was all,
+        else the seqs :meth:`_advance_slow` must still note (maybe none)."""
         device = self._devices.get(key)
         if device is None:
-            return  # not connected here (any more): the store keeps the truth
-        if not device.lock.locked() and conversation in device.level:
-            # Nobody is between awaits on this device, and its watermark is known: note the
-            # seqs at once (no await, no checkpoint). Only a hole to read or a watermark to
-            # write needs the store, and with it the lock.
-            level = self._note(device, conversation, device.level[conversation], seqs)
-            if not self._hole(device, conversation, level) and not self._due(
-                device, conversation, level
-            ):
-                return
-            seqs = ()
+            return None  # not connected here (any more): the store keeps the truth
+        if device.lock.locked() or conversation not in device.level:
+            return seqs
+        # Nobody is between awaits on this device, and its watermark is known: note the
+        # seqs at once (no await, no checkpoint). Only a hole to read or a watermark to
+        # write needs the store, and with it the lock.
+        level = self._note(device, conversation, device.level[conversation], seqs)
+        if not self._hole(device, conversation, level) and not self._due(
+            device, conversation, level
+        ):
+            return None
+        return ()
+
+    async def _advance_slow(
+        self, key: Key, conversation: str, seqs: Iterable[tuple[int, bool]]
+    ) -> None:
+        """The part of :meth:`_advance` that needs the store, under the device's lock."""
+        device = self._devices.get(key)
+        if device is None:
+            return
         async with _locked(device.lock):
             level = await self._level(key, device, conversation)
             level = self._note(device, conversation, level, seqs)
@@ -827,6 +870,32 @@ class ChatService:
         if not device.sessions and self._devices.get(key) is device:
             del self._devices[key]
         device.notify()
+
+
+_Step = Callable[[], Awaitable[object]]
+"""What is left of a chat message's delivery that must await (:meth:`ChatService._deliver`)."""
+
+
+async def _run_steps(steps: list[_Step]) -> None:
+    for step in steps:
+        await step()
+
+
+def _store_failure(logger: logging.Logger, exc: BaseException | None) -> Exception:
+    """The answer to a failed append: :class:`HandlerError` for what the store raises
+    (logged), the exception itself for anything else (a bug: the handler's error)."""
+    if isinstance(exc, StoreError):  # StoreUnavailable, or worse: either way not answered
+        log = logger.warning if isinstance(exc, StoreUnavailable) else logger.error
+        log("the store failed, message not stored: %s", exc)
+        return HandlerError(
+            ErrorCode.STORE_UNAVAILABLE,
+            "the message store is unavailable; nothing was stored; resend with the same id",
+        )
+    if isinstance(exc, (ValueError, TypeError)):
+        return HandlerError(ErrorCode.BAD_REQUEST, str(exc))
+    if isinstance(exc, Exception):
+        return exc
+    return RuntimeError(f"the store gave no result and no error ({exc!r})")
 
 
 @contextlib.asynccontextmanager

@@ -56,7 +56,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeVar
 
 import anyio
@@ -64,16 +64,17 @@ import anyio.to_thread
 
 from imkit.chat.store import (
     SCHEMA_VERSION,
+    AppendDone,
     ConversationSummary,
     StoredMessage,
     StoreLifecycle,
+    check_append,
     check_cursor,
     check_history,
     check_int,
     check_limit,
     check_text,
-    draft_message,
-    raise_when_awaited,
+    report_append,
 )
 from imkit.exceptions import ImkitError, StoreError, StoreUnavailable
 from imkit.transport._sync import EventFactory, Flag
@@ -187,26 +188,31 @@ class _Job:
     loop and keeps a list of waiters, for each wait), else an :class:`anyio.Event`.
     """
 
-    __slots__ = ("batch", "cancelled", "error", "event", "fn", "kind", "result")
+    __slots__ = ("batch", "cancelled", "error", "event", "fn", "kind", "result", "then")
 
     def __init__(
         self,
         kind: _Kind,
         fn: Callable[[sqlite3.Connection], Any] | None = None,
         event: anyio.Event | asyncio.Future[None] | None = None,
+        then: AppendDone | None = None,
     ) -> None:
         self.kind = kind
         self.fn = fn
         self.event = event
+        self.then = then  # called with the outcome instead of waking a waiter
         self.result: Any = None
         self.error: BaseException | None = None
         self.cancelled = False
         self.batch: Sequence[_Job] = ()  # a COMMIT's writes
 
     def wake(self) -> None:
-        """Wake the caller waiting for this job (if it still waits)."""
+        """Wake the caller waiting for this job (if it still waits), or call it back."""
         event = self.event
         if event is None:
+            if self.then is not None:
+                error = self.error
+                report_append(self.then, None if error is not None else self.result, error)
             return
         if isinstance(event, asyncio.Future):
             if not event.done():  # done: the wait was cancelled
@@ -235,6 +241,65 @@ def _watermark_sql(table: str, key_columns: tuple[str, ...]) -> tuple[str, str]:
         f" ON CONFLICT ({columns}) DO UPDATE SET seq = excluded.seq"
     )
     return lookup, upsert
+
+
+def _append_write(
+    *,
+    conversation_id: str,
+    sender_id: str,
+    recv_id: str,
+    msg_id: str,
+    chat_type: int,
+    m_type: int,
+    content: str,
+    send_time: int,
+) -> Callable[[sqlite3.Connection], tuple[StoredMessage, bool]]:
+    """The write of one append, its arguments checked first (``TypeError``/``ValueError``)."""
+    check_append(
+        conversation_id=conversation_id,
+        sender_id=sender_id,
+        recv_id=recv_id,
+        msg_id=msg_id,
+        chat_type=chat_type,
+        m_type=m_type,
+        content=content,
+        send_time=send_time,
+    )
+
+    def run(conn: sqlite3.Connection) -> tuple[StoredMessage, bool]:
+        # One read for three questions: the conversation's last seq, whether both
+        # users are members already, and whether this sender's msg_id is stored
+        # (no conversation row: none of them).
+        row = conn.execute(
+            _APPEND_LOOKUP, (sender_id, recv_id, sender_id, msg_id, conversation_id)
+        ).fetchone()
+        if row is None:
+            seq, members = 1, 0
+            conn.execute(_NEW_CONVERSATION, (conversation_id,))
+        elif row[2] is not None:
+            return _row_to_message(row[2:]), False
+        else:
+            seq, members = row[0] + 1, row[1]
+            conn.execute(_NEXT_SEQ, (seq, conversation_id))
+        # The row in the order of StoredMessage's fields (no attrs.evolve / astuple:
+        # they look the fields up on every call).
+        values = (
+            conversation_id,
+            seq,
+            sender_id,
+            recv_id,
+            msg_id,
+            chat_type,
+            m_type,
+            content,
+            send_time,
+        )
+        conn.execute(_INSERT_MESSAGE, values)
+        if members < (1 if sender_id == recv_id else 2):
+            conn.execute(_ADD_MEMBERS, (sender_id, conversation_id, recv_id, conversation_id))
+        return StoredMessage(*values), True
+
+    return run
 
 
 class SQLiteStore(StoreLifecycle):
@@ -357,15 +422,24 @@ class SQLiteStore(StoreLifecycle):
         result: _T = await self._wait(self._submit(kind, fn))
         return result
 
-    def _submit(self, kind: _Kind, fn: Callable[[sqlite3.Connection], Any]) -> _Job:
-        """Queue a job now (writes run in the order they are queued)."""
+    def _submit(
+        self,
+        kind: _Kind,
+        fn: Callable[[sqlite3.Connection], Any],
+        then: AppendDone | None = None,
+    ) -> _Job:
+        """Queue a job now (writes run in the order they are queued); its outcome is
+        awaited with :meth:`_wait`, or, with ``then``, handed to that callback."""
         jobs = self._queue
         if jobs is None or not self._open:
             raise StoreError("the store is not open")
         if threading.get_ident() != self._owner:
             raise RuntimeError("an SQLiteStore is used by the event loop that opened it")
-        loop = self._loop
-        job = _Job(kind, fn, self._new_event() if loop is None else loop.create_future())
+        if then is not None:
+            job = _Job(kind, fn, None, then)
+        else:
+            loop = self._loop
+            job = _Job(kind, fn, self._new_event() if loop is None else loop.create_future())
         if kind is _Kind.WRITE:
             self._writes.append(job)
             if self._round is None:
@@ -679,7 +753,7 @@ class SQLiteStore(StoreLifecycle):
         send_time: int,
     ) -> tuple[StoredMessage, bool]:
         """Store a message under the next seq, or return the one stored before."""
-        return await self.append_nowait(
+        write = _append_write(
             conversation_id=conversation_id,
             sender_id=sender_id,
             recv_id=recv_id,
@@ -689,6 +763,8 @@ class SQLiteStore(StoreLifecycle):
             content=content,
             send_time=send_time,
         )
+        result: tuple[StoredMessage, bool] = await self._call(_Kind.WRITE, write)
+        return result
 
     def append_nowait(
         self,
@@ -701,45 +777,13 @@ class SQLiteStore(StoreLifecycle):
         m_type: int,
         content: str,
         send_time: int,
-    ) -> Awaitable[tuple[StoredMessage, bool]]:
-        """Queue :meth:`append` now, behind every write queued before; await the result
-        (:class:`~imkit.chat.store.QueuedAppend`: every failure comes from the await)."""
-
-        def run(conn: sqlite3.Connection) -> tuple[StoredMessage, bool]:
-            # One read for three questions: the conversation's last seq, whether both
-            # users are members already, and whether this sender's msg_id is stored
-            # (no conversation row: none of them).
-            row = conn.execute(
-                _APPEND_LOOKUP, (sender_id, recv_id, sender_id, msg_id, conversation_id)
-            ).fetchone()
-            if row is None:
-                seq, members = 1, 0
-                conn.execute(_NEW_CONVERSATION, (conversation_id,))
-            elif row[2] is not None:
-                return _row_to_message(row[2:]), False
-            else:
-                seq, members = row[0] + 1, row[1]
-                conn.execute(_NEXT_SEQ, (seq, conversation_id))
-            # The row in the order of StoredMessage's fields (no attrs.evolve / astuple:
-            # they look the fields up on every call).
-            values = (
-                conversation_id,
-                seq,
-                sender_id,
-                recv_id,
-                msg_id,
-                chat_type,
-                m_type,
-                content,
-                send_time,
-            )
-            conn.execute(_INSERT_MESSAGE, values)
-            if members < (1 if sender_id == recv_id else 2):
-                conn.execute(_ADD_MEMBERS, (sender_id, conversation_id, recv_id, conversation_id))
-            return StoredMessage(*values), True
-
+        done: AppendDone,
+    ) -> None:
+        """Queue :meth:`append` now, behind every write queued before; ``done`` gets the
+        outcome once the transaction holding it has committed, in the order of the calls
+        (:class:`~imkit.chat.store.QueuedAppend`)."""
         try:
-            draft_message(
+            write = _append_write(
                 conversation_id=conversation_id,
                 sender_id=sender_id,
                 recv_id=recv_id,
@@ -749,10 +793,9 @@ class SQLiteStore(StoreLifecycle):
                 content=content,
                 send_time=send_time,
             )
-            job = self._submit(_Kind.WRITE, run)
-        except Exception as exc:  # noqa: BLE001 - raised by the await, as promised
-            return raise_when_awaited(exc)
-        return self._wait(job)
+            self._submit(_Kind.WRITE, write, done)
+        except Exception as exc:  # noqa: BLE001 - given to done, as promised
+            report_append(done, None, exc)
 
     async def read_after(
         self, conversation_id: str, after_seq: int, *, limit: int

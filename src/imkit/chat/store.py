@@ -50,16 +50,19 @@ Errors
     :meth:`MessageStore.close` raises ``StoreError``.
 
 Queued appends (optional)
-    A store that can take an append at once, behind every append queued before it, in
-    call order (the memory and SQLite stores; not PostgreSQL's pool), also provides
-    :class:`QueuedAppend`'s ``append_nowait``. The chat service then lets a connection's
-    next message start while one waits for its commit. A subclass that overrides
-    ``append`` alone is still called through ``append``, one message at a time.
+    A store that can take an append at once, behind every append queued before it, and
+    report each result through a callback in call order (the memory and SQLite stores;
+    not PostgreSQL's pool), also provides :class:`QueuedAppend`'s ``append_nowait``.
+    The chat service then answers each message from that callback (``Context.defer``):
+    a connection's next message starts while one waits for its commit, and no task is
+    kept per message. A subclass that overrides ``append`` alone is still called
+    through ``append``, one message at a time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Sequence
+import logging
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -67,11 +70,14 @@ import attrs
 
 __all__ = (
     "SCHEMA_VERSION",
+    "AppendDone",
     "ConversationSummary",
     "MessageStore",
     "QueuedAppend",
     "StoredMessage",
 )
+
+_logger = logging.getLogger("imkit.chat.store")
 
 #: The version of the persistent schema the SQL stores create and expect.
 SCHEMA_VERSION = 1
@@ -230,15 +236,22 @@ class MessageStore(Protocol):
         ...
 
 
+AppendDone = Callable[[tuple[StoredMessage, bool] | None, BaseException | None], None]
+"""What :meth:`QueuedAppend.append_nowait` calls when an append is over:
+``done((message, created), None)`` once stored (as :meth:`MessageStore.append` returns
+it), or ``done(None, error)`` with the exception ``append`` would have raised."""
+
+
 @runtime_checkable
 class QueuedAppend(Protocol):
-    """A store whose appends can be queued at once, in the order of the calls.
+    """A store whose appends can be queued at once, their results reported in call order.
 
-    :class:`~imkit.chat.service.ChatService` uses it to let a connection's next message
-    start while this one waits for its commit (``Context.unblock``): the appends still
-    take their seqs in the order the sender sent them. A store that cannot promise that
-    order (one whose appends may overtake each other) does not provide it, and each
-    connection's messages are then stored one after the other.
+    :class:`~imkit.chat.service.ChatService` uses it to answer each chat message from
+    the store's callback (``Context.defer``): a connection's next message starts while
+    this one waits for its commit, the appends still take their seqs in the order the
+    sender sent them, and the answers go out in that order. A store that cannot promise
+    that order (one whose appends may overtake each other) does not provide it, and
+    each connection's messages are then stored one after the other.
     """
 
     def append_nowait(
@@ -252,16 +265,27 @@ class QueuedAppend(Protocol):
         m_type: int,
         content: str,
         send_time: int,
-    ) -> Awaitable[tuple[StoredMessage, bool]]:
-        """Queue :meth:`MessageStore.append` now, behind every append queued before;
-        await the result. Never raises at the call: every failure comes from the await."""
+        done: AppendDone,
+    ) -> None:
+        """Queue :meth:`MessageStore.append` now, behind every append queued before; call
+        ``done`` once with its outcome, on the event loop's thread; the appends it takes
+        are answered in the order of the calls. ``done`` may run before this returns (a
+        store that stores at once); it must not raise (what it raises is logged and
+        dropped). Never raises at the call: an append refused there (a bad argument, a
+        closed store) is answered at once, with the error ``append`` would raise."""
         ...
 
 
-async def raise_when_awaited(exc: BaseException) -> Any:
-    """An awaitable that raises ``exc``: what an ``append_nowait`` that failed at the call
-    returns (:class:`QueuedAppend` raises only from the await)."""
-    raise exc
+def report_append(
+    done: AppendDone,
+    result: tuple[StoredMessage, bool] | None,
+    error: BaseException | None,
+) -> None:
+    """Call an :data:`AppendDone`; log what it raises (a store goes on with its queue)."""
+    try:
+        done(result, error)
+    except Exception:
+        _logger.exception("an append_nowait callback failed")
 
 
 _S = TypeVar("_S", bound="StoreLifecycle")
@@ -345,16 +369,16 @@ def draft_message(
     send_time: int,
 ) -> StoredMessage:
     """Validate the arguments of :meth:`MessageStore.append`; the message with seq 0."""
-    check_text("conversation_id", conversation_id)
-    check_text("sender_id", sender_id)
-    check_text("recv_id", recv_id)
-    check_text("msg_id", msg_id)
-    check_int("chat_type", chat_type, bits=32)
-    check_int("m_type", m_type, bits=32)
-    if not isinstance(content, str):
-        raise TypeError(f"content must be a str, not {type(content).__name__}")
-    check_unicode("content", content)
-    check_int("send_time", send_time)
+    check_append(
+        conversation_id=conversation_id,
+        sender_id=sender_id,
+        recv_id=recv_id,
+        msg_id=msg_id,
+        chat_type=chat_type,
+        m_type=m_type,
+        content=content,
+        send_time=send_time,
+    )
     return StoredMessage(
         conversation_id=conversation_id,
         seq=0,
@@ -366,6 +390,30 @@ def draft_message(
         content=content,
         send_time=send_time,
     )
+
+
+def check_append(
+    *,
+    conversation_id: str,
+    sender_id: str,
+    recv_id: str,
+    msg_id: str,
+    chat_type: int,
+    m_type: int,
+    content: str,
+    send_time: int,
+) -> None:
+    """Raise ``TypeError``/``ValueError`` for arguments :meth:`MessageStore.append` refuses."""
+    check_text("conversation_id", conversation_id)
+    check_text("sender_id", sender_id)
+    check_text("recv_id", recv_id)
+    check_text("msg_id", msg_id)
+    check_int("chat_type", chat_type, bits=32)
+    check_int("m_type", m_type, bits=32)
+    if not isinstance(content, str):
+        raise TypeError(f"content must be a str, not {type(content).__name__}")
+    check_unicode("content", content)
+    check_int("send_time", send_time)
 
 
 def check_history(
