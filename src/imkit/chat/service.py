@@ -347,6 +347,9 @@ class ChatService:
                 queued.append_nowait(**message, done=done)
                 return
         stored, _created = await self._store(self.store.append(**message))
+        # A client that names its message (msgId) resends it under that id until answered
+        # (ChatClient, the page): its answer needs no ack, and a lost one is asked again.
+        # Without msgId the frame id names it: the answer is acked, replayed if lost.
         acked = not given_id
         await ctx.reply(self._answer(ctx, stored), acked=acked)
         await _run_steps(self._deliver(ctx, stored, recv_id, acked))
@@ -366,7 +369,7 @@ class ChatService:
             deferred.end()
             return
         stored = result[0]
-        acked = not given_id
+        acked = not given_id  # as in chat()
         try:
             deferred.reply(self._answer(ctx, stored), acked=acked)
             steps = self._deliver(ctx, stored, recv_id, acked)
