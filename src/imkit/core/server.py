@@ -158,9 +158,8 @@ class ServerAPI(Protocol):
 class Deferred(Protocol):
     """A message whose handler has returned and whose answer comes later, from a callback
     (:meth:`Context.defer`). Its methods do not await: they may be called on the event
-    loop's thread from a callback (a store's, say) as well as from a task. (Under asyncio
-    a callback that runs ``end(then)`` must run in the context of one of the loop's tasks,
-    as ``call_soon`` from a task does: anyio finds the event loop through it.)"""
+    loop's thread from a callback (a store's, say, outside any task) as well as from a
+    task."""
 
     def reply(self, data: Any, *, acked: bool = True) -> Frame:
         """Answer the message, as :meth:`Context.reply` does."""
