@@ -48,6 +48,25 @@ class Collected(list[Any]):
             await self._changed.wait()
 
 
+def logged_app() -> tuple[imkit.App, Collected]:
+    """An app on InsecureDevAuth whose ``fast`` route logs ``("fast", data)`` and replies
+    with its data, and whose ``on_disconnect`` logs ``("disconnect", user_id)``; tests
+    add the routes they study, logging to the same list."""
+    app = imkit.App(auth=imkit.InsecureDevAuth(quiet=True))
+    log = Collected()
+
+    @app.route("fast")
+    async def fast(ctx: imkit.Context) -> None:
+        log.add(("fast", ctx.data))
+        await ctx.reply(ctx.data)
+
+    @app.on_disconnect
+    async def gone(session: imkit.Session, server: imkit.ServerAPI) -> None:
+        log.add(("disconnect", session.user_id))
+
+    return app, log
+
+
 class Recorder:
     """What the routes of :func:`make_app` saw."""
 

@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import pytest
-from tests.transport.helpers import Collected
+from tests.transport.helpers import Collected, logged_app
 
 import imkit
 from imkit.core.frames import ErrorCode
@@ -26,10 +26,9 @@ pytestmark = pytest.mark.anyio
 
 def deferring_app() -> tuple[imkit.App, dict[Any, imkit.Deferred], Collected]:
     """An app whose ``later`` route defers and returns, leaving the test to answer; its
-    ``now`` route answers at once."""
-    app = imkit.App(auth=imkit.InsecureDevAuth(quiet=True))
+    ``fast`` route answers at once (:func:`logged_app`)."""
+    app, log = logged_app()
     held: dict[Any, imkit.Deferred] = {}
-    log = Collected()
 
     @app.route("later")
     async def later(ctx: imkit.Context) -> None:
@@ -42,20 +41,11 @@ def deferring_app() -> tuple[imkit.App, dict[Any, imkit.Deferred], Collected]:
         held[ctx.data] = deferred
         log.add(("returned", ctx.data))
 
-    @app.route("now")
-    async def now(ctx: imkit.Context) -> None:
-        log.add(("now", ctx.data))
-        await ctx.reply(ctx.data)
-
-    @app.on_disconnect
-    async def gone(session: imkit.Session, server: imkit.ServerAPI) -> None:
-        log.add(("disconnect", session.user_id))
-
     return app, held, log
 
 
 async def test_deferred_messages_are_answered_later_in_the_order_their_callbacks_run() -> None:
-    """Alice's ``later`` 1 and 2 return at once (her ``now`` 3 is answered meanwhile);
+    """Alice's ``later`` 1 and 2 return at once (her ``fast`` 3 is answered meanwhile);
     answered 2 then 1 from outside the handlers, she gets each answer under its id; a
     second ``end()`` does nothing."""
     app, held, log = deferring_app()
@@ -71,7 +61,7 @@ async def test_deferred_messages_are_answered_later_in_the_order_their_callbacks
                 await log.wait_until(lambda e: ("returned", 1) in e)
                 tg.start_soon(ask, 2)
                 await log.wait_until(lambda e: ("returned", 2) in e)
-                assert await alice.request("now", 3) == 3
+                assert await alice.request("fast", 3) == 3
                 assert answers == {}
                 held[2].reply({"late": 2})
                 held[2].end()

@@ -7,7 +7,7 @@ from typing import Any
 
 import anyio
 import pytest
-from tests.transport.helpers import Collected
+from tests.transport.helpers import Collected, logged_app
 
 import imkit
 from imkit.testing import MemoryServer
@@ -22,10 +22,10 @@ async def wait_for(log: Collected, entry: tuple[str, Any]) -> None:
 
 
 def gated_app() -> tuple[imkit.App, anyio.Event, Collected]:
-    """An app whose ``slow`` route unblocks, then waits for the gate; ``fast`` answers."""
-    app = imkit.App(auth=imkit.InsecureDevAuth(quiet=True))
+    """An app whose ``slow`` route unblocks, then waits for the gate; ``fast`` answers
+    (:func:`logged_app`)."""
+    app, log = logged_app()
     gate = anyio.Event()
-    log = Collected()
 
     @app.route("slow")
     async def slow(ctx: imkit.Context) -> None:
@@ -34,15 +34,6 @@ def gated_app() -> tuple[imkit.App, anyio.Event, Collected]:
         await gate.wait()
         log.add(("end", ctx.data))
         await ctx.reply(ctx.data)
-
-    @app.route("fast")
-    async def fast(ctx: imkit.Context) -> None:
-        log.add(("fast", ctx.data))
-        await ctx.reply(ctx.data)
-
-    @app.on_disconnect
-    async def gone(session: imkit.Session, server: imkit.ServerAPI) -> None:
-        log.add(("disconnect", session.user_id))
 
     return app, gate, log
 
