@@ -74,6 +74,7 @@ def _serve(args: argparse.Namespace) -> int:
     from imkit.auth import InsecureDevAuth, TokenAuth
     from imkit.chat.app import create_chat_app
     from imkit.core.peer import PeerOptions
+    from imkit.exceptions import ConfigurationError
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -111,16 +112,20 @@ def _serve(args: argparse.Namespace) -> int:
         rate_limit=args.rate_limit if args.rate_limit > 0 else None,
         rate_burst=args.rate_burst,
     )
-    app, _service = create_chat_app(
-        store,
-        auth=auth,
-        auth_kind=args.auth,
-        ack_mode=args.ack,
-        login_policy=args.login,
-        allowed_origins=args.origin or None,
-        discover=discover,
-        options=options,
-    )
+    try:
+        app, _service = create_chat_app(
+            store,
+            auth=auth,
+            auth_kind=args.auth,
+            ack_mode=args.ack,
+            login_policy=args.login,
+            allowed_origins=args.origin or None,
+            discover=discover,
+            options=options,
+            trusted_proxies=args.trusted_proxy or (),
+        )
+    except ConfigurationError as exc:
+        raise SystemExit(f"imkit: {exc}") from None
     where = f"PostgreSQL {args.postgres}" if args.postgres else f"SQLite {os.path.abspath(args.db)}"
     _run_server(app, args, where, log)
     return 0
@@ -263,6 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--auth", choices=("token", "dev"), default="token")
     serve.add_argument("--secret", help=f"token secret (default: ${SECRET_ENV})")
     serve.add_argument("--origin", action="append", help="allowed browser Origin (repeatable)")
+    serve.add_argument(
+        "--trusted-proxy",
+        action="append",
+        metavar="ADDR",
+        help="a reverse proxy (address or network) whose X-Forwarded-For names the client "
+        "(repeatable; default: none)",
+    )
     serve.add_argument("--login", choices=("single", "multi"), default="single")
     serve.add_argument(
         "--rate-limit",

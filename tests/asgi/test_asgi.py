@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 import uvicorn
 import websockets
@@ -258,6 +259,28 @@ async def test_asgi_handles_a_connections_messages_one_at_a_time() -> None:
                 reply = await recv(ws)
                 assert reply["replyTo"] == "m1"
                 assert reply["data"] == {"unblocked": False, "deferred": False}
+
+
+async def test_asgi_behind_a_trusted_proxy_counts_the_forwarded_client() -> None:
+    """Uvicorn with its own proxy-header handling off: imkit's ``trusted_proxies`` reads
+    ``X-Forwarded-For``, so two clients behind the proxy at 127.0.0.1 each get their one
+    connection, and a second for the same client is refused with 429."""
+    app, _ = make_app("none", max_connections_per_ip=1, trusted_proxies=["127.0.0.1"])
+    with anyio.fail_after(TIMEOUT):
+        async with serving(ASGIApp(app), proxy_headers=False) as port:
+            url = f"ws://127.0.0.1:{port}/ws"
+            one = {"X-Forwarded-For": "198.51.100.1"}
+            two = {"X-Forwarded-For": "198.51.100.2"}
+            async with (
+                ws_connect(f"{url}?user=alice", additional_headers=one),
+                ws_connect(f"{url}?user=bob", additional_headers=two) as bob,
+            ):
+                await bob.send(data("m1", "echo", "hi"))
+                assert (await recv(bob))["data"] == "hi"
+                with pytest.raises(websockets.InvalidStatus) as info:
+                    async with ws_connect(f"{url}?user=carol", additional_headers=one):
+                        pass
+                assert info.value.response.status_code == 429
 
 
 async def test_upstream_and_downstream_frames_rigor_ack() -> None:
@@ -753,6 +776,69 @@ class ExpiringAuth:
     async def authenticate(self, request: imkit.HandshakeRequest) -> imkit.Identity:
         user = request.query.get("user", "")
         return imkit.Identity(user, expires_at=self.clock.wall() + self.ttl)
+
+
+class RevocableAuth:
+    """``?user=NAME``; refuses users in ``revoked``; raises while ``broken`` (an outage)."""
+
+    def __init__(self) -> None:
+        self.revoked: set[str] = set()
+        self.broken = False
+        self.calls = 0
+
+    async def authenticate(self, request: imkit.HandshakeRequest) -> imkit.Identity:
+        self.calls += 1
+        if self.broken:
+            raise RuntimeError("the auth backend is down")
+        user = request.query.get("user", "")
+        if user in self.revoked:
+            raise imkit.AuthenticationFailed("revoked")
+        return imkit.Identity(user)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_a_revoked_credential_closes_1008_at_the_next_revalidation(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``revalidate_interval=60`` under ASGI: an auth backend that fails keeps the
+    connection (a warning is logged); once the user is revoked, the next revalidation
+    closes it with 1008 "credential revoked"."""
+    clock = FakeClock()
+    auth = RevocableAuth()
+    app = imkit.App(auth=auth, ack_mode="none", revalidate_interval=60)
+
+    @app.route("echo")
+    async def echo(ctx: imkit.Context) -> None:
+        await ctx.reply(ctx.data)
+
+    asgi = ASGIApp(app, clock=clock)
+    with anyio.fail_after(TIMEOUT):
+        io = FakeASGI()
+        io.feed({"type": "websocket.connect"})
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(asgi, ws_scope("user=alice"), io.receive, io.send)
+            assert (await io.out.receive())["type"] == "websocket.accept"
+            assert auth.calls == 1
+            auth.broken = True
+            await clock.advance_by(60)
+            while auth.calls < 2:  # the revalidation runs in a task of its own
+                await anyio.lowlevel.checkpoint()
+            io.feed({"type": "websocket.receive", "text": data("m1", "echo", 1)})
+            assert (await io.next_text())["data"] == 1, "kept through the outage"
+            assert "could not revalidate" in caplog.text
+            auth.broken = False
+            auth.revoked.add("alice")
+            await clock.advance_by(59)
+            io.feed({"type": "websocket.receive", "text": data("m2", "echo", 2)})
+            assert (await io.next_text())["data"] == 2
+            await clock.advance_by(1)
+            close = await io.out.receive()
+            assert (close["type"], close["code"], close["reason"]) == (
+                "websocket.close",
+                1008,
+                "credential revoked",
+            )
+            assert auth.calls == 3
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])

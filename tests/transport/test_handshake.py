@@ -148,6 +148,50 @@ async def test_per_ip_limit_in_memory_counts_per_address() -> None:
                     assert await other.request("echo", "ok") == "ok"
 
 
+async def test_behind_a_trusted_proxy_the_forwarded_client_address_counts() -> None:
+    """Over real TCP from 127.0.0.1, a trusted proxy: the limit of one connection per
+    address counts the client each ``X-Forwarded-For`` names, the handler sees it as the
+    session's address, and a second connection for the same client gets 429. Without
+    ``trusted_proxies`` the header is ignored and every connection counts for
+    127.0.0.1."""
+    app, _seen = make_app(max_connections_per_ip=1, trusted_proxies=["127.0.0.0/8"])
+
+    @app.route("whoami")
+    async def whoami(ctx: imkit.Context) -> None:
+        await ctx.reply(ctx.session.remote_addr)  # type: ignore[attr-defined]
+
+    def via(client: str) -> list[tuple[str, str]]:
+        return [("X-Forwarded-For", f"{client}, 127.0.0.1")]  # the client's, then a proxy's
+
+    with anyio.fail_after(10):
+        async with serve_tcp(app) as server:
+            url = ws_url(server, "userId=u1")
+            async with (
+                imkit.connect(url, headers=via("198.51.100.1")) as first,
+                imkit.connect(ws_url(server, "userId=u2"), headers=via("198.51.100.2")) as second,
+            ):
+                assert await first.request("whoami", None) == "198.51.100.1"
+                assert await second.request("whoami", None) == "198.51.100.2"
+                with pytest.raises(imkit.HandshakeRejected) as refused:
+                    async with imkit.connect(
+                        ws_url(server, "userId=u3"), headers=via("198.51.100.1")
+                    ):
+                        pass
+                assert refused.value.status == 429
+                assert b"too many connections from this address" in refused.value.body
+
+    plain, _seen = make_app(max_connections_per_ip=1)
+    with anyio.fail_after(10):
+        async with serve_tcp(plain) as server:
+            async with imkit.connect(ws_url(server, "userId=u1"), headers=via("198.51.100.1")):
+                with pytest.raises(imkit.HandshakeRejected) as refused:
+                    async with imkit.connect(
+                        ws_url(server, "userId=u2"), headers=via("198.51.100.2")
+                    ):
+                        pass
+                assert refused.value.status == 429
+
+
 async def test_plain_http_on_the_ws_path_gets_426() -> None:
     app, _seen = make_app()
     with anyio.fail_after(10):

@@ -32,6 +32,7 @@ from imkit.core.interfaces import (
     SingleNode,
 )
 from imkit.core.peer import PeerOptions
+from imkit.core.proxies import TrustedProxies
 from imkit.core.routing import H, Router
 from imkit.exceptions import ConfigurationError
 
@@ -283,7 +284,10 @@ class App:
     ``ack_mode`` applies to both directions. ``login_policy`` is ``"single"`` (a new login
     closes the old connection) or ``"multi"``. ``allowed_origins=None`` admits
     non-browser clients and same-origin pages only (see
-    :func:`~imkit.core.conn.origin_allowed`).
+    :func:`~imkit.core.conn.origin_allowed`). ``trusted_proxies`` (addresses or networks)
+    are the reverse proxies whose ``X-Forwarded-For`` names the client: its address then
+    counts for ``max_connections_per_ip`` and is the handshake's ``remote_addr`` (see
+    :mod:`imkit.core.proxies`); by default none, and the socket's address counts.
     """
 
     def __init__(
@@ -302,6 +306,7 @@ class App:
         max_connections_per_user: int = DEFAULT_MAX_CONNECTIONS_PER_USER,
         max_connections_per_ip: int = DEFAULT_MAX_CONNECTIONS_PER_IP,
         revalidate_interval: float | None = 60.0,
+        trusted_proxies: Sequence[str] = (),
         logger: logging.Logger | None = None,
     ) -> None:
         if not isinstance(auth, Authentication):
@@ -321,6 +326,12 @@ class App:
         self.max_connections_per_user = max_connections_per_user
         self.max_connections_per_ip = max_connections_per_ip
         self.revalidate_interval = revalidate_interval
+        if isinstance(trusted_proxies, str):
+            raise ConfigurationError("trusted_proxies is a list of addresses, not one string")
+        try:
+            self.trusted_proxies = TrustedProxies(trusted_proxies)
+        except ValueError as exc:
+            raise ConfigurationError(f"trusted_proxies: {exc}") from None
         self.logger = logger or logging.getLogger("imkit.server")
         self.router = Router()
         self.pages: dict[str, PageHandler] = {}
@@ -330,6 +341,17 @@ class App:
         self.failed_hooks: list[FailureHook] = []
         self.startup_hooks: list[LifecycleHook] = []
         self.shutdown_hooks: list[LifecycleHook] = []
+
+    def client_request(self, request: HandshakeRequest) -> HandshakeRequest:
+        """``request`` with the client's address as ``remote_addr`` when it came through a
+        trusted proxy (``trusted_proxies``); else ``request`` itself."""
+        proxies = self.trusted_proxies
+        if not proxies:
+            return request
+        address = proxies.client_address(request.remote_addr, request.headers)
+        if address == request.remote_addr:
+            return request
+        return attrs.evolve(request, remote_addr=address)
 
     def route(self, method: str) -> Callable[[H], H]:
         """Decorator: register an async handler for ``method``."""

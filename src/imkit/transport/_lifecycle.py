@@ -19,6 +19,7 @@ import anyio
 from imkit.core.events import Delivered, DeliveryFailed, MessageExpired
 from imkit.core.frames import ErrorCode, Frame, FrameType
 from imkit.core.interfaces import Binding, Forward, HandshakeRequest, Identity
+from imkit.core.peer import CLOSE_POLICY
 from imkit.core.server import HttpResponse, LoginPolicy, ServerAPI, Session
 from imkit.exceptions import AuthenticationFailed, DiscoverError, HandlerError
 
@@ -41,6 +42,7 @@ __all__ = (
     "page_response",
     "path_matches",
     "retire",
+    "revalidate",
 )
 
 
@@ -165,6 +167,10 @@ class Connection(Session, Protocol):
         """Send an ``Err`` frame."""
         ...
 
+    def close_nowait(self, code: int = 1000, reason: str = "") -> None:
+        """Start closing the connection with ``code`` without awaiting anything."""
+        ...
+
 
 def path_matches(pattern: str | re.Pattern[str], path: str) -> bool:
     """Whether ``path`` is the WebSocket path ``pattern`` (a string or a full-match regex)."""
@@ -284,6 +290,29 @@ def _failed(server: Server, session: Connection, frame: Frame, exc: Exception) -
         exc_info=exc,
     )
     session.send_error(ErrorCode.HANDLER_ERROR, "the handler failed; see the server log", frame.id)
+
+
+async def revalidate(server: Server, session: Connection, request: HandshakeRequest) -> None:
+    """Ask the authentication again about the handshake ``request`` of ``session``: a
+    credential revoked since (or now naming someone else) closes it with 1008; an
+    authentication that fails (an error, a timeout) keeps it, with a warning."""
+    app = server.app
+    try:
+        limit = app.limits.handshake_timeout
+        with anyio.fail_after(limit if limit is not None else math.inf):
+            identity: Identity | None = await app.auth.authenticate(request)
+    except AuthenticationFailed as exc:
+        server.logger.info("credential of %r revoked: %s", session.user_id, exc.reason)
+        identity = None
+    except Exception:
+        server.logger.warning(
+            "could not revalidate the credential of %r; keeping the connection",
+            session.user_id,
+            exc_info=True,
+        )
+        return
+    if identity is None or identity.user_id != session.user_id:
+        session.close_nowait(CLOSE_POLICY, "credential revoked")
 
 
 async def delivery_hooks(server: Server, session: Connection, event: Any) -> None:

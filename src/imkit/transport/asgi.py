@@ -225,7 +225,7 @@ class ASGIApp:
     # ------------------------------------------------------------------ HTTP
     async def _http(self, scope: Scope, send: Send) -> None:
         method = str(scope.get("method") or "GET").upper()
-        request = handshake_request(scope)
+        request = self.app.client_request(handshake_request(scope))
         if request.path in self.app.pages and not await self._started():
             response = HttpResponse(503, b"server not started\n")
         else:
@@ -250,7 +250,7 @@ class ASGIApp:
         message = await receive()
         if message.get("type") != "websocket.connect":
             return  # the client left before the handshake
-        request = handshake_request(scope)
+        request = self.app.client_request(handshake_request(scope))
         app = self.app
         decision: Identity | tuple[int, str]
         if len(request.headers) > app.limits.max_headers:

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.abc
 import anyio.lowlevel
 
 from imkit.core.conn import (
@@ -44,6 +45,7 @@ from imkit.transport._lifecycle import (
     delivery_hooks,
     dispatch,
     retire,
+    revalidate,
 )
 from imkit.transport._sync import Flag, Inbox
 
@@ -130,6 +132,10 @@ class ASGISession(HeldFanOut):
         self._expires_at: float | None = None
         if identity.expires_at is not None:
             self._expires_at = now + (identity.expires_at - self.clock.wall())
+        self._revalidate_at: float | None = None
+        if app.revalidate_interval is not None:
+            self._revalidate_at = now + app.revalidate_interval
+        self._tasks: anyio.abc.TaskGroup | None = None  # the connection's, while it runs
         # reader and worker
         self._read_scope = anyio.CancelScope()
         self._inbox: Inbox[_Item] = Inbox(server.max_queued_messages)
@@ -296,6 +302,7 @@ class ASGISession(HeldFanOut):
             if self.closed_with is not None:
                 return
             async with anyio.create_task_group() as tg:
+                self._tasks = tg
                 tg.start_soon(self._writer)
                 tg.start_soon(self._timer)
                 tg.start_soon(self._worker)
@@ -343,11 +350,12 @@ class ASGISession(HeldFanOut):
         self._room = Flag()
 
     def _deadline(self) -> float | None:
-        """When the timer must wake next: the peer's deadline or the credential's expiry."""
+        """When the timer must wake next: the peer's deadline, the credential's expiry or
+        the next revalidation."""
         deadline = self.peer.next_deadline()
-        expires = self._expires_at
-        if expires is not None and (deadline is None or expires < deadline):
-            return expires
+        for extra in (self._expires_at, self._revalidate_at):
+            if extra is not None and (deadline is None or extra < deadline):
+                deadline = extra
         return deadline
 
     def _collect(self) -> list[Frame]:
@@ -506,9 +514,14 @@ class ASGISession(HeldFanOut):
             if not self.is_open:
                 return
             now = clock.now()
+            revalidate_at = self._revalidate_at
             if expires is not None and now >= expires:
                 self._expires_at = None
                 self.close_nowait(CLOSE_POLICY, "credential expired")
+            elif revalidate_at is not None and now >= revalidate_at:
+                self._revalidate_at = now + (self.app.revalidate_interval or math.inf)
+                if self._tasks is not None:
+                    self._tasks.start_soon(revalidate, self.server, self, self.request)
             elif deadline is not None and now >= deadline:
                 self.peer.handle_timeout(now)
                 for frame in self._collect():  # pragma: no cover - timeouts never dispatch

@@ -74,7 +74,6 @@ from imkit.core.events import (
 from imkit.core.frames import Frame, FrameType
 from imkit.core.interfaces import HandshakeRequest, Identity
 from imkit.core.peer import CLOSE_POLICY
-from imkit.exceptions import AuthenticationFailed
 from imkit.transport._asyncio_stream import (
     AsyncioSocketStream,
     run_as_asyncio,
@@ -91,6 +90,7 @@ from imkit.transport._lifecycle import (
     finish_deferred,
     page_response,
     retire,
+    revalidate,
 )
 from imkit.transport._sync import Flag, Inbox
 from imkit.transport._writer import STREAM_ERRORS, StreamWriter
@@ -598,9 +598,12 @@ class ServerSession(HeldFanOut):
                 room = True
                 self._on_closed(event, linger=linger)
             elif isinstance(event, HandshakeRequested):
-                self._handshakes.append((event.request, None))
+                # Behind a trusted proxy the client's address counts (per-address limit).
+                request = self.app.client_request(event.request)
+                self.remote_addr = request.remote_addr
+                self._handshakes.append((request, None))
             elif isinstance(event, HttpRequested):
-                self._handshakes.append((event.request, event.method))
+                self._handshakes.append((self.app.client_request(event.request), event.method))
         if room and self._room_waiters:
             self._signal_room()
         return messages
@@ -1017,26 +1020,11 @@ class ServerSession(HeldFanOut):
         return self._collect(now)
 
     async def _revalidate(self) -> None:
-        """Ask the authentication again about the handshake request: a credential revoked
-        since (or now naming someone else) closes the connection with 1008."""
+        """Ask the authentication again about the handshake request (see
+        :func:`~imkit.transport._lifecycle.revalidate`)."""
         request = self.conn.request
         assert request is not None
-        try:
-            limit = self.app.limits.handshake_timeout
-            with anyio.fail_after(limit if limit is not None else math.inf):
-                identity = await self.app.auth.authenticate(request)
-        except AuthenticationFailed as exc:
-            self.server.logger.info("credential of %r revoked: %s", self.user_id, exc.reason)
-            identity = None
-        except Exception:
-            self.server.logger.warning(
-                "could not revalidate the credential of %r; keeping the connection",
-                self.user_id,
-                exc_info=True,
-            )
-            return
-        if identity is None or identity.user_id != self.user_id:
-            self.close_nowait(CLOSE_POLICY, "credential revoked")
+        await revalidate(self.server, self, request)
 
     async def _connected(self) -> None:
         try:
