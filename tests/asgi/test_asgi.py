@@ -22,6 +22,7 @@ import anyio.lowlevel
 import pytest
 import uvicorn
 import websockets
+from tests.transport.helpers import RevocableAuth
 from websockets.asyncio.client import connect as ws_connect
 
 import imkit
@@ -776,24 +777,6 @@ class ExpiringAuth:
     async def authenticate(self, request: imkit.HandshakeRequest) -> imkit.Identity:
         user = request.query.get("user", "")
         return imkit.Identity(user, expires_at=self.clock.wall() + self.ttl)
-
-
-class RevocableAuth:
-    """``?user=NAME``; refuses users in ``revoked``; raises while ``broken`` (an outage)."""
-
-    def __init__(self) -> None:
-        self.revoked: set[str] = set()
-        self.broken = False
-        self.calls = 0
-
-    async def authenticate(self, request: imkit.HandshakeRequest) -> imkit.Identity:
-        self.calls += 1
-        if self.broken:
-            raise RuntimeError("the auth backend is down")
-        user = request.query.get("user", "")
-        if user in self.revoked:
-            raise imkit.AuthenticationFailed("revoked")
-        return imkit.Identity(user)
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])

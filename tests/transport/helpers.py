@@ -48,6 +48,25 @@ class Collected(list[Any]):
             await self._changed.wait()
 
 
+class RevocableAuth:
+    """Admits the user of ``?userId=`` (or ``?user=``) unless in ``revoked``; raises while
+    ``broken`` (an auth backend outage); counts its calls."""
+
+    def __init__(self) -> None:
+        self.revoked: set[str] = set()
+        self.broken = False
+        self.calls = 0
+
+    async def authenticate(self, request: imkit.HandshakeRequest) -> imkit.Identity:
+        self.calls += 1
+        if self.broken:
+            raise RuntimeError("the auth backend is down")
+        user = request.query.get("userId") or request.query.get("user") or "anon"
+        if user in self.revoked:
+            raise imkit.AuthenticationFailed("revoked")
+        return imkit.Identity(user)
+
+
 def logged_app() -> tuple[imkit.App, Collected]:
     """An app on InsecureDevAuth whose ``fast`` route logs ``("fast", data)`` and replies
     with its data, and whose ``on_disconnect`` logs ``("disconnect", user_id)``; tests

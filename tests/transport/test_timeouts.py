@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import anyio
 import pytest
-from tests.transport.helpers import SECRET, RawWS, make_app
+from tests.transport.helpers import SECRET, RawWS, RevocableAuth, make_app
 
 import imkit
 from imkit.testing import FakeClock, MemoryServer
@@ -130,24 +130,6 @@ async def test_keepalive_ping_timeout_closes_1011() -> None:
             assert server.sessions("dead") == []
             await silent.stream.aclose()
             await answering.close()
-
-
-class RevocableAuth:
-    """Admits users not in ``revoked``; raises while ``broken`` (an auth backend outage)."""
-
-    def __init__(self) -> None:
-        self.revoked: set[str] = set()
-        self.broken = False
-        self.calls = 0
-
-    async def authenticate(self, request: imkit.HandshakeRequest) -> imkit.Identity:
-        self.calls += 1
-        if self.broken:
-            raise RuntimeError("the auth backend is down")
-        user = request.query.get("userId", "anon")
-        if user in self.revoked:
-            raise imkit.AuthenticationFailed("revoked")
-        return imkit.Identity(user)
 
 
 async def test_revoked_credential_closes_1008_at_the_next_revalidation(
