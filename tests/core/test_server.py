@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import types
 from typing import Any
@@ -125,6 +126,9 @@ def test_app_refuses_bad_configuration() -> None:
         App(auth=object())  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="max_concurrent_handlers"):
         App(auth=Auth(), max_concurrent_handlers=0)
+    for interval in (0, -1.0, math.nan):
+        with pytest.raises(ConfigurationError, match="revalidate_interval"):
+            App(auth=Auth(), revalidate_interval=interval)
     with pytest.raises(ValueError):
         App(auth=Auth(), ack_mode="sometimes")
 

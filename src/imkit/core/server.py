@@ -325,6 +325,8 @@ class App:
         self.max_concurrent_handlers = max_concurrent_handlers
         self.max_connections_per_user = max_connections_per_user
         self.max_connections_per_ip = max_connections_per_ip
+        if revalidate_interval is not None and not revalidate_interval > 0:
+            raise ConfigurationError("revalidate_interval must be > 0 seconds, or None")
         self.revalidate_interval = revalidate_interval
         if isinstance(trusted_proxies, str):
             raise ConfigurationError("trusted_proxies is a list of addresses, not one string")
