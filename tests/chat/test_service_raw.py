@@ -191,6 +191,42 @@ async def test_a_burst_from_one_connection_is_stored_in_order_in_few_commits(
             ]
 
 
+async def test_a_locked_sqlite_file_answers_store_unavailable_then_the_resend_is_stored(
+    tmp_path: Path,
+) -> None:
+    """Another process holds the file's write lock longer than the store waits (0.2 s):
+    Alice's two chat messages, answered from the store's callback, each get ``Err
+    store_unavailable`` under their own frame ids, and nothing is pushed to Bob. The
+    lock gone, the same ``msgId`` resent in a new frame is stored once, seq 1, and
+    pushed."""
+    path = tmp_path / "chat.db"
+    store = SQLiteStore(path, busy_timeout=0.2)
+    with anyio.fail_after(15):
+        async with chat_server(store) as srv, chat_client(srv.url, "bob") as bob:
+            other = sqlite3.connect(path, isolation_level=None)
+            other.execute("BEGIN IMMEDIATE")
+            try:
+                async with raw(srv.url, "alice") as ws:
+                    for n in (1, 2):
+                        data = chat(f"m{n}", msgId=f"m{n}")
+                        await ws.send(frame(id=f"f{n}", method="conversation.chat", data=data))
+                    frames = await quiet(ws, 1.0)
+                    errors = {f["id"]: f["data"]["code"] for f in frames if f["frameType"] == 9}
+                    assert errors == {"f1": "store_unavailable", "f2": "store_unavailable"}
+                    assert not [f for f in frames if f.get("replyTo")], "no seq for either"
+                    assert await nothing_more(bob.client) == []
+                    other.execute("ROLLBACK")
+                    data = chat("m1", msgId="m1")
+                    await ws.send(frame(id="f1-again", method="conversation.chat", data=data))
+                    answer = await answer_to(ws, "f1-again")
+                    assert (answer["msgId"], answer["seq"]) == ("m1", 1)
+            finally:
+                other.close()
+            (got,) = await collect(bob, 1)
+            assert (got["seq"], got["msg"]["content"]) == (1, "m1")
+            assert await nothing_more(bob.client) == []
+
+
 async def test_same_frame_twice_on_one_connection_is_handled_once() -> None:
     """A duplicated Data frame: two acks, one answer, one stored message."""
     with anyio.fail_after(10):
