@@ -185,27 +185,28 @@ async def test_push_here_reaches_this_nodes_connections_at_once() -> None:
             assert (await phone.receive()).data == {"n": 2}, "one push each time, no repeat"
 
 
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])
-async def test_an_end_step_starts_from_a_callback_outside_any_task() -> None:
-    """A store's worker thread ends a deferred message through the loop's
-    ``call_soon_threadsafe`` (no task, not even the context of one): its awaiting step
-    still starts, and the answer arrives."""
+async def test_an_end_step_starts_from_a_callback_outside_any_task(anyio_backend: str) -> None:
+    """A store's worker thread ends a deferred message through the event loop's
+    thread-safe entry (asyncio's ``call_soon_threadsafe``, trio's token): no task, not
+    even the context of one. Its awaiting step still starts, and the answer arrives."""
     app = imkit.App(auth=imkit.InsecureDevAuth(quiet=True))
 
     @app.route("from_thread")
     async def from_thread(ctx: imkit.Context) -> None:
         deferred = ctx.defer()
         assert deferred is not None
-        loop = asyncio.get_running_loop()
+        if anyio_backend == "asyncio":
+            soon = asyncio.get_running_loop().call_soon_threadsafe
+        else:
+            import trio.lowlevel
+
+            soon = trio.lowlevel.current_trio_token().run_sync_soon
 
         async def then() -> None:
             await anyio.lowlevel.checkpoint()
             deferred.reply("from a step")
 
-        def worker() -> None:
-            loop.call_soon_threadsafe(deferred.end, then)
-
-        threading.Thread(target=worker).start()
+        threading.Thread(target=soon, args=(deferred.end, then)).start()
 
     with anyio.fail_after(10):
         async with MemoryServer(app) as server, server.connect(user_id="alice") as alice:
