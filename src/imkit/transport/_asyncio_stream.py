@@ -52,6 +52,7 @@ def _library_cvar() -> ContextVar[str | None] | None:
 _LIBRARY = _library_cvar()
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 __all__ = (
     "DEFAULT_MAX_READ_BUFFER",
@@ -471,16 +472,16 @@ class AsyncioSocketStream(anyio.abc.SocketStream, asyncio.BufferedProtocol):
         }
 
 
-def run_as_asyncio(function: Callable[[T], None], argument: T) -> None:
+def run_as_asyncio(function: Callable[[T], R], argument: T) -> R:
     """Call ``function(argument)`` from an asyncio callback (a protocol method, a
     ``call_at`` timer) as asyncio code: outside any task, sniffio (which anyio asks)
-    cannot tell which library is running, and anyio calls would fail."""
+    cannot tell which library is running, and anyio calls would fail. Returns what
+    ``function`` returns."""
     if _LIBRARY is None:  # pragma: no cover - see _library_cvar
-        function(argument)
-        return
+        return function(argument)
     token = _LIBRARY.set("asyncio")
     try:
-        function(argument)
+        return function(argument)
     finally:
         _LIBRARY.reset(token)
 

@@ -914,18 +914,13 @@ class ServerSession(HeldFanOut):
             finally:
                 self._unblocked_end()
 
-        started: list[bool] = []
-
-        def spawn(job: Callable[[], Awaitable[None]]) -> None:
-            started.append(self._spawn(job))
-
         # Called from a callback (outside any task), anyio on asyncio must be told which
         # library runs, or it cannot start the task.
         if running_on_asyncio():
-            run_as_asyncio(spawn, finish)
+            started = run_as_asyncio(self._spawn, finish)
         else:
-            spawn(finish)
-        if not started[0]:
+            started = self._spawn(finish)
+        if not started:
             self.server.logger.warning(
                 "the end of message %r of %r was dropped: its connection is gone",
                 message.frame.id,
