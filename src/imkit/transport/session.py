@@ -228,8 +228,9 @@ class ServerSession(HeldFanOut):
             server.max_queued_messages, self._lean.loop if self._lean is not None else None
         )
         self._worker_done = Flag()
-        # unblock(): the message the worker is handling, the handlers let go on before
-        # their end (each in a task that was a worker), and a flag for their last end.
+        # unblock() and defer(): the message the worker is handling, the messages let go
+        # on before their end (an unblocked handler in a task that was a worker, a
+        # deferred one in its callback), and a flag for their last end.
         self._dispatching: Frame | None = None
         self._unblocked = 0
         self._unblocked_idle: Flag | None = None
@@ -874,8 +875,8 @@ class ServerSession(HeldFanOut):
     def unblock(self, frame: Frame) -> bool:
         """Let the next message start before the handler of ``frame`` ends (see
         :meth:`imkit.core.server.Context.unblock`); ``False`` if it cannot: ``frame`` is
-        not the message the worker is handling, :data:`MAX_UNBLOCKED` handlers of this
-        connection already run so, or the connection is ending."""
+        not the message the worker is handling, :data:`MAX_UNBLOCKED` messages of this
+        connection are unblocked or deferred already, or the connection is ending."""
         if self._dispatching is not frame or self._unblocked >= MAX_UNBLOCKED:
             return False
         self._dispatching = None
