@@ -8,6 +8,10 @@
   usually 10 ms); :func:`cpu_ns_schedstat` sums ``/proc/<pid>/task/*/schedstat`` (ns,
   live threads only) as a finer cross-check; :func:`rss_kib` reads ``VmRSS``;
   :func:`nofile_limit` the server's open-file limit.
+- :class:`InstructionCounter` counts the instructions a process retires over a phase
+  with Linux ``perf stat`` (when the machine has it and allows it): on a shared machine
+  the CPU time of the same work moves by tens of percent from run to run, its
+  instruction count by about one.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ import asyncio
 import atexit
 import contextlib
 import os
+import shutil
 import signal
+import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -61,6 +67,84 @@ def cpu_ns_schedstat(pid: int) -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return total
+
+
+class InstructionCounter:
+    """``perf stat -e instructions:u,instructions:k -p <pid>`` from :meth:`start` to
+    :meth:`stop`: the instructions the process retired in user space and in the kernel.
+    Every method returns ``None`` instead of a count where ``perf`` is missing or not
+    allowed (:meth:`available` says which, once per run)."""
+
+    _available: bool | None = None
+    EVENTS = ("instructions:u", "instructions:k")
+
+    def __init__(self) -> None:
+        self._proc: asyncio.subprocess.Process | None = None
+
+    @classmethod
+    def available(cls) -> bool:
+        """Whether ``perf stat`` can count instructions here."""
+        if cls._available is None:
+            perf = shutil.which("perf")
+            ok = False
+            if perf is not None:
+                try:
+                    done = subprocess.run(
+                        [perf, "stat", "-x,", "-e", ",".join(cls.EVENTS), "true"],
+                        capture_output=True,
+                        text=True,
+                        timeout=20,
+                        check=False,
+                    )
+                    ok = done.returncode == 0 and all(
+                        v is not None for v in _perf_counts(done.stderr, cls.EVENTS).values()
+                    )
+                except (OSError, subprocess.SubprocessError):
+                    ok = False
+            cls._available = ok
+        return cls._available
+
+    async def start(self, pid: int) -> None:
+        """Attach to ``pid`` (a no-op where perf is not available)."""
+        if not self.available():
+            return
+        self._proc = await asyncio.create_subprocess_exec(
+            "perf",
+            "stat",
+            "-x,",
+            "-e",
+            ",".join(self.EVENTS),
+            "-p",
+            str(pid),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        await asyncio.sleep(0.3)  # perf attaches (the counts start) in a few ms
+
+    async def stop(self) -> dict[str, int | None]:
+        """Detach; the counts by event (``None`` for one perf could not count)."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return dict.fromkeys(self.EVENTS)
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGINT)
+        try:
+            _, err = await asyncio.wait_for(proc.communicate(), 10)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+            return dict.fromkeys(self.EVENTS)
+        return _perf_counts(err.decode(errors="replace"), self.EVENTS)
+
+
+def _perf_counts(text: str, events: Sequence[str]) -> dict[str, int | None]:
+    """The counts ``perf stat -x,`` printed for ``events`` (CSV: value, unit, event, ...)."""
+    counts: dict[str, int | None] = dict.fromkeys(events)
+    for line in text.splitlines():
+        fields = line.split(",")
+        if len(fields) >= 3 and fields[2] in counts and fields[0].isdigit():
+            counts[fields[2]] = int(fields[0])
+    return counts
 
 
 def rss_kib(pid: int) -> int:

@@ -162,9 +162,12 @@ def _summary(record: dict[str, Any]) -> str:
     if record["status"] != "ok" or figures is None:
         return f"{record['status']}: {record['reason']}"
     if record["scenario"] == "relay":
+        kinstr = figures.get("server_kinstr_per_msg")
         return (
             f"{figures['msgs_per_s']:.0f} msgs/s, "
-            f"{figures['server_cpu_us_per_msg']:.1f} us/msg ({record['wall_s']} s)"
+            f"{figures['server_cpu_us_per_msg']:.1f} us/msg"
+            + (f", {kinstr:.1f} kinstr/msg" if kinstr is not None else "")
+            + f" ({record['wall_s']} s)"
         )
     if record["scenario"] == "idle":
         return f"{figures['kib_per_conn']:.1f} KiB/conn ({record['wall_s']} s)"
@@ -201,9 +204,16 @@ def render_table(records: list[dict[str, Any]]) -> str:
         for r in ok
         if r["scenario"] == "relay"
     }
+    kinstr = {
+        (r["server"], r["variant"]): r["figures"].get("server_kinstr_per_msg")
+        for r in ok
+        if r["scenario"] == "relay"
+    }
     header = (
         "| server | variant | msgs/s | p50 ms | p99 ms | server CPU µs/msg | "
         + " | ".join(f"CPU vs {b}" for b in BASELINE_SERVERS)
+        + " | server kinstr/msg | "
+        + " | ".join(f"instr vs {b}" for b in BASELINE_SERVERS)
         + " | KiB/idle conn | note |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
@@ -218,7 +228,7 @@ def render_table(records: list[dict[str, Any]]) -> str:
         cells = [record["server"], record["variant"]]
         figures = record["figures"] if record["status"] == "ok" else None
         if figures is None:
-            cells += ["-"] * (4 + len(BASELINE_SERVERS))
+            cells += ["-"] * (5 + 2 * len(BASELINE_SERVERS))
             note = f"{record['status']}: {record['reason']}"
         else:
             mine = figures["server_cpu_us_per_msg"]
@@ -231,6 +241,11 @@ def render_table(records: list[dict[str, Any]]) -> str:
             for base in BASELINE_SERVERS:
                 ref = cpu.get((base, record["baseline"]))
                 cells.append(f"{mine / ref:.2f}x" if ref else "-")
+            mine_instr = figures.get("server_kinstr_per_msg")
+            cells.append(_fmt(mine_instr, 1))
+            for base in BASELINE_SERVERS:
+                ref = kinstr.get((base, record["baseline"]))
+                cells.append(f"{mine_instr / ref:.2f}x" if ref and mine_instr else "-")
             notes = []
             if figures["capped"]:
                 notes.append(f"send phase capped ({figures['sent']:,} sent)")
@@ -248,7 +263,7 @@ def render_table(records: list[dict[str, Any]]) -> str:
         lines.append(_row(cells))
     for server, kib_value in idle_kib.items():
         if server not in relay_servers:
-            row = [server, "idle", *["-"] * (4 + len(BASELINE_SERVERS)), _fmt(kib_value), ""]
+            row = [server, "idle", *["-"] * (5 + 2 * len(BASELINE_SERVERS)), _fmt(kib_value), ""]
             lines.append(_row(row))
     for extra in (_offline_table(records), _heartbeat_table(records)):
         if extra:

@@ -45,6 +45,7 @@ from benchmarks.clients import (
     SocketIOConn,
     new_socketio_session,
 )
+from benchmarks.procs import InstructionCounter
 from benchmarks.suite import HB_ENGINEIO, SOCKETIO_CLIENT, WINDOW_ON_ACK, Case
 from benchmarks.wire import WireCodec, make_text
 
@@ -378,6 +379,16 @@ def _percentile(ordered: Sequence[float], fraction: float) -> float:
     return ordered[index]
 
 
+def _per_message(
+    counts: dict[str, int | None], messages: int, event: str | None = None
+) -> float | None:
+    """Thousands of ``event`` (all counted events when None) per message."""
+    values = [v for k, v in counts.items() if event is None or k == event]
+    if not values or any(v is None for v in values) or not messages:
+        return None
+    return sum(v for v in values if v is not None) / messages / 1e3
+
+
 @scenario("relay", headline="server_cpu_us_per_msg")
 async def relay(ctx: RunContext) -> dict[str, Any]:
     cfg = ctx.config
@@ -401,6 +412,8 @@ async def relay(ctx: RunContext) -> dict[str, Any]:
             if problem is not None:
                 raise ScenarioError(f"warm-up: {problem}")
 
+        counter = InstructionCounter()
+        await counter.start(server.pid)
         user0, sys0 = server.cpu_times()
         ns0 = server.cpu_ns_schedstat()
         client0 = time.process_time()
@@ -416,6 +429,7 @@ async def relay(ctx: RunContext) -> dict[str, Any]:
         user1, sys1 = server.cpu_times()
         ns1 = server.cpu_ns_schedstat()
         client1 = time.process_time()
+        instructions = await counter.stop()
     finally:
         await ctx.close_all(conns)
 
@@ -452,6 +466,10 @@ async def relay(ctx: RunContext) -> dict[str, Any]:
             (ns1 - ns0) / delivered / 1e3 if ns0 is not None and ns1 is not None else None
         ),
         "client_cpu_us_per_msg": (client1 - client0) / delivered * 1e6,
+        # Thousands of instructions the server retired per message (perf; None without
+        # it): the figure that holds when the machine's speed moves between runs.
+        "server_kinstr_per_msg": _per_message(instructions, delivered),
+        "server_kinstr_user_per_msg": _per_message(instructions, delivered, "instructions:u"),
         "unexpected_deliveries": phase.unexpected_deliveries,
         "unexpected_acks": phase.unexpected_acks,
     }
