@@ -14,6 +14,8 @@ import anyio.lowlevel
 import anyio.to_thread
 import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import imkit
 from imkit.chat.sqlite import SQLiteStore, _Job, _Kind, _Round
@@ -471,3 +473,108 @@ async def test_opening_waits_for_another_process_lock_then_says_unavailable(
         assert created and message.seq == 1
     finally:
         other.close()
+
+
+_USERS = ("a", "b", "c")
+_Append = tuple[int, int, int]  # (sender, recipient, msg id): indexes into small pools
+
+
+@settings(max_examples=40)
+@given(
+    before=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 2), st.integers(0, 4)), max_size=6),
+    batch=st.lists(
+        st.tuples(st.integers(0, 2), st.integers(0, 2), st.integers(0, 4)), min_size=2, max_size=40
+    ),
+)
+def test_one_rounds_appends_run_together_as_if_one_at_a_time(
+    before: list[_Append], batch: list[_Append]
+) -> None:
+    """The appends one round holds run as one batch of statements (``_append_all``); each
+    gets what appending it alone, in turn, would give: new seqs without gaps per
+    conversation, a message stored before (or earlier in the same round) returned with
+    ``created`` false, both users made members. The in-memory store is the reference."""
+    import tempfile
+
+    from imkit.chat import sqlite as sqlite_module
+    from imkit.chat.ids import private_conversation_id
+    from imkit.chat.memory import MemoryStore
+
+    def fields(i: int, item: _Append) -> dict[str, object]:
+        sender, recv = _USERS[item[0]], _USERS[item[1]]
+        return {
+            "conversation_id": private_conversation_id(sender, recv),
+            "sender_id": sender,
+            "recv_id": recv,
+            "msg_id": f"m{item[2]}",
+            "chat_type": 2,
+            "m_type": 0,
+            "content": f"text {i}",
+            "send_time": 1000 + i,
+        }
+
+    def outcome(result: tuple[StoredMessage, bool]) -> tuple[object, ...]:
+        message, created = result
+        return (
+            message.conversation_id,
+            message.seq,
+            message.sender_id,
+            message.msg_id,
+            message.content,
+            message.send_time,
+            created,
+        )
+
+    batches: list[int] = []
+    real = sqlite_module._append_all
+
+    def counted(conn: sqlite3.Connection, appends: list[object]) -> object:
+        results = real(conn, appends)  # type: ignore[arg-type]
+        batches.append(len(appends))  # ran to the end: not re-run one at a time
+        return results
+
+    async def main(path: Path) -> None:
+        reference = MemoryStore()
+        await reference.open()
+        async with SQLiteStore(path) as store:
+            for i, item in enumerate(before):  # each in a round of its own
+                assert outcome(await store.append(**fields(i, item))) == outcome(
+                    await reference.append(**fields(i, item))
+                )
+            expected = [
+                outcome(await reference.append(**fields(100 + i, item)))
+                for i, item in enumerate(batch)
+            ]
+            got: list[tuple[object, ...]] = []
+            transactions = store.write_transactions
+            done = anyio.Event()
+
+            def report(
+                result: tuple[StoredMessage, bool] | None, error: BaseException | None
+            ) -> None:
+                assert result is not None, error
+                got.append(outcome(result))
+                if len(got) == len(batch):
+                    done.set()
+
+            for i, item in enumerate(batch):  # queued before the round begins: one round
+                store.append_nowait(**fields(100 + i, item), done=report)
+            with anyio.fail_after(10):
+                await done.wait()
+            assert got == expected
+            assert store.write_transactions - transactions == 1
+            for user in _USERS:
+                mine = [
+                    (s.conversation_id, s.peer_id, s.last_seq)
+                    for s in await store.conversations(user)
+                ]
+                theirs = [
+                    (s.conversation_id, s.peer_id, s.last_seq)
+                    for s in await reference.conversations(user)
+                ]
+                assert sorted(mine) == sorted(theirs)
+        await reference.close()
+
+    with pytest.MonkeyPatch.context() as patch, tempfile.TemporaryDirectory() as tmp:
+        patch.setattr(sqlite_module, "_append_all", counted)
+        anyio.run(main, Path(tmp) / "chat.db")
+    assert batches == [len(batch)]

@@ -16,8 +16,11 @@ Threading
 
 Group commit
     One write round at a time: the worker opens a transaction, the loop runs every write
-    waiting at that moment (up to ``max_batch``), each under its own savepoint so that
-    one failing write does not undo the others, and the worker commits once. Writes
+    waiting at that moment (up to ``max_batch``; the appends among them together, in a
+    fixed number of statements: reads of the conversations' last seqs, their members and
+    the ids already stored, then one ``executemany`` of the rows), and the worker commits
+    once. A write that fails on its own (a constraint) rolls the round back and the
+    round runs again with a savepoint around each write, so that it fails alone. Writes
     that arrive while a round is in progress wait for it and then share the next one, so
     a burst of N concurrent appends costs a handful of commits, not N. Nobody hears
     "stored" before the commit that stored it succeeded; if the commit fails every write
@@ -56,8 +59,8 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from typing import Any, Literal, TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Literal, TypeVar, cast
 
 import anyio
 import anyio.to_thread
@@ -103,6 +106,24 @@ _INSERT_MESSAGE = f"INSERT INTO imkit_messages ({_COLUMNS}) VALUES (?, ?, ?, ?, 
 _ADD_MEMBERS = (
     "INSERT OR IGNORE INTO imkit_members (user_id, conversation_id) VALUES (?, ?), (?, ?)"
 )
+# A round's appends together (_append_all); {} is a list of "?" marks.
+_LAST_SEQS = (
+    "SELECT conversation_id, last_seq FROM imkit_conversations WHERE conversation_id IN ({})"
+)
+_MEMBERS_OF = "SELECT conversation_id, user_id FROM imkit_members WHERE conversation_id IN ({})"
+_STORED_UNDER = (
+    "WITH k (c, s, m) AS (VALUES {}) SELECT "
+    + _M_COLUMNS
+    + " FROM k JOIN imkit_messages m ON m.conversation_id = k.c AND m.sender_id = k.s"
+    " AND m.msg_id = k.m"
+)
+_SET_LAST_SEQ = (
+    "INSERT INTO imkit_conversations (conversation_id, last_seq) VALUES (?, ?)"
+    " ON CONFLICT (conversation_id) DO UPDATE SET last_seq = excluded.last_seq"
+)
+_ADD_MEMBER = "INSERT OR IGNORE INTO imkit_members (user_id, conversation_id) VALUES (?, ?)"
+# Bound parameters per statement: under SQLite's oldest default limit (999).
+_MAX_PARAMS = 900
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS imkit_conversations (
@@ -243,35 +264,75 @@ def _watermark_sql(table: str, key_columns: tuple[str, ...]) -> tuple[str, str]:
     return lookup, upsert
 
 
-def _append_write(
-    *,
-    conversation_id: str,
-    sender_id: str,
-    recv_id: str,
-    msg_id: str,
-    chat_type: int,
-    m_type: int,
-    content: str,
-    send_time: int,
-) -> Callable[[sqlite3.Connection], tuple[StoredMessage, bool]]:
-    """The write of one append, its arguments checked first (``TypeError``/``ValueError``)."""
-    check_append(
-        conversation_id=conversation_id,
-        sender_id=sender_id,
-        recv_id=recv_id,
-        msg_id=msg_id,
-        chat_type=chat_type,
-        m_type=m_type,
-        content=content,
-        send_time=send_time,
+class _Append:
+    """One append's write, its arguments checked when it is made (``TypeError`` /
+    ``ValueError``). Called alone (:meth:`__call__`), or run with the appends queued
+    beside it in one round by :func:`_append_all`, which gives the same results."""
+
+    __slots__ = (
+        "chat_type",
+        "content",
+        "conversation_id",
+        "m_type",
+        "msg_id",
+        "recv_id",
+        "send_time",
+        "sender_id",
     )
 
-    def run(conn: sqlite3.Connection) -> tuple[StoredMessage, bool]:
+    def __init__(
+        self,
+        *,
+        conversation_id: str,
+        sender_id: str,
+        recv_id: str,
+        msg_id: str,
+        chat_type: int,
+        m_type: int,
+        content: str,
+        send_time: int,
+    ) -> None:
+        check_append(
+            conversation_id=conversation_id,
+            sender_id=sender_id,
+            recv_id=recv_id,
+            msg_id=msg_id,
+            chat_type=chat_type,
+            m_type=m_type,
+            content=content,
+            send_time=send_time,
+        )
+        self.conversation_id = conversation_id
+        self.sender_id = sender_id
+        self.recv_id = recv_id
+        self.msg_id = msg_id
+        self.chat_type = chat_type
+        self.m_type = m_type
+        self.content = content
+        self.send_time = send_time
+
+    def row(self, seq: int) -> tuple[str, int, str, str, str, int, int, str, int]:
+        """The message's row under ``seq``, in the order of StoredMessage's fields (no
+        attrs.evolve / astuple: they look the fields up on every call)."""
+        return (
+            self.conversation_id,
+            seq,
+            self.sender_id,
+            self.recv_id,
+            self.msg_id,
+            self.chat_type,
+            self.m_type,
+            self.content,
+            self.send_time,
+        )
+
+    def __call__(self, conn: sqlite3.Connection) -> tuple[StoredMessage, bool]:
+        conversation_id, sender_id, recv_id = self.conversation_id, self.sender_id, self.recv_id
         # One read for three questions: the conversation's last seq, whether both
         # users are members already, and whether this sender's msg_id is stored
         # (no conversation row: none of them).
         row = conn.execute(
-            _APPEND_LOOKUP, (sender_id, recv_id, sender_id, msg_id, conversation_id)
+            _APPEND_LOOKUP, (sender_id, recv_id, sender_id, self.msg_id, conversation_id)
         ).fetchone()
         if row is None:
             seq, members = 1, 0
@@ -281,25 +342,69 @@ def _append_write(
         else:
             seq, members = row[0] + 1, row[1]
             conn.execute(_NEXT_SEQ, (seq, conversation_id))
-        # The row in the order of StoredMessage's fields (no attrs.evolve / astuple:
-        # they look the fields up on every call).
-        values = (
-            conversation_id,
-            seq,
-            sender_id,
-            recv_id,
-            msg_id,
-            chat_type,
-            m_type,
-            content,
-            send_time,
-        )
+        values = self.row(seq)
         conn.execute(_INSERT_MESSAGE, values)
         if members < (1 if sender_id == recv_id else 2):
             conn.execute(_ADD_MEMBERS, (sender_id, conversation_id, recv_id, conversation_id))
         return StoredMessage(*values), True
 
-    return run
+
+def _chunks(items: Sequence[_T], size: int) -> Iterator[Sequence[_T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _append_all(
+    conn: sqlite3.Connection, appends: Sequence[_Append]
+) -> list[tuple[StoredMessage, bool]]:
+    """Run ``appends`` in order, with the results of calling each in turn, in a fixed
+    number of statements: one read of the conversations' last seqs, one of their members,
+    one of the messages already stored under the batch's ids, then the inserts and the
+    new last seqs each as one ``executemany`` (a statement per message costs the loop
+    more than the writing does)."""
+    conversations = list(dict.fromkeys(append.conversation_id for append in appends))
+    last: dict[str, int] = {}
+    members: dict[str, set[str]] = {}
+    for chunk in _chunks(conversations, _MAX_PARAMS):
+        marks = ", ".join("?" * len(chunk))
+        last.update(conn.execute(_LAST_SEQS.format(marks), chunk))
+        for conversation_id, user_id in conn.execute(_MEMBERS_OF.format(marks), chunk):
+            members.setdefault(conversation_id, set()).add(user_id)
+    known: dict[tuple[str, str, str], StoredMessage] = {}
+    for part in _chunks(appends, _MAX_PARAMS // 3):
+        params = [v for a in part for v in (a.conversation_id, a.sender_id, a.msg_id)]
+        marks = ", ".join(["(?, ?, ?)"] * len(part))
+        for row in conn.execute(_STORED_UNDER.format(marks), params):
+            known[(row[0], row[2], row[4])] = _row_to_message(row)
+    results: list[tuple[StoredMessage, bool]] = []
+    rows: list[tuple[str, int, str, str, str, int, int, str, int]] = []
+    seqs: dict[str, int] = {}
+    joined: list[tuple[str, str]] = []
+    for append in appends:
+        conversation_id = append.conversation_id
+        key = (conversation_id, append.sender_id, append.msg_id)
+        stored = known.get(key)
+        if stored is not None:  # stored before, or earlier in this batch
+            results.append((stored, False))
+            continue
+        seq = seqs[conversation_id] = last[conversation_id] = last.get(conversation_id, 0) + 1
+        row = append.row(seq)
+        rows.append(row)
+        stored = known[key] = StoredMessage(*row)
+        results.append((stored, True))
+        have = members.get(conversation_id)
+        if have is None:
+            have = members[conversation_id] = set()
+        for user in (append.sender_id, append.recv_id):
+            if user not in have:
+                have.add(user)
+                joined.append((user, conversation_id))
+    if rows:
+        conn.executemany(_INSERT_MESSAGE, rows)
+        conn.executemany(_SET_LAST_SEQ, seqs.items())
+    if joined:
+        conn.executemany(_ADD_MEMBER, joined)
+    return results
 
 
 class SQLiteStore(StoreLifecycle):
@@ -521,13 +626,27 @@ class SQLiteStore(StoreLifecycle):
 
     def _run_optimistic(self, conn: sqlite3.Connection, writes: list[_Job]) -> bool:
         """Run ``writes`` in the open transaction without savepoints (two statements per
-        write saved); if one fails on its own (a constraint, a bug in it), roll back and
-        return False: the round runs again with a savepoint around each write. I/O, lock
-        and memory trouble raises."""
-        for job in writes:
-            assert job.fn is not None
+        write saved), appends queued side by side together (:func:`_append_all`); if one
+        fails on its own (a constraint, a bug in it), roll back and return False: the round
+        runs again with a savepoint around each write. I/O, lock and memory trouble
+        raises."""
+        start, count = 0, len(writes)
+        while start < count:
+            end = start
+            while end < count and type(writes[end].fn) is _Append:
+                end += 1  # appends side by side: run together
             try:
-                job.result = job.fn(conn)
+                if end - start > 1:
+                    appends = [cast(_Append, job.fn) for job in writes[start:end]]
+                    for job, result in zip(
+                        writes[start:end], _append_all(conn, appends), strict=True
+                    ):
+                        job.result = result
+                else:
+                    end = start + 1
+                    fn = writes[start].fn
+                    assert fn is not None
+                    writes[start].result = fn(conn)
             except (sqlite3.OperationalError, sqlite3.InternalError):
                 raise
             except Exception as exc:  # noqa: BLE001 - retried under savepoints
@@ -535,6 +654,7 @@ class SQLiteStore(StoreLifecycle):
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 return False
+            start = end
         return True
 
     def _abandon(self, conn: sqlite3.Connection, exc: BaseException) -> BaseException:
@@ -753,7 +873,7 @@ class SQLiteStore(StoreLifecycle):
         send_time: int,
     ) -> tuple[StoredMessage, bool]:
         """Store a message under the next seq, or return the one stored before."""
-        write = _append_write(
+        write = _Append(
             conversation_id=conversation_id,
             sender_id=sender_id,
             recv_id=recv_id,
@@ -783,7 +903,7 @@ class SQLiteStore(StoreLifecycle):
         outcome once the transaction holding it has committed, in the order of the calls
         (:class:`~imkit.chat.store.QueuedAppend`)."""
         try:
-            write = _append_write(
+            write = _Append(
                 conversation_id=conversation_id,
                 sender_id=sender_id,
                 recv_id=recv_id,
