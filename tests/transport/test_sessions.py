@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
 import pytest
 from tests.transport.helpers import Collected, RawWS, make_app
@@ -225,3 +227,69 @@ async def test_acked_message_is_handled_after_the_client_left() -> None:
             release.set()
             await log.wait_until(lambda items: "disconnect" in items)
     assert log == ["handled", ("failed", "s1", "closed"), "disconnect"]
+
+
+async def test_a_plain_on_delivered_hook_runs_as_the_ack_is_read(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A plain-function ``on_delivered`` hook is called as the ack is read, even while the
+    connection's worker is busy with a handler; what it returns to await runs in order,
+    after that handler, as an ``async def`` hook's body does. A plain hook that raises is
+    logged; the other hooks still run and the connection goes on."""
+    app, _seen = make_app()
+    log = Collected()
+    release = anyio.Event()
+
+    @app.route("block")
+    async def block(ctx: imkit.Context) -> None:
+        await release.wait()
+        log.add("handler done")
+
+    async def later(frame: imkit.Frame) -> None:
+        log.add(("later", frame.data))
+
+    @app.on_delivered
+    def at_once(session: imkit.Session, frame: imkit.Frame) -> Any:
+        log.add(("at once", frame.data))
+        return later(frame)
+
+    @app.on_delivered
+    def broken(session: imkit.Session, frame: imkit.Frame) -> None:
+        raise RuntimeError("hook bug")
+
+    @app.on_delivered
+    async def in_order(session: imkit.Session, frame: imkit.Frame) -> None:
+        log.add(("async", frame.data))
+
+    with anyio.fail_after(10):
+        async with MemoryServer(app) as server:
+            raw = RawWS(server.open_stream())
+            assert await raw.handshake("/ws?userId=erin") == 101
+            await server.send_to_users(["erin"], "pushed", {"n": 1})
+            push = await raw.recv_json()
+            assert push is not None and push["method"] == "pushed"
+            await raw.send_json({"frameType": 0, "id": "b1", "method": "block", "data": {}})
+            ack = await raw.recv_json()
+            assert ack is not None and (ack["frameType"], ack["id"]) == (2, "b1")
+            await raw.send_json({"frameType": 2, "id": push["id"], "ackSeq": 1})
+            # The handler still holds the worker: only the plain hook has run.
+            await log.wait_until(lambda items: ("at once", {"n": 1}) in items)
+            await anyio.wait_all_tasks_blocked()
+            assert log == [("at once", {"n": 1})]
+            release.set()
+            await log.wait_until(lambda items: len(items) == 4)
+            assert log == [
+                ("at once", {"n": 1}),
+                "handler done",
+                ("later", {"n": 1}),
+                ("async", {"n": 1}),
+            ]
+            # The connection goes on: another push is delivered and reported.
+            await server.send_to_users(["erin"], "pushed", {"n": 2})
+            push = await raw.recv_json()
+            assert push is not None
+            await raw.send_json({"frameType": 2, "id": push["id"], "ackSeq": 1})
+            await log.wait_until(lambda items: ("async", {"n": 2}) in items)
+            await raw.close()
+    assert caplog.text.count("a delivery hook failed for 'erin'") == 2
+    assert "hook bug" in caplog.text

@@ -656,8 +656,12 @@ class ChatService:
                 session.send_now(CHAT_METHOD, data, reply_to=frame_id)
 
     # ------------------------------------------------------------------ watermarks
-    async def delivered(self, session: Session, frame: Frame) -> None:
-        """A device acknowledged a frame: advance its watermarks over what it carried."""
+    def delivered(self, session: Session, frame: Frame) -> Awaitable[None] | None:
+        """A device acknowledged a frame: advance its watermarks over what it carried.
+
+        Called as the ack is read (a plain ``on_delivered`` hook): what needs no store is
+        done at once; the rest (a watermark to read or write, a hole to read) comes back
+        as a coroutine, which the connection awaits in order."""
         user = session.user_id
         key = (user, session.device_id)
         data, method = frame.data, frame.method
@@ -669,14 +673,18 @@ class ChatService:
             if isinstance(conversation, str) and isinstance(seq, int) and seq > 0:
                 if self._is_member(key, conversation):
                     own = method == CHAT_METHOD or data.get("sendId") == user
-                    await self._advance(key, conversation, ((seq, own),))
-            return
+                    rest = self._advance_now(key, conversation, ((seq, own),))
+                    if rest is not None:
+                        return self._advance_slow(key, conversation, rest)
+            return None
         by_conversation: dict[str, list[tuple[int, bool]]] = {}
         for conversation, seq, own in _carried(frame, user):
             by_conversation.setdefault(conversation, []).append((seq, own))
+        steps: list[_Step] = []
         for conversation, seqs in by_conversation.items():
             if self._is_member(key, conversation):
-                await self._advance(key, conversation, seqs)
+                self._advance_later(steps, key, conversation, seqs)
+        return _run_steps(steps) if steps else None
 
     def _is_member(self, key: Key, conversation: str) -> bool:
         """Whether the device's user is a member of ``conversation`` (remembered per

@@ -270,7 +270,9 @@ class HttpResponse:
 
 PageHandler = Callable[[HandshakeRequest], Awaitable[HttpResponse]]
 SessionHook = Callable[[Session, ServerAPI], Awaitable[None]]
-DeliveryHook = Callable[[Session, Frame], Awaitable[None]]
+DeliveryHook = Callable[[Session, Frame], Awaitable[None] | None]
+"""An ``on_delivered`` hook: a coroutine function, or a plain function that returns
+``None`` or something to await (see :meth:`App.on_delivered`)."""
 FailureHook = Callable[[Session, Frame, str], Awaitable[None]]
 LifecycleHook = Callable[[ServerAPI], Awaitable[None]]
 
@@ -381,7 +383,14 @@ class App:
         return hook
 
     def on_delivered(self, hook: DeliveryHook) -> DeliveryHook:
-        """Decorator: run ``hook(session, frame)`` when a client acknowledges a push."""
+        """Decorator: run ``hook(session, frame)`` when a client acknowledges a push.
+
+        The hook is called as the ack is read. What it returns to await (an ``async def``
+        hook's coroutine, whose body has not started) is awaited by the connection's
+        worker in order with the connection's messages and other delivery hooks. A plain
+        function's body runs at once, before messages read earlier are handled; it must
+        not block, and it may return an awaitable for the part that must wait (the cheap
+        path for a hook that usually only updates memory: no queue, no coroutine)."""
         self.delivered_hooks.append(hook)
         return hook
 

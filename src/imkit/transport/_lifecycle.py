@@ -34,11 +34,13 @@ __all__ = (
     "DeferredMessage",
     "HandlerContext",
     "HeldFanOut",
+    "HooksAwaiting",
     "announce",
     "as_api",
     "decide_handshake",
     "delivery_hooks",
     "dispatch",
+    "hooks_item",
     "page_response",
     "path_matches",
     "retire",
@@ -315,14 +317,55 @@ async def revalidate(server: Server, session: Connection, request: HandshakeRequ
         session.close_nowait(CLOSE_POLICY, "credential revoked")
 
 
+class HooksAwaiting:
+    """What the ``on_delivered`` hooks of one ack returned to await (a coroutine, for an
+    ``async def`` hook): the connection's worker awaits it in order with its messages."""
+
+    __slots__ = ("awaiting", "frame")
+
+    def __init__(self, frame: Frame, awaiting: list[Awaitable[None]]) -> None:
+        self.frame = frame
+        self.awaiting = awaiting
+
+
+def hooks_item(server: Server, session: Connection, event: Any) -> Any:
+    """The inbox item for a delivery event, or ``None`` when nothing is left to queue.
+
+    The ``on_delivered`` hooks are called here, when the ack is read: a plain function's
+    body runs at once (no task, no queue: the cheap path for a hook that only updates
+    memory), and what a hook returns to await (the coroutine of an ``async def`` hook,
+    whose body has not started) is queued as :class:`HooksAwaiting`, so it runs in order
+    with the connection's messages as before. Other events are queued as they are."""
+    if not isinstance(event, Delivered):
+        return event
+    awaiting: list[Awaitable[None]] | None = None
+    frame = event.frame
+    for hook in server.app.delivered_hooks:
+        try:
+            result = hook(session, frame)
+        except Exception:
+            server.logger.exception("a delivery hook failed for %r", session.user_id)
+            continue
+        if result is not None:
+            if awaiting is None:
+                awaiting = []
+            awaiting.append(result)
+    return None if awaiting is None else HooksAwaiting(frame, awaiting)
+
+
 async def delivery_hooks(server: Server, session: Connection, event: Any) -> None:
-    """Run the ``on_delivered`` / ``on_delivery_failed`` hooks for one peer event."""
+    """Run the ``on_delivered`` / ``on_delivery_failed`` hooks for one inbox item (what
+    :func:`hooks_item` made of a peer event)."""
     app = server.app
+    if isinstance(event, HooksAwaiting):
+        for awaitable in event.awaiting:
+            try:
+                await awaitable
+            except Exception:
+                server.logger.exception("a delivery hook failed for %r", session.user_id)
+        return
     try:
-        if isinstance(event, Delivered):
-            for hook in app.delivered_hooks:
-                await hook(session, event.frame)
-        elif isinstance(event, DeliveryFailed):
+        if isinstance(event, DeliveryFailed):
             for failed in app.failed_hooks:
                 await failed(session, event.frame, event.reason)
         elif isinstance(event, MessageExpired):

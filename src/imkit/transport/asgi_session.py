@@ -41,9 +41,11 @@ from imkit.transport._lifecycle import (
     HOOK_TIMEOUT,
     DeferredMessage,
     HeldFanOut,
+    HooksAwaiting,
     announce,
     delivery_hooks,
     dispatch,
+    hooks_item,
     retire,
     revalidate,
 )
@@ -74,7 +76,7 @@ class _Stop:
 
 
 _STOP = _Stop()
-_Item = Frame | Delivered | DeliveryFailed | MessageExpired | _Stop
+_Item = Frame | HooksAwaiting | DeliveryFailed | MessageExpired | _Stop
 
 
 class ASGISession(HeldFanOut):
@@ -325,13 +327,16 @@ class ASGISession(HeldFanOut):
                 await self._cleanup()
 
     def _post(self, event: Delivered | DeliveryFailed | MessageExpired) -> None:
-        """Hand a delivery event to the worker (its hooks run there, in order)."""
+        """Hand a delivery event to the worker (its hooks run there, in order; the
+        ``on_delivered`` hooks are called now, and what they return is awaited there)."""
         if self._worker_done.is_set():
             self.server.logger.debug(
                 "dropping %s for %r: its session has ended", type(event).__name__, self.user_id
             )
             return
-        self._inbox.put(event)
+        item = hooks_item(self.server, self, event)
+        if item is not None:
+            self._inbox.put(item)
 
     def _wake_writer(self) -> None:
         event = self._write_event
@@ -378,7 +383,7 @@ class ASGISession(HeldFanOut):
             elif isinstance(event, Delivered):
                 room = True
                 if self.app.delivered_hooks:
-                    self._post(event)
+                    self._post(event)  # the hooks are called now (hooks_item)
             elif isinstance(event, (DeliveryFailed, MessageExpired)):
                 room = True
                 self._post(event)

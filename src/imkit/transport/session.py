@@ -83,11 +83,13 @@ from imkit.transport._lifecycle import (
     MAX_UNBLOCKED,
     DeferredMessage,
     HeldFanOut,
+    HooksAwaiting,
     announce,
     decide_handshake,
     delivery_hooks,
     dispatch,
     finish_deferred,
+    hooks_item,
     page_response,
     retire,
     revalidate,
@@ -111,7 +113,7 @@ class _Stop:
 
 _STOP = _Stop()
 _Message = Frame | RawMessageReceived
-_Item = Frame | Event | _Stop  # a message, a delivery event, or the end
+_Item = Frame | Event | HooksAwaiting | _Stop  # a message, a delivery event, or the end
 _OPEN = ConnState.OPEN
 
 
@@ -417,7 +419,8 @@ class ServerSession(HeldFanOut):
         return peer.new_id() if peer is not None else secrets.token_hex(8)
 
     def _post(self, event: Event) -> None:
-        """Hand a delivery event to the worker (its hooks run there, in order)."""
+        """Hand a delivery event to the worker (its hooks run there, in order; the
+        ``on_delivered`` hooks are called now, and what they return is awaited there)."""
         if self._worker_done.is_set():
             self.server.logger.info(
                 "%s for %r not reported to the hooks: its session has ended",
@@ -425,7 +428,9 @@ class ServerSession(HeldFanOut):
                 self.user_id,
             )
             return
-        self._inbox.put(event)
+        item = hooks_item(self.server, self, event)
+        if item is not None:
+            self._inbox.put(item)
 
     # ------------------------------------------------------------------ driving
     async def run(self) -> None:
@@ -587,7 +592,7 @@ class ServerSession(HeldFanOut):
             elif isinstance(event, Delivered):  # the commonest next
                 room = True
                 if self.app.delivered_hooks:
-                    self._post(event)
+                    self._post(event)  # the hooks are called now (hooks_item)
             elif isinstance(event, RawMessageReceived):
                 messages.append(event)
             elif isinstance(event, (DeliveryFailed, MessageExpired)):
