@@ -128,6 +128,12 @@ def _queued_appends(store: MessageStore) -> QueuedAppend | None:
     return store if append is nowait else None
 
 
+def _private(chat_type: int) -> int:
+    if chat_type != CHAT_TYPE_PRIVATE:
+        raise HandlerError(ErrorCode.BAD_REQUEST, "only private chat (chatType 2) is supported")
+    return chat_type
+
+
 def _user_id(value: str, name: str) -> str:
     if not value or "\x00" in value or len(value) > _MAX_ID_CHARS:
         raise HandlerError(
@@ -291,17 +297,32 @@ class ChatService:
     async def chat(self, ctx: Context) -> None:
         """``conversation.chat``: store once, answer the sender, push to the recipient."""
         data = ctx.data
-        chat_type = _require(data, "chatType", int)
-        if chat_type != CHAT_TYPE_PRIVATE:
-            raise HandlerError(ErrorCode.BAD_REQUEST, "only private chat (chatType 2) is supported")
-        recv_id = _user_id(_require(data, "recvId", str), "recvId")
-        msg = _require(data, "msg", dict)
-        content = _require(msg, "content", str)
-        m_type = _require(msg, "mType", int, optional=True) or 0
-        try:
-            size = len(content.encode("utf-8"))
-        except UnicodeEncodeError:
-            raise HandlerError(ErrorCode.BAD_REQUEST, "'content' is not valid Unicode") from None
+        # The fields of a well-formed message in one test; any other goes through
+        # _require, which says what is wrong.
+        if not (
+            type(data) is dict
+            and type(chat_type := data.get("chatType")) is int
+            and type(recv_id := data.get("recvId")) is str
+            and type(msg := data.get("msg")) is dict
+            and type(content := msg.get("content")) is str
+            and type(m_type := msg.get("mType", 0)) is int
+        ):
+            chat_type = _private(_require(data, "chatType", int))
+            recv_id = _require(data, "recvId", str)
+            msg = _require(data, "msg", dict)
+            content = _require(msg, "content", str)
+            m_type = _require(msg, "mType", int, optional=True) or 0
+        _private(chat_type)
+        _user_id(recv_id, "recvId")
+        if content.isascii():
+            size = len(content)
+        else:
+            try:
+                size = len(content.encode("utf-8"))
+            except UnicodeEncodeError:
+                raise HandlerError(
+                    ErrorCode.BAD_REQUEST, "'content' is not valid Unicode"
+                ) from None
         if size > self.max_content_bytes:
             raise HandlerError(
                 ErrorCode.TOO_LARGE,

@@ -404,6 +404,35 @@ def check_append(
     send_time: int,
 ) -> None:
     """Raise ``TypeError``/``ValueError`` for arguments :meth:`MessageStore.append` refuses."""
+    # Nearly every call: ASCII ids and content, 32-bit types, a 64-bit time. Checked in
+    # one expression; anything else goes through the checks that say what is wrong.
+    if (
+        type(conversation_id) is str
+        and type(sender_id) is str
+        and type(recv_id) is str
+        and type(msg_id) is str
+        and type(content) is str
+        and type(chat_type) is int
+        and type(m_type) is int
+        and type(send_time) is int
+        and conversation_id
+        and sender_id
+        and recv_id
+        and msg_id
+        and "\x00" not in conversation_id
+        and "\x00" not in sender_id
+        and "\x00" not in recv_id
+        and "\x00" not in msg_id
+        and conversation_id.isascii()
+        and sender_id.isascii()
+        and recv_id.isascii()
+        and msg_id.isascii()
+        and content.isascii()
+        and _INT32[0] <= chat_type <= _INT32[1]
+        and _INT32[0] <= m_type <= _INT32[1]
+        and _INT64[0] <= send_time <= _INT64[1]
+    ):
+        return
     check_text("conversation_id", conversation_id)
     check_text("sender_id", sender_id)
     check_text("recv_id", recv_id)
