@@ -3,10 +3,14 @@ sockets see the same status line, and nothing reaches the application."""
 
 from __future__ import annotations
 
+import logging
+
 import anyio
+import anyio.abc
 import pytest
 from tests.transport.helpers import (
     SECRET,
+    Collected,
     RawWS,
     http_status,
     make_app,
@@ -217,3 +221,98 @@ async def test_raw_handshake_then_frames_in_memory() -> None:
             assert ack is not None and (ack["frameType"], ack["id"], ack["ackSeq"]) == (2, "e1", 1)
             assert reply is not None and reply["replyTo"] == "e1" and reply["data"] == "x"
             await raw.close()
+
+
+class GatedAuth(imkit.InsecureDevAuth):
+    """Development auth that keeps users named ``slow...`` waiting until ``gate`` opens
+    (a credential store that has become slow, as in a mass reconnect)."""
+
+    def __init__(self) -> None:
+        super().__init__(quiet=True)
+        self.gate = anyio.Event()
+        self.waiting = Collected()
+
+    async def authenticate(self, request: imkit.HandshakeRequest) -> imkit.Identity:
+        user = request.query.get("userId", "")
+        if user.startswith("slow"):
+            self.waiting.add(user)
+            await self.gate.wait()
+        return await super().authenticate(request)
+
+
+class Refusals(logging.Handler):
+    """The server's "too many handshakes" log lines, to wait on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = Collected()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "handshakes are being authenticated" in record.getMessage():
+            self.seen.add(record.getMessage())
+
+
+async def test_handshakes_beyond_the_cap_get_503_and_the_client_retries_them() -> None:
+    """CASES D29 (the clean refusal): with ``max_concurrent_handshakes=2`` and two
+    handshakes stuck in the authentication, a third is answered at once with HTTP 503
+    "server busy", not queued. An ``imkit.Client`` that was connected and must reconnect
+    meanwhile is refused the same way, backs off and retries, and gets in once the
+    authentication is free again; its message sent while away is handled once."""
+    auth = GatedAuth()
+    app, seen = make_app(auth=auth, max_concurrent_handshakes=2)
+    refusals = Refusals()
+    logger = logging.getLogger("imkit")
+    logger.addHandler(refusals)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        with anyio.fail_after(10):
+            async with MemoryServer(app) as server:
+
+                async def open_stream() -> anyio.abc.ByteStream:
+                    return server.open_stream()
+
+                client = imkit.Client(
+                    "ws://imkit.test/ws?userId=al",
+                    stream_factory=open_stream,
+                    reconnect_delay=0.01,
+                    max_reconnect_delay=0.05,
+                )
+                async with client, anyio.create_task_group() as tg:
+                    await client.send("count", 1, message_id="first")
+                    slow = [RawWS(server.open_stream()) for _ in range(2)]
+                    statuses = Collected()
+
+                    async def stuck(raw: RawWS, user: str) -> None:
+                        statuses.add(await raw.handshake(f"/ws?userId={user}"))
+
+                    for i, raw in enumerate(slow):
+                        tg.start_soon(stuck, raw, f"slow{i}")
+                    await auth.waiting.wait_until(lambda items: len(items) == 2)
+                    third = RawWS(server.open_stream())
+                    assert await third.handshake("/ws?userId=carol") == 503
+                    assert b"server busy" in third.body
+                    await third.stream.aclose()
+                    # The client's connection drops (1012, a restart): its reconnects are
+                    # refused while the two handshakes hold the authentication.
+                    server.sessions("al")[0].close_nowait(1012, "service restart")
+                    await refusals.seen.wait_until(lambda items: len(items) >= 3)
+                    assert server.sessions("al") == []
+                    sent = anyio.Event()
+
+                    async def send_while_away() -> None:
+                        await client.send("count", 2, message_id="second")
+                        sent.set()
+
+                    tg.start_soon(send_while_away)
+                    auth.gate.set()
+                    await sent.wait()
+                    await statuses.wait_until(lambda items: len(items) == 2)
+                    assert statuses == [101, 101]
+                    assert len(server.sessions("al")) == 1
+                    for raw in slow:
+                        await raw.close()
+    finally:
+        logger.removeHandler(refusals)
+        logger.setLevel(level)
+    assert seen.dispatched["al", "first"] == 1 and seen.dispatched["al", "second"] == 1

@@ -38,6 +38,7 @@ from imkit.exceptions import ConfigurationError
 
 __all__ = (
     "DEFAULT_MAX_CONCURRENT_HANDLERS",
+    "DEFAULT_MAX_CONCURRENT_HANDSHAKES",
     "DEFAULT_MAX_CONNECTIONS_PER_IP",
     "DEFAULT_MAX_CONNECTIONS_PER_USER",
     "App",
@@ -52,6 +53,8 @@ __all__ = (
 
 # Precedent: easy-chat's TaskRunner runs handlers on a bounded pool.
 DEFAULT_MAX_CONCURRENT_HANDLERS = 256
+# Handshakes being authenticated at once, server-wide; more get 503 and retry (CASES D29).
+DEFAULT_MAX_CONCURRENT_HANDSHAKES = 256
 DEFAULT_MAX_CONNECTIONS_PER_USER = 16
 DEFAULT_MAX_CONNECTIONS_PER_IP = 1024
 
@@ -290,6 +293,9 @@ class App:
     are the reverse proxies whose ``X-Forwarded-For`` names the client: its address then
     counts for ``max_connections_per_ip`` and is the handshake's ``remote_addr`` (see
     :mod:`imkit.core.proxies`); by default none, and the socket's address counts.
+    ``max_concurrent_handshakes`` bounds the handshakes being authenticated at once: in a
+    mass reconnect the others are refused at once with HTTP 503 (``imkit.Client``
+    retries them with its jittered backoff) instead of piling up on the authentication.
     """
 
     def __init__(
@@ -305,6 +311,7 @@ class App:
         options: PeerOptions | None = None,
         timers: AckTimers | None = None,
         max_concurrent_handlers: int = DEFAULT_MAX_CONCURRENT_HANDLERS,
+        max_concurrent_handshakes: int = DEFAULT_MAX_CONCURRENT_HANDSHAKES,
         max_connections_per_user: int = DEFAULT_MAX_CONNECTIONS_PER_USER,
         max_connections_per_ip: int = DEFAULT_MAX_CONNECTIONS_PER_IP,
         revalidate_interval: float | None = 60.0,
@@ -325,6 +332,9 @@ class App:
         if max_concurrent_handlers < 1:
             raise ConfigurationError("max_concurrent_handlers must be at least 1")
         self.max_concurrent_handlers = max_concurrent_handlers
+        if max_concurrent_handshakes < 1:
+            raise ConfigurationError("max_concurrent_handshakes must be at least 1")
+        self.max_concurrent_handshakes = max_concurrent_handshakes
         self.max_connections_per_user = max_connections_per_user
         self.max_connections_per_ip = max_connections_per_ip
         if revalidate_interval is not None and not revalidate_interval > 0:

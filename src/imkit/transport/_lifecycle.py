@@ -194,6 +194,14 @@ async def decide_handshake(server: Server, request: HandshakeRequest) -> Identit
     refusal = server.admission(request)
     if refusal is not None:
         return refusal
+    if server.authenticating >= app.max_concurrent_handshakes:
+        server.logger.info(
+            "handshake from %s refused: %d handshakes are being authenticated",
+            request.remote_addr,
+            server.authenticating,
+        )
+        return 503, "server busy: too many handshakes at once; retry shortly"
+    server.authenticating += 1
     try:
         limit = app.limits.handshake_timeout
         with anyio.fail_after(limit if limit is not None else math.inf):
@@ -206,6 +214,8 @@ async def decide_handshake(server: Server, request: HandshakeRequest) -> Identit
     except Exception:
         server.logger.exception("authentication failed with an error")
         return 500, "authentication error"
+    finally:
+        server.authenticating -= 1
     if (
         app.login_policy is LoginPolicy.MULTI
         and server.registry.count(identity.user_id) >= app.max_connections_per_user

@@ -86,6 +86,7 @@ class Server:
         self.single_node = isinstance(app.discover, SingleNode)
         self.port: int | None = None
         self.stopping = False
+        self.authenticating = 0  # handshakes in decide_handshake's authentication
         self._per_ip: Counter[str] = Counter()
         self._unyielded = 0  # pushes since send_to_users last yielded
         self._press_at = max_write_buffer // 8  # unsent bytes that make it yield at once
