@@ -7,13 +7,16 @@ in ``test_core_differential.py`` can compare both implementations' outputs with 
 Not a reference to maintain: it only pins down the behaviour the fast paths must keep.
 Deliberate behaviour changes since were made here too: a rate-limited frame is a strike
 only once per retry window (``_rate_strike_at``); a final ``Err`` stops the resends of the
-message it answers (``Sender.refuse``, reason ``"refused"``).
+message it answers (``Sender.refuse``, reason ``"refused"``); ``Err{rate_limited}``
+carries ``rate`` and a ``retryAfter`` rounded up, a refill within 1e-9 of a token counts,
+and the sender paces to it (``Sender.retry_after``: slots, held sends).
 """
 
 from __future__ import annotations
 
 import heapq
 import json
+import math
 import re
 import secrets
 from collections import OrderedDict, deque
@@ -268,10 +271,11 @@ class _Machine:
         self._memory.prune(now)
         return effects
 
-    def _schedule(self, entry: _Entry, now: float) -> None:
+    def _schedule(self, entry: _Entry, now: float, delay: float | None = None) -> None:
         self._tokens += 1
         entry.token = self._tokens
-        when = min(now + self.timers.resend_interval, entry.give_up_at)
+        wait = self.timers.resend_interval if delay is None else delay
+        when = min(now + wait, entry.give_up_at)
         heapq.heappush(self._heap, (when, entry.token, entry.frame.id))
 
     def _apply(self, entry: _Entry, event: Input, now: float, effects: list[Effect]) -> None:
@@ -335,6 +339,8 @@ class Sender(_Machine):
         super().__init__(mode, timers or AckTimers())
         self._backlog: deque[Frame] = deque()
         self._backlog_ids: set[str] = set()
+        self._retry_slot = -math.inf
+        self._retry_gap = 0.0
         if partner is not None:
             # A server keeps one Receiver per identity across its connections; each
             # connection's Sender shares, through it, the memory of the ids that were
@@ -362,10 +368,33 @@ class Sender(_Machine):
                 self._backlog_ids.add(message_id)
                 return []
         effects: list[Effect] = []
-        self._apply(
-            _Entry(frame, State.NEW, now + self.timers.ack_timeout), Input.SEND, now, effects
-        )
+        entry = _Entry(frame, State.NEW, now + self.timers.ack_timeout)
+        self._apply(entry, Input.SEND, now, effects)
+        if self.mode is not AckMode.NONE and now < self._retry_slot:
+            self._hold(entry, effects)
         return effects
+
+    def _hold(self, entry: _Entry, effects: list[Effect]) -> None:
+        """Held for the next slot of the peer's rate limit: not sent now."""
+        if effects and effects[-1] == SendFrame(entry.frame):
+            effects.pop()
+            when = self._retry_slot
+            self._retry_slot = when + self._retry_gap
+            self._schedule(entry, when, 0.0)
+
+    def retry_after(
+        self, message_id: str, delay: float, now: float, *, every: float | None = None
+    ) -> bool:
+        """Resend ``message_id`` in the next slot of the peer's rate limit."""
+        gap = delay if every is None else every
+        entry = self._live.get(message_id)
+        if entry is None or not (delay >= 0 and gap >= 0) or max(delay, gap) == math.inf:
+            return False
+        when = max(now + delay, self._retry_slot)
+        self._retry_slot = when + gap
+        self._retry_gap = gap
+        self._schedule(entry, when, 0.0)
+        return True
 
     def on_ack(self, message_id: str, now: float) -> list[Effect]:
         """The peer sent ``Ack{message_id, ackSeq: 1}``."""
@@ -411,6 +440,8 @@ class Sender(_Machine):
             self._backlog_ids.discard(frame.id)
             entry = _Entry(frame, State.NEW, now + self.timers.ack_timeout)
             self._apply(entry, Input.SEND, now, effects)
+            if now < self._retry_slot:
+                self._hold(entry, effects)
 
 
 class Receiver(_Machine):
@@ -566,8 +597,17 @@ class Peer:
         elif kind is FrameType.ERR:
             self._events.append(ErrorReceived(frame))
             data = frame.data
-            if frame.id and isinstance(data, dict) and data.get("code") in FINAL_ERROR_CODES:
-                self._effects(self.sender.refuse(frame.id, now), now)
+            if frame.id and isinstance(data, dict):
+                code = data.get("code")
+                if code in FINAL_ERROR_CODES:
+                    self._effects(self.sender.refuse(frame.id, now), now)
+                elif code == ErrorCode.RATE_LIMITED:
+                    retry, rate = data.get("retryAfter"), data.get("rate")
+                    if type(retry) is int or type(retry) is float:
+                        if (type(rate) is int or type(rate) is float) and rate > 0:
+                            self.sender.retry_after(frame.id, retry, now, every=1.0 / rate)
+                        else:
+                            self.sender.retry_after(frame.id, retry, now)
         elif self.server:  # TRANSPOND from a client
             self._reject(
                 ErrorCode.FORBIDDEN, "clients may not send Transpond frames", frame.id, now
@@ -586,7 +626,8 @@ class Peer:
                     frame.id,
                     now,
                     strike=strike,
-                    retryAfter=round(retry, 3),
+                    retryAfter=math.ceil(retry * 1000) / 1000,
+                    rate=self.options.rate_limit,
                 )
                 return
             accepts = self._accepts_method
@@ -614,7 +655,7 @@ class Peer:
             return True
         tokens = min(float(self.options.rate_burst), self._tokens + (now - self._tokens_at) * rate)
         self._tokens_at = now
-        if tokens < 1.0:
+        if tokens < 1.0 - 1e-9:
             self._tokens = tokens
             return False
         self._tokens = tokens - 1.0

@@ -400,8 +400,8 @@ def test_a_client_sender_does_not_share_memory_with_its_receiver() -> None:
     assert peer.send("chat", 1, 0.0, message_id="x").id == "x"  # our own id space
 
 
-def err_text(frame_id: str, code: str) -> str:
-    return text(frameType=9, id=frame_id, data={"code": code, "message": "no"})
+def err_text(frame_id: str, code: str, **extra: Any) -> str:
+    return text(frameType=9, id=frame_id, data={"code": code, "message": "no", **extra})
 
 
 def test_a_final_err_stops_the_resends_of_the_message_it_answers() -> None:
@@ -431,6 +431,119 @@ def test_a_retryable_err_leaves_the_message_to_its_resends() -> None:
     assert peer.sender.in_flight == 1
     peer.handle_timeout(AckTimers().resend_interval)
     assert [f.id for f in out(peer)] == ["m1"]  # resent, same id
+
+
+def test_rate_limited_resends_come_when_the_server_said_not_at_the_resend_interval() -> None:
+    """``Err{rate_limited, retryAfter}`` moves the message's next resend to then: a short
+    wait resends sooner than the resend interval (not a burst's 2 s later), a long one
+    later (a resend before it would be refused again, and past its window count as a
+    strike), and one past the ack timeout gives the message up at that timeout."""
+    timers = AckTimers()  # resend every 2 s, give up after 10 s
+    peer = client(quiet_options(ack_mode=AckMode.ONLY))
+    for n in (1, 2, 3):
+        peer.send("chat", n, 0.0, message_id=f"m{n}")
+    out(peer)
+    peer.receive_text(err_text("m1", ErrorCode.RATE_LIMITED, retryAfter=0.25), 0.1)
+    peer.receive_text(err_text("m2", ErrorCode.RATE_LIMITED, retryAfter=5), 0.1)
+    peer.receive_text(err_text("m3", ErrorCode.RATE_LIMITED, retryAfter=60.0), 0.1)
+    assert kinds(peer.events()) == ["ErrorReceived"] * 3
+    assert peer.next_deadline() == pytest.approx(0.35)
+    peer.handle_timeout(0.34)
+    assert out(peer) == []
+    peer.handle_timeout(0.35)
+    assert [f.id for f in out(peer)] == ["m1"]  # then on the resend interval again
+    peer.handle_timeout(timers.resend_interval)  # m2 and m3 wait on
+    assert out(peer) == []
+    peer.handle_timeout(5.09)
+    assert [f.id for f in out(peer)] == ["m1"]  # due at 0.35 + the interval
+    peer.handle_timeout(5.1)
+    assert [f.id for f in out(peer)] == ["m2"]
+    for taken in ("m1", "m2"):  # the resends went through
+        peer.receive_text(text(frameType=2, id=taken, ackSeq=1), 5.2)
+    peer.events()
+    peer.handle_timeout(timers.ack_timeout)  # m3 could not be resent in time: given up
+    failed = [e for e in peer.events() if isinstance(e, DeliveryFailed)]
+    assert [(e.frame.id, e.reason) for e in failed] == [("m3", "timeout")]
+
+
+def fire_deadlines(peer: Peer, times: int) -> list[tuple[float, str]]:
+    """Move to the peer's next deadline ``times`` times: ``(when, id)`` of what it sent."""
+    sent: list[tuple[float, str]] = []
+    for _ in range(times):
+        now = peer.next_deadline()
+        assert now is not None
+        peer.handle_timeout(now)
+        sent += [(round(now, 6), f.id) for f in out(peer)]
+    return sent
+
+
+def test_messages_rate_limited_together_are_resent_one_slot_apart() -> None:
+    """Four messages refused at once with ``retryAfter`` 0.1 (the time until the limit
+    takes one more) are resent 0.1 s apart, one per freed slot, not as a second burst."""
+    peer = client(quiet_options(ack_mode=AckMode.ONLY))
+    for n in range(4):
+        peer.send("chat", n, 0.0, message_id=f"m{n}")
+    out(peer)
+    for n in range(4):
+        peer.receive_text(err_text(f"m{n}", ErrorCode.RATE_LIMITED, retryAfter=0.1), 0.1)
+    resent = fire_deadlines(peer, 4)
+    assert resent == [(0.2, "m0"), (0.3, "m1"), (0.4, "m2"), (0.5, "m3")]
+    peer.receive_text(err_text("m0", ErrorCode.RATE_LIMITED, retryAfter=0.1), 0.5)
+    assert peer.next_deadline() == pytest.approx(0.6)  # after the last slot given out
+
+
+def test_after_a_rate_limit_new_messages_wait_for_slots_of_their_own() -> None:
+    """``Err{rate_limited, retryAfter 0.05, rate 10}``: the refused message goes again in
+    0.05 s, and messages sent meanwhile are held for the next slots, 1/rate = 0.1 s apart
+    (sent at once, each would be over the limit again: a strike each); once the slots
+    have passed, a message goes at once again."""
+    peer = client(quiet_options(ack_mode=AckMode.ONLY))
+    peer.send("chat", 0, 0.0, message_id="m0")
+    out(peer)
+    peer.receive_text(err_text("m0", ErrorCode.RATE_LIMITED, retryAfter=0.05, rate=10), 0.0)
+    peer.events()
+    peer.send("chat", 1, 0.01, message_id="m1")
+    peer.send("chat", 2, 0.02, message_id="m2")
+    assert out(peer) == []  # held: taken, first sent in their slots
+    assert peer.sender.in_flight == 3
+    sent = fire_deadlines(peer, 3)
+    assert sent == [(0.05, "m0"), (0.15, "m1"), (0.25, "m2")]
+    peer.send("chat", 3, 0.34, message_id="m3")  # before the next free slot: held
+    assert out(peer) == []
+    peer.handle_timeout(0.35)
+    assert [f.id for f in out(peer)] == ["m3"]
+    peer.send("chat", 4, 0.46, message_id="m4")  # past the next one: sent at once
+    assert [f.id for f in out(peer)] == ["m4"]
+
+
+def test_a_rate_limited_err_without_a_usable_retry_after_keeps_the_resend_interval() -> None:
+    """A ``retryAfter`` that is missing, not a number, negative or NaN, or one for an id
+    not in flight, changes nothing: the message is resent on the resend interval."""
+    for retry in (None, "soon", True, -1.0, [1]):
+        peer = client(quiet_options(ack_mode=AckMode.ONLY))
+        peer.send("chat", 1, 0.0, message_id="m1")
+        out(peer)
+        extra = {} if retry is None else {"retryAfter": retry}
+        peer.receive_text(err_text("m1", ErrorCode.RATE_LIMITED, **extra), 0.1)
+        peer.receive_text(err_text("other", ErrorCode.RATE_LIMITED, retryAfter=0.1), 0.1)
+        assert peer.next_deadline() == AckTimers().resend_interval, retry
+        for bad in (float("nan"), float("inf")):  # (neither can come in JSON)
+            assert peer.sender.retry_after("m1", bad, 0.2) is False
+        assert peer.next_deadline() == AckTimers().resend_interval
+    assert peer.sender.retry_after("gone", 1.0, 0.2) is False
+    assert peer.sender.retry_after("m1", 1.0, 0.2, every=float("nan")) is False
+    # A rate that is not a positive number is left out: the slots are retryAfter apart.
+    for rate in (0, -5, "fast", None):
+        peer = client(quiet_options(ack_mode=AckMode.ONLY))
+        for n in range(2):
+            peer.send("chat", n, 0.0, message_id=f"m{n}")
+        for n in range(2):
+            peer.receive_text(
+                err_text(f"m{n}", ErrorCode.RATE_LIMITED, retryAfter=0.5, rate=rate), 0.0
+            )
+        assert peer.next_deadline() == 0.5
+        peer.handle_timeout(0.5)
+        assert peer.next_deadline() == 1.0, rate
 
 
 def test_a_final_err_for_an_acked_or_unknown_id_changes_nothing() -> None:

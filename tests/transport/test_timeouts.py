@@ -163,14 +163,15 @@ async def test_revoked_credential_closes_1008_at_the_next_revalidation(
                 assert await kept.request("echo", "still in") == "still in"
 
 
-async def test_a_burst_over_the_rate_limit_is_slowed_down_not_closed() -> None:
-    """A client sends 40 messages at once against 10 msg/s (burst 10, 10 strikes): the
-    30 refused come back as ``rate_limited``, one strike for them all (they were sent
-    before the client could read the first refusal; it used to be 30 strikes, so 1008);
-    its sender resends them in waves (each wave over the limit is one more strike), and
-    every message is handled once, with the connection still open."""
+async def rate_limited_burst(
+    *, count: int, max_strikes: int, step: float, steps: int
+) -> tuple[list[int], bool, float, list[int]]:
+    """``count`` messages sent at once by one client against 10 msg/s (burst 10, at most
+    ``max_strikes``), the fake clock moved ``step`` at a time, ``steps`` times at most:
+    the messages acknowledged, whether the client is still connected, the fake time it
+    took, and how often the server handled each message."""
     clock = FakeClock()
-    options = imkit.PeerOptions(rate_limit=10.0, rate_burst=10, max_strikes=10)
+    options = imkit.PeerOptions(rate_limit=10.0, rate_burst=10, max_strikes=max_strikes)
     app, seen = make_app(options=options)
     with anyio.fail_after(20):
         async with MemoryServer(app, clock=clock) as server:
@@ -182,13 +183,69 @@ async def test_a_burst_over_the_rate_limit_is_slowed_down_not_closed() -> None:
                     done.append(i)
 
                 async with anyio.create_task_group() as tg:
-                    for i in range(40):
+                    for i in range(count):
                         tg.start_soon(send, i)
-                    for _ in range(60):  # 30 s of fake time at most
+                    for _ in range(steps):
                         await anyio.wait_all_tasks_blocked()
-                        if len(done) == 40:
+                        if len(done) == count:
                             break
-                        await clock.advance_by(0.5)
-                assert sorted(done) == list(range(40))
+                        await clock.advance_by(step)
+                connected = client.connected
+    return sorted(done), connected, clock.now(), sorted(seen.dispatched.values())
+
+
+async def test_a_burst_over_the_rate_limit_is_slowed_down_not_closed() -> None:
+    """A client sends 40 messages at once against 10 msg/s (burst 10, 10 strikes): the
+    30 refused come back as ``rate_limited``, one strike for them all (they were sent
+    before the client could read the first refusal; it used to be 30 strikes, so 1008);
+    its sender resends them, and every message is handled once, with the connection
+    still open (30 s of fake time at most, in steps of 0.5 s)."""
+    done, connected, _took, handled = await rate_limited_burst(
+        count=40, max_strikes=10, step=0.5, steps=60
+    )
+    assert done == list(range(40)) and connected
+    assert handled == [1] * 40
+
+
+async def test_a_burst_is_resent_at_the_pace_the_rate_limit_asks() -> None:
+    """60 messages at once against 10 msg/s (burst 10) and only 3 strikes: the 50
+    refused are resent one ``retryAfter`` (0.1 s) apart, each into a freed slot, so the
+    first refusal is the only strike. Resent on the resend interval instead (every 2 s,
+    all at once), each wave would be over the limit again: strikes 2 and 3, then 1008.
+    (8 s of fake time at most, in steps under the 0.1 s between slots.)"""
+    done, connected, took, handled = await rate_limited_burst(
+        count=60, max_strikes=3, step=0.05, steps=160
+    )
+    assert done == list(range(60)) and connected
+    assert took < 8.0  # paced: about 5 s for the 50 refused
+    assert handled == [1] * 60
+
+
+async def test_requests_one_after_another_keep_to_the_rate_limit_after_a_refusal() -> None:
+    """A client that sends 60 requests one after another as fast as they are answered,
+    against 10 msg/s (burst 10) and 3 strikes: after the first refusal its messages are
+    held for the limit's slots (retryAfter, then one per 1/rate), so that refusal is the
+    only strike. Sent as soon as the previous answer came, every message after a wait
+    would be over the limit again: one strike per burst, and 1008 on the third."""
+    clock = FakeClock()
+    options = imkit.PeerOptions(rate_limit=10.0, rate_burst=10, max_strikes=3)
+    app, _seen = make_app(options=options)
+    with anyio.fail_after(20):
+        async with MemoryServer(app, clock=clock) as server:
+            async with server.connect(user_id="seq", keepalive=None, reconnect=False) as client:
+                done: list[int] = []
+
+                async def send_all() -> None:
+                    for i in range(60):
+                        assert await client.request("echo", i) == i
+                        done.append(i)
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(send_all)
+                    for _ in range(200):  # 10 s of fake time at most, in steps under 0.1 s
+                        await anyio.wait_all_tasks_blocked()
+                        if len(done) == 60:
+                            break
+                        await clock.advance_by(0.05)
+                assert done == list(range(60))
                 assert client.connected
-    assert sorted(seen.dispatched.values()) == [1] * 40

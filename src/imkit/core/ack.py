@@ -404,10 +404,12 @@ class _Machine:
             memory.prune(now)
         return acts
 
-    def _schedule(self, entry: _Entry, now: float) -> None:
+    def _schedule(self, entry: _Entry, now: float, delay: float | None = None) -> None:
+        """Set the entry's next deadline: its resend in ``delay`` seconds (the resend
+        interval when ``None``), or its give-up time if that comes first."""
         self._tokens = token = self._tokens + 1
         entry.token = token
-        when = now + self.timers.resend_interval
+        when = now + (self.timers.resend_interval if delay is None else delay)
         if entry.give_up_at < when:
             when = entry.give_up_at
         heap = self._heap
@@ -522,6 +524,10 @@ class Sender(_Machine):
         super().__init__(mode, timers or AckTimers())
         # Made on first use: most senders never fill their window.
         self._backlog: deque[Frame] | None = None
+        # While the peer's rate limit is waited out (retry_after): the next free slot for
+        # a message, and the time between slots.
+        self._retry_slot = -math.inf
+        self._retry_gap = 0.0
         self._backlog_ids: set[str] | None = None
         if partner is not None:
             # A server keeps one Receiver per identity across its connections; each
@@ -561,7 +567,21 @@ class Sender(_Machine):
                 self._backlog.append(frame)
                 self._backlog_ids.add(message_id)
                 return ()
+            if now < self._retry_slot:
+                return self._hold(frame, self._apply(frame, _NEW, _IN_SEND, now))
         return self._apply(frame, _NEW, _IN_SEND, now)
+
+    def _hold(self, frame: Frame, actions: tuple[Action, ...]) -> tuple[Action, ...]:
+        """A message sent while the peer's rate limit is being waited out (see
+        :meth:`retry_after`): taken, but first sent in the next free slot (as its resend
+        would be), not now."""
+        entry = self._live.get(frame.id)
+        if entry is None or actions != _SEND_DATA:
+            return actions
+        when = self._retry_slot
+        self._retry_slot = when + self._retry_gap
+        self._schedule(entry, when, 0.0)
+        return ()
 
     def on_ack(self, message_id: str, now: float) -> list[Effect]:
         """The peer sent ``Ack{message_id, ackSeq: 1}``."""
@@ -587,6 +607,41 @@ class Sender(_Machine):
     def _refuse(self, message_id: str, now: float) -> list[_Acts]:
         """:meth:`refuse`, as acts."""
         return self._settle(message_id, _IN_REFUSED, now)
+
+    @property
+    def paced_until(self) -> float:
+        """Until when messages sent are held for slots of the peer's rate limit (see
+        :meth:`retry_after`): a send before then sets a deadline sooner than the resend
+        interval (``-inf`` when no limit was met)."""
+        return self._retry_slot
+
+    def retry_after(
+        self, message_id: str, delay: float, now: float, *, every: float | None = None
+    ) -> bool:
+        """The peer refused ``message_id`` for now and asked for it again in ``delay``
+        seconds (a rate limit's ``retryAfter``: the time until it takes one more
+        message; ``every``: the time the limit takes to free each further one, its
+        ``1 / rate``, ``delay`` when not given). Its next resend is then, sooner or later
+        than the resend interval would put it, and the messages refused together are
+        resent ``every`` apart, one per slot the limit frees, not all at once (a burst of
+        them would be refused again, and count as a strike); messages sent until the last
+        slot is reached wait for slots of their own. Never after its give-up time: an
+        ack timeout shorter than the wait gives it up. ``False``, and nothing changes,
+        for an id not waiting for its ack or a ``delay`` (``every``) that is not a finite
+        number >= 0."""
+        gap = delay if every is None else every
+        entry = self._live.get(message_id)
+        if (
+            entry is None
+            or not (delay >= 0 and gap >= 0)  # (NaN is not >= 0)
+            or max(delay, gap) == math.inf
+        ):
+            return False
+        when = max(now + delay, self._retry_slot)
+        self._retry_slot = when + gap
+        self._retry_gap = gap
+        self._schedule(entry, when, 0.0)
+        return True
 
     def handle_timeout(self, now: float) -> list[Effect]:
         """Fire resends and give-ups due at ``now``; give-ups make room for the backlog."""
@@ -620,7 +675,10 @@ class Sender(_Machine):
         while backlog and ids is not None and len(self._live) < self.timers.window:
             frame = backlog.popleft()
             ids.discard(frame.id)
-            acts.append((frame, self._apply(frame, _NEW, _IN_SEND, now)))
+            actions = self._apply(frame, _NEW, _IN_SEND, now)
+            if now < self._retry_slot:
+                actions = self._hold(frame, actions)
+            acts.append((frame, actions))
 
 
 class Receiver(_Machine):

@@ -13,6 +13,7 @@ connection if :attr:`close_request` is set, and wait until :meth:`next_deadline`
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections import deque
 from collections.abc import Callable
@@ -68,6 +69,9 @@ __all__ = (
 
 CLOSE_IDLE = 1000
 CLOSE_POLICY = 1008
+# A token: a little under 1.0, so that a client that waited exactly the announced
+# retryAfter is not refused for the float rounding of the refill.
+_ONE_TOKEN = 1.0 - 1e-9
 
 # Precedents: easy-chat's maxConnectionIdle; OWASP and Discord rate limits (100-120/min
 # for people typing; raise it for machine clients); websockets' max_queue of 16 frames.
@@ -238,9 +242,21 @@ class Peer:
         elif kind is _ERR:
             self._events.append(ErrorReceived(frame))
             data = frame.data
-            if frame.id and isinstance(data, dict) and data.get("code") in FINAL_ERROR_CODES:
-                # Refused for good: stop resending it (DeliveryFailed, reason "refused").
-                self._act_all(self.sender._refuse(frame.id, now), self.sender)
+            if frame.id and isinstance(data, dict):
+                code = data.get("code")
+                if code in FINAL_ERROR_CODES:
+                    # Refused for good: stop resending it (DeliveryFailed, reason "refused").
+                    self._act_all(self.sender._refuse(frame.id, now), self.sender)
+                elif code == ErrorCode.RATE_LIMITED:
+                    # Refused for now: resend it when the peer said it may come again (a
+                    # resend before then is refused again; one much later waits for no
+                    # reason).
+                    retry, rate = data.get("retryAfter"), data.get("rate")
+                    if type(retry) is int or type(retry) is float:
+                        if (type(rate) is int or type(rate) is float) and rate > 0:
+                            self.sender.retry_after(frame.id, retry, now, every=1.0 / rate)
+                        else:
+                            self.sender.retry_after(frame.id, retry, now)
         elif self.server:  # TRANSPOND from a client
             self._reject(
                 ErrorCode.FORBIDDEN, "clients may not send Transpond frames", frame.id, now
@@ -263,7 +279,10 @@ class Peer:
                     frame.id,
                     now,
                     strike=strike,
-                    retryAfter=round(retry, 3),
+                    # Rounded up: a client that waits exactly this long finds a token.
+                    retryAfter=math.ceil(retry * 1000) / 1000,
+                    # ...and one more every 1/rate s: how a client spaces what follows.
+                    rate=self.options.rate_limit,
                 )
                 return
             accepts = self._accepts_method
@@ -290,7 +309,7 @@ class Peer:
         assert rate is not None  # the caller skips a connection without a rate limit
         tokens = min(float(self.options.rate_burst), self._tokens + (now - self._tokens_at) * rate)
         self._tokens_at = now
-        if tokens < 1.0:
+        if tokens < _ONE_TOKEN:
             self._tokens = tokens
             return False
         self._tokens = tokens - 1.0

@@ -41,7 +41,7 @@ from imkit.core.events import (
     MessageReceived,
     Rejected,
 )
-from imkit.core.frames import FINAL_ERROR_CODES, Frame, FrameType
+from imkit.core.frames import FINAL_ERROR_CODES, ErrorCode, Frame, FrameType
 from imkit.core.peer import PeerOptions
 from imkit.exceptions import (
     ConnectionClosed,
@@ -168,7 +168,9 @@ class Client:
         self._writer: StreamWriter | None = None
         self._timer_scope: anyio.CancelScope | None = None
         self._timer_at = math.inf
-        # No input sets a deadline sooner than this from now (see ServerSession).
+        # No input sets a deadline sooner than this from now (see ServerSession), but an
+        # Err rate_limited (its retryAfter: _on_error wakes the timer) and a message
+        # held for the server's rate limit (Sender.paced_until: _flush looks again).
         steps: list[float | None] = [self._timers.resend_interval, self._limits.close_timeout]
         steps += [self._limits.ping_timeout, self._limits.ping_interval, keepalive]
         self._min_step = min(step for step in steps if step is not None)
@@ -474,10 +476,16 @@ class Client:
         if conn.closed:
             writer.closing(linger=True)  # the server closes first; wait for its end
             self._wake_timer()
-        elif self._timer_scope is not None and self._timer_at > self.clock.now() + self._min_step:
-            deadline = conn.next_deadline()
-            if deadline is not None and deadline < self._timer_at:
-                self._wake_timer()
+        elif self._timer_scope is not None:
+            now = self.clock.now()
+            sender = self._sender
+            # A message held for the server's rate limit may be due sooner than min_step.
+            if self._timer_at > now + self._min_step or (
+                sender is not None and sender.paced_until > now
+            ):
+                deadline = conn.next_deadline()
+                if deadline is not None and deadline < self._timer_at:
+                    self._wake_timer()
 
     def _wake_timer(self) -> None:
         scope, self._timer_scope = self._timer_scope, None
@@ -570,6 +578,10 @@ class Client:
         code = str(data.get("code", ""))
         message = str(data.get("message", ""))
         error = RequestFailed(code, message, frame.id)
+        if code == ErrorCode.RATE_LIMITED:
+            # The core moved the message's resend to its retryAfter, maybe sooner than
+            # the resend interval (the one input that can): the timer looks again.
+            self._wake_timer()
         if code not in _FINAL_ERRORS:
             # Rate limited, store unavailable, expired...: while the message is not yet
             # acknowledged, the sender's resend retries it. Once it is acknowledged the
