@@ -7,6 +7,7 @@ drops it afterwards.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -221,3 +222,71 @@ def test_import_without_asyncpg_names_the_extra() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
     ).stdout
     assert "pip install 'imkit[postgres]'" in out
+
+
+def _scanned(plan: dict[str, object], relation: str) -> int:
+    """Rows the plan node tree read from ``relation``: returned and filtered out, over
+    every loop of each scan of it."""
+    total = 0
+    if plan.get("Relation Name") == relation:
+        loops = int(plan.get("Actual Loops", 1))  # type: ignore[call-overload]
+        for key in ("Actual Rows", "Rows Removed by Filter", "Rows Removed by Index Recheck"):
+            total += int(plan.get(key, 0)) * loops  # type: ignore[call-overload]
+    for child in plan.get("Plans", []):  # type: ignore[attr-defined]
+        total += _scanned(child, relation)
+    return total
+
+
+@pytest.mark.services
+async def test_pending_reads_only_what_is_above_the_watermarks(schema: tuple[str, str]) -> None:
+    """The catch-up query's shape on a real server: a device with three conversations of
+    3,000 messages each, acknowledged up to 10 below the end of each. ``pending`` (the
+    very SQL the store sends, run under ``EXPLAIN ANALYZE``) reads about the 30 messages
+    above the watermarks from the messages table, not the 9,000 below them: each
+    conversation is read by its primary key from its watermark on."""
+    dsn, name = schema
+    each, unread = 3000, 10
+    async with PostgresStore(dsn, schema=name) as store:
+        await send(store, "setup")  # the tables exist
+        conn = await asyncpg.connect(dsn)
+        try:
+            for peer in ("p1", "p2", "p3"):
+                conversation = f"{peer}_u"
+                await conn.execute(
+                    f"INSERT INTO {store._msgs} SELECT $1, s, $2, $3, $2 || s,"
+                    " 2, 0, 'x'::bytea, s FROM generate_series(1, $4) s",
+                    conversation,
+                    peer,
+                    "u",
+                    each,
+                )
+                await conn.execute(f"INSERT INTO {store._conv} VALUES ($1, $2)", conversation, each)
+                await conn.execute(
+                    f"INSERT INTO {store._members} VALUES ($1, $3), ($2, $3)",
+                    peer,
+                    "u",
+                    conversation,
+                )
+                await store.set_delivered("u", "", conversation, each - unread)
+            await conn.execute(f"ANALYZE {store._msgs}")
+            sent: list[tuple[str, tuple[object, ...]]] = []
+            real = store._messages
+
+            async def capture(sql: str, *args: object) -> list[StoredMessage]:
+                sent.append((sql, args))
+                return await real(sql, *args)
+
+            store._messages = capture  # type: ignore[method-assign]
+            page = await store.pending("u", "", limit=100)
+            assert [(m.conversation_id, m.seq) for m in page] == [
+                (f"{peer}_u", seq)
+                for peer in ("p1", "p2", "p3")
+                for seq in range(each - unread + 1, each + 1)
+            ]
+            ((sql, args),) = sent
+            explained = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", *args)
+        finally:
+            await conn.close()
+    plan = json.loads(explained)[0]["Plan"]
+    read = _scanned(plan, f"{store._prefix}messages")
+    assert read <= 3 * unread + 10, (read, json.dumps(plan, indent=1))

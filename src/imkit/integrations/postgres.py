@@ -519,14 +519,22 @@ class PostgresStore(StoreLifecycle):
         check_text("device_id", device_id, allow_empty=True)
         check_limit(limit)
         cursor_conversation, cursor_seq = check_cursor(after)
+        # The user's conversations in key order, each one's watermark, then (LATERAL) its
+        # messages by primary key from above the watermark (or the cursor), at most a
+        # page of them: a range read per conversation, never the messages below the
+        # watermark (a plain join read every message of every conversation, and
+        # filtered).
         return await self._messages(
             f"SELECT {_M_COLUMNS} FROM {self._members} mb"
-            f" JOIN {self._msgs} m ON m.conversation_id = mb.conversation_id"
             f" LEFT JOIN {self._delivered} d ON d.user_id = mb.user_id AND d.device_id = $2"
             "  AND d.conversation_id = mb.conversation_id"
-            " WHERE mb.user_id = $1 AND m.seq > COALESCE(d.seq, 0)"
-            "  AND m.sender_id <> mb.user_id AND (m.conversation_id, m.seq) > ($3, $4)"
-            " ORDER BY m.conversation_id, m.seq LIMIT $5",
+            f" CROSS JOIN LATERAL (SELECT * FROM {self._msgs} m1"
+            "  WHERE m1.conversation_id = mb.conversation_id AND m1.seq > CASE"
+            "   WHEN mb.conversation_id = $3 THEN GREATEST(COALESCE(d.seq, 0), $4)"
+            "   ELSE COALESCE(d.seq, 0) END"
+            "  AND m1.sender_id <> mb.user_id ORDER BY m1.seq LIMIT $5) m"
+            " WHERE mb.user_id = $1 AND mb.conversation_id >= $3"
+            " ORDER BY mb.conversation_id, m.seq LIMIT $5",
             user_id,
             device_id,
             cursor_conversation,
