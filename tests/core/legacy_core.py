@@ -386,9 +386,15 @@ class Sender(_Machine):
         self, message_id: str, delay: float, now: float, *, every: float | None = None
     ) -> bool:
         """Resend ``message_id`` in the next slot of the peer's rate limit."""
-        gap = delay if every is None else every
         entry = self._live.get(message_id)
-        if entry is None or not (delay >= 0 and gap >= 0) or max(delay, gap) == math.inf:
+        if entry is None:
+            return False
+        try:
+            delay = float(delay)
+            gap = delay if every is None else float(every)
+        except OverflowError:
+            return False
+        if not (0 <= delay < math.inf and 0 <= gap < math.inf):
             return False
         when = max(now + delay, self._retry_slot)
         self._retry_slot = when + gap
@@ -604,10 +610,13 @@ class Peer:
                 elif code == ErrorCode.RATE_LIMITED:
                     retry, rate = data.get("retryAfter"), data.get("rate")
                     if type(retry) is int or type(retry) is float:
+                        every = None
                         if (type(rate) is int or type(rate) is float) and rate > 0:
-                            self.sender.retry_after(frame.id, retry, now, every=1.0 / rate)
-                        else:
-                            self.sender.retry_after(frame.id, retry, now)
+                            try:
+                                every = 1.0 / rate
+                            except OverflowError:
+                                pass
+                        self.sender.retry_after(frame.id, retry, now, every=every)
         elif self.server:  # TRANSPOND from a client
             self._reject(
                 ErrorCode.FORBIDDEN, "clients may not send Transpond frames", frame.id, now

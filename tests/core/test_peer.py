@@ -519,7 +519,7 @@ def test_after_a_rate_limit_new_messages_wait_for_slots_of_their_own() -> None:
 def test_a_rate_limited_err_without_a_usable_retry_after_keeps_the_resend_interval() -> None:
     """A ``retryAfter`` that is missing, not a number, negative or NaN, or one for an id
     not in flight, changes nothing: the message is resent on the resend interval."""
-    for retry in (None, "soon", True, -1.0, [1]):
+    for retry in (None, "soon", True, -1.0, [1], 10**400):
         peer = client(quiet_options(ack_mode=AckMode.ONLY))
         peer.send("chat", 1, 0.0, message_id="m1")
         out(peer)
@@ -532,8 +532,9 @@ def test_a_rate_limited_err_without_a_usable_retry_after_keeps_the_resend_interv
         assert peer.next_deadline() == AckTimers().resend_interval
     assert peer.sender.retry_after("gone", 1.0, 0.2) is False
     assert peer.sender.retry_after("m1", 1.0, 0.2, every=float("nan")) is False
-    # A rate that is not a positive number is left out: the slots are retryAfter apart.
-    for rate in (0, -5, "fast", None):
+    # A rate that is not a positive number (or too large for a float) is left out: the
+    # slots are retryAfter apart.
+    for rate in (0, -5, "fast", None, 10**400):
         peer = client(quiet_options(ack_mode=AckMode.ONLY))
         for n in range(2):
             peer.send("chat", n, 0.0, message_id=f"m{n}")

@@ -629,13 +629,15 @@ class Sender(_Machine):
         ack timeout shorter than the wait gives it up. ``False``, and nothing changes,
         for an id not waiting for its ack or a ``delay`` (``every``) that is not a finite
         number >= 0."""
-        gap = delay if every is None else every
         entry = self._live.get(message_id)
-        if (
-            entry is None
-            or not (delay >= 0 and gap >= 0)  # (NaN is not >= 0)
-            or max(delay, gap) == math.inf
-        ):
+        if entry is None:
+            return False
+        try:  # (a peer's number may be an int too large for a float)
+            delay = float(delay)
+            gap = delay if every is None else float(every)
+        except OverflowError:
+            return False
+        if not (0 <= delay < math.inf and 0 <= gap < math.inf):  # (NaN compares false)
             return False
         when = max(now + delay, self._retry_slot)
         self._retry_slot = when + gap

@@ -253,10 +253,13 @@ class Peer:
                     # reason).
                     retry, rate = data.get("retryAfter"), data.get("rate")
                     if type(retry) is int or type(retry) is float:
+                        every = None
                         if (type(rate) is int or type(rate) is float) and rate > 0:
-                            self.sender.retry_after(frame.id, retry, now, every=1.0 / rate)
-                        else:
-                            self.sender.retry_after(frame.id, retry, now)
+                            try:
+                                every = 1.0 / rate
+                            except OverflowError:  # an int too large for a float
+                                pass
+                        self.sender.retry_after(frame.id, retry, now, every=every)
         elif self.server:  # TRANSPOND from a client
             self._reject(
                 ErrorCode.FORBIDDEN, "clients may not send Transpond frames", frame.id, now
