@@ -578,3 +578,50 @@ def test_one_rounds_appends_run_together_as_if_one_at_a_time(
         patch.setattr(sqlite_module, "_append_all", counted)
         anyio.run(main, Path(tmp) / "chat.db")
     assert batches == [len(batch)]
+
+
+async def test_a_round_larger_than_one_statement_s_parameters(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A round of 1,000 appends over 960 conversations (``max_batch=2000``): the batch's
+    reads are split under SQLite's oldest parameter limit (999), and every append gets
+    what it would alone, in the one batched try (no write failed and re-ran the round):
+    960 first messages, then 40 resends of stored ones (created false, the first seq)."""
+    caplog.set_level("DEBUG", logger="imkit.chat.sqlite")
+    from imkit.chat.memory import MemoryStore
+
+    def fields(i: int) -> dict[str, object]:
+        n = i % 960
+        return {
+            "conversation_id": f"c{n:04d}",
+            "sender_id": "a",
+            "recv_id": f"u{n}",
+            "msg_id": f"m{n}",
+            "chat_type": 2,
+            "m_type": 0,
+            "content": f"text {i}",
+            "send_time": i,
+        }
+
+    reference = MemoryStore()
+    await reference.open()
+    expected = [await reference.append(**fields(i)) for i in range(1000)]
+    got: list[tuple[StoredMessage, bool]] = []
+    done = anyio.Event()
+
+    def report(result: tuple[StoredMessage, bool] | None, error: BaseException | None) -> None:
+        assert result is not None, error
+        got.append(result)
+        if len(got) == 1000:
+            done.set()
+
+    async with SQLiteStore(tmp_path / "chat.db", max_batch=2000) as store:
+        transactions = store.write_transactions
+        for i in range(1000):
+            store.append_nowait(**fields(i), done=report)  # type: ignore[arg-type]
+        with anyio.fail_after(20):
+            await done.wait()
+        assert store.write_transactions - transactions == 1
+    assert got == expected
+    assert [created for _, created in got] == [True] * 960 + [False] * 40
+    assert "running its round again" not in caplog.text
