@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import pytest
@@ -498,10 +499,12 @@ def test_after_a_rate_limit_new_messages_wait_for_slots_of_their_own() -> None:
     (sent at once, each would be over the limit again: a strike each); once the slots
     have passed, a message goes at once again."""
     peer = client(quiet_options(ack_mode=AckMode.ONLY))
+    assert peer.sender.paced_until == -math.inf
     peer.send("chat", 0, 0.0, message_id="m0")
     out(peer)
     peer.receive_text(err_text("m0", ErrorCode.RATE_LIMITED, retryAfter=0.05, rate=10), 0.0)
     peer.events()
+    assert peer.sender.paced_until == pytest.approx(0.15)  # the next free slot
     peer.send("chat", 1, 0.01, message_id="m1")
     peer.send("chat", 2, 0.02, message_id="m2")
     assert out(peer) == []  # held: taken, first sent in their slots
@@ -514,6 +517,21 @@ def test_after_a_rate_limit_new_messages_wait_for_slots_of_their_own() -> None:
     assert [f.id for f in out(peer)] == ["m3"]
     peer.send("chat", 4, 0.46, message_id="m4")  # past the next one: sent at once
     assert [f.id for f in out(peer)] == ["m4"]
+
+
+def test_a_message_leaving_the_backlog_while_paced_waits_for_its_slot() -> None:
+    """Window 1: ``m1`` waits in the backlog behind ``m0``, which is refused (retryAfter
+    0.1, rate 10), resent at 0.1 and acked at 0.15; ``m1`` then takes the window but the
+    next slot is 0.2: it goes then, not at once."""
+    peer = client(quiet_options(ack_mode=AckMode.ONLY, timers=AckTimers(window=1)))
+    peer.send("chat", 0, 0.0, message_id="m0")
+    peer.send("chat", 1, 0.0, message_id="m1")
+    assert [f.id for f in out(peer)] == ["m0"]
+    peer.receive_text(err_text("m0", ErrorCode.RATE_LIMITED, retryAfter=0.1, rate=10), 0.0)
+    assert fire_deadlines(peer, 1) == [(0.1, "m0")]
+    peer.receive_text(text(frameType=2, id="m0", ackSeq=1), 0.15)
+    assert out(peer) == [] and peer.sender.backlog == 0  # taken, held for its slot
+    assert fire_deadlines(peer, 1) == [(0.2, "m1")]
 
 
 def test_a_rate_limited_err_without_a_usable_retry_after_keeps_the_resend_interval() -> None:

@@ -126,6 +126,8 @@ def test_app_refuses_bad_configuration() -> None:
         App(auth=object())  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="max_concurrent_handlers"):
         App(auth=Auth(), max_concurrent_handlers=0)
+    with pytest.raises(ConfigurationError, match="max_concurrent_handshakes"):
+        App(auth=Auth(), max_concurrent_handshakes=0)
     for interval in (0, -1.0, math.nan):
         with pytest.raises(ConfigurationError, match="revalidate_interval"):
             App(auth=Auth(), revalidate_interval=interval)

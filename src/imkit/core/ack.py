@@ -575,9 +575,9 @@ class Sender(_Machine):
         """A message sent while the peer's rate limit is being waited out (see
         :meth:`retry_after`): taken, but first sent in the next free slot (as its resend
         would be), not now."""
-        entry = self._live.get(frame.id)
-        if entry is None or actions != _SEND_DATA:
-            return actions
+        # (NEW --SEND--> AWAIT_ACK sends the data and nothing else, OnlyAck and RigorAck.)
+        assert actions == _SEND_DATA
+        entry = self._live[frame.id]
         when = self._retry_slot
         self._retry_slot = when + self._retry_gap
         self._schedule(entry, when, 0.0)
