@@ -577,11 +577,15 @@ class Sender(_Machine):
         would be), not now."""
         # (NEW --SEND--> AWAIT_ACK sends the data and nothing else, OnlyAck and RigorAck.)
         assert actions == _SEND_DATA
-        entry = self._live[frame.id]
-        when = self._retry_slot
+        self._take_slot(self._live[frame.id], -math.inf)
+        return ()
+
+    def _take_slot(self, entry: _Entry, earliest: float) -> None:
+        """Schedule ``entry`` to go in the next free slot of the peer's rate limit, not
+        before ``earliest``; the slot after it is ``_retry_gap`` later."""
+        when = max(earliest, self._retry_slot)
         self._retry_slot = when + self._retry_gap
         self._schedule(entry, when, 0.0)
-        return ()
 
     def on_ack(self, message_id: str, now: float) -> list[Effect]:
         """The peer sent ``Ack{message_id, ackSeq: 1}``."""
@@ -639,10 +643,8 @@ class Sender(_Machine):
             return False
         if not (0 <= delay < math.inf and 0 <= gap < math.inf):  # (NaN compares false)
             return False
-        when = max(now + delay, self._retry_slot)
-        self._retry_slot = when + gap
         self._retry_gap = gap
-        self._schedule(entry, when, 0.0)
+        self._take_slot(entry, now + delay)
         return True
 
     def handle_timeout(self, now: float) -> list[Effect]:
