@@ -302,6 +302,7 @@ class ChatService:
         if not (
             type(data) is dict
             and type(chat_type := data.get("chatType")) is int
+            and chat_type == CHAT_TYPE_PRIVATE
             and type(recv_id := data.get("recvId")) is str
             and type(msg := data.get("msg")) is dict
             and type(content := msg.get("content")) is str
@@ -312,7 +313,6 @@ class ChatService:
             msg = _require(data, "msg", dict)
             content = _require(msg, "content", str)
             m_type = _require(msg, "mType", int, optional=True) or 0
-        _private(chat_type)
         _user_id(recv_id, "recvId")
         if content.isascii():
             size = len(content)
