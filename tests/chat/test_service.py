@@ -249,6 +249,21 @@ async def test_malformed_chat_requests_get_bad_request_and_the_connection_stays(
             assert (await alice.send("bob", "still here"))["seq"] == 1
 
 
+async def test_optional_chat_fields_of_the_wrong_type_say_which() -> None:
+    """``msgId`` and ``conversationId`` may be left out, not given as numbers: the client
+    sees ``bad_request`` naming the field; nothing is stored."""
+    message = {"chatType": 2, "recvId": "bob", "msg": {"content": "x"}}
+    with anyio.fail_after(10):
+        async with chat_server(MemoryStore()) as srv, chat_client(srv.url, "alice") as alice:
+            for field, value in (("msgId", 5), ("conversationId", 7), ("msgId", ["m"])):
+                with pytest.raises(RequestFailed) as info:
+                    await alice.client.request("conversation.chat", {**message, field: value})
+                assert info.value.code == "bad_request"
+                assert str(info.value).endswith(f"{field!r} must be a string"), info.value
+            answer = await alice.client.request("conversation.chat", {**message, "msgId": None})
+            assert answer["seq"] == 1, "a null msgId is a missing one; nothing before was stored"
+
+
 # ---------------------------------------------------------------- read receipts, history
 
 
