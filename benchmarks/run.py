@@ -99,29 +99,31 @@ async def run_case(case: Case, config: Config, log_dir: Path) -> dict[str, Any]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-async def run_repeated(
-    case: Case, config: Config, log_dir: Path, repeat: int
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Run a case ``repeat`` times; return the median run (by the headline) and all runs."""
-    runs = [await run_case(case, config, log_dir) for _ in range(repeat)]
+def median_run(case: Case, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of a case's runs (by its scenario's headline figure), with every run's
+    headline under ``repeats``; the one run when there is one."""
     headline = SCENARIOS[case.scenario].headline
     if len(runs) == 1 or headline is None:
-        return runs[0], runs
+        return runs[0]
     ordered = sorted(runs, key=lambda figures: float(figures[headline]))
     median = dict(ordered[(len(ordered) - 1) // 2])
     median["repeats"] = [figures[headline] for figures in runs]
-    return median, runs
+    return median
 
 
 async def run_suite(
     cases: list[Case], config: Config, budget: float, log_dir: Path, repeat: int = 1
 ) -> list[dict[str, Any]]:
+    """Run every case ``repeat`` times, in rounds (each round runs every case once, in
+    order), so that a slow spell of a shared machine falls on every server's runs alike
+    instead of on one server's repeats; each case's record holds its median run."""
     started = time.monotonic()
     modules = sorted({case.server.module for case in cases})
     reasons = dict(
         zip(modules, await asyncio.gather(*(check_peer(m) for m in modules)), strict=True)
     )
     records: list[dict[str, Any]] = []
+    runs: list[list[dict[str, Any]]] = []
     for case in cases:
         record: dict[str, Any] = {
             "name": case.name,
@@ -132,28 +134,43 @@ async def run_suite(
             "status": "ok",
             "reason": None,
             "figures": None,
+            "wall_s": 0.0,
         }
-        records.append(record)
         reason = reasons[case.server.module]
-        spent = time.monotonic() - started
         if reason is not None:
             record.update(status="skipped", reason=reason)
-        elif spent > budget:
-            record.update(status="skipped", reason=f"suite time budget ({budget:.0f} s) spent")
-        if record["status"] == "skipped":
-            print(f"-- {case.name}: skipped: {record['reason']}", flush=True)
-            continue
-        print(f"-- {case.name} ...", end=" ", flush=True)
-        t0 = time.monotonic()
-        try:
-            record["figures"], runs = await run_repeated(case, config, log_dir, repeat)
-            if len(runs) > 1:
-                record["runs"] = runs
-        except Exception as exc:
-            record.update(status="error", reason=str(exc) or repr(exc))
-            record["partial_figures"] = getattr(exc, "figures", None)
-        record["wall_s"] = round(time.monotonic() - t0, 2)
-        print(_summary(record), flush=True)
+            print(f"-- {case.name}: skipped: {reason}", flush=True)
+        records.append(record)
+        runs.append([])
+    for round_no in range(repeat):
+        for case, record, done in zip(cases, records, runs, strict=True):
+            if record["status"] != "ok":
+                continue
+            if time.monotonic() - started > budget:
+                if not done:
+                    spent = f"suite time budget ({budget:.0f} s) spent"
+                    record.update(status="skipped", reason=spent)
+                    print(f"-- {case.name}: skipped: {record['reason']}", flush=True)
+                continue
+            which = f" (run {round_no + 1} of {repeat})" if repeat > 1 else ""
+            print(f"-- {case.name}{which} ...", end=" ", flush=True)
+            t0 = time.monotonic()
+            try:
+                figures = await run_case(case, config, log_dir)
+            except Exception as exc:
+                record.update(status="error", reason=str(exc) or repr(exc))
+                record["partial_figures"] = getattr(exc, "figures", None)
+                figures = None
+            else:
+                done.append(figures)
+            took = time.monotonic() - t0
+            record["wall_s"] = round(record["wall_s"] + took, 2)
+            print(_summary({**record, "figures": figures, "wall_s": round(took, 2)}), flush=True)
+    for case, record, done in zip(cases, records, runs, strict=True):
+        if record["status"] == "ok" and done:
+            record["figures"] = median_run(case, done)
+            if len(done) > 1:
+                record["runs"] = done
     return records
 
 
