@@ -104,9 +104,12 @@ def _peer_cases(server: ServerSpec) -> list[Case]:
 
 def _imkit_cases() -> list[Case]:
     sqlite_args = ("--mode", "onlyack", "--store", "sqlite", "--db", f"{WORKDIR}/imkit-bench.db")
+    # The same chat service on the in-memory store: the chat layer's cost without SQL.
+    chat_args = ("--mode", "onlyack", "--store", "chat-memory")
     return [
         Case(IMKIT, "noack", "relay", ("--mode", "noack"), WINDOW_ON_DELIVERY, "noack"),
         Case(IMKIT, "onlyack", "relay", ("--mode", "onlyack"), WINDOW_ON_ACK, "ack"),
+        Case(IMKIT, "onlyack+chat", "relay", chat_args, WINDOW_ON_ACK, "ack"),
         Case(IMKIT, "onlyack+sqlite", "relay", sqlite_args, WINDOW_ON_ACK, "ack"),
         Case(IMKIT, "idle", "idle", ("--mode", "onlyack")),
         # A fresh database per case: the offline user's catch-up from SQLite.

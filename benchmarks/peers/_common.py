@@ -106,7 +106,7 @@ def peer_main(
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--mode", choices=list(modes), default=modes[0])
-    parser.add_argument("--store", choices=["memory", "sqlite"], default="memory")
+    parser.add_argument("--store", choices=["memory", "sqlite", "chat-memory"], default="memory")
     parser.add_argument("--db", default=None, help="SQLite file (imkit, --store sqlite)")
     parser.add_argument(
         "--ping-interval",

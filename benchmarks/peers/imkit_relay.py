@@ -7,8 +7,10 @@ row, saying why) if imkit's transport cannot be imported.
 Server contract the harness expects (``python -m benchmarks.peers.imkit_relay ...``):
 
 - ``--mode noack|onlyack``: imkit's ack mode, upstream and downstream alike;
-- ``--store memory|sqlite`` and ``--db PATH`` (the "imkit onlyack+sqlite" row passes
-  ``--store sqlite --db <temp dir>/imkit-bench.db``; the file is removed afterwards);
+- ``--store memory|sqlite|chat-memory`` and ``--db PATH`` (the "imkit onlyack+sqlite" row
+  passes ``--store sqlite --db <temp dir>/imkit-bench.db``; the file is removed
+  afterwards; "imkit onlyack+chat" passes ``--store chat-memory``: the same chat service
+  on the in-memory store);
 - WebSocket path ``/ws``; development auth from the query parameter ``?userId=<user>``;
 - a route ``relay``: ``data = {"to": <user>, "text": <text>}``; the server pushes a
   Data frame ``{"frameType": 0, "id": <server id>, "ackSeq": 0, "method": "relay",
@@ -163,7 +165,7 @@ def client_codec(variant: str) -> ImkitCodec:
         return ImkitCodec(method=RELAY_METHOD, ack_downstream=False, window_ack=WINDOW_NONE)
     if variant in ("onlyack", "idle", "heartbeat"):
         return ImkitCodec(method=RELAY_METHOD, ack_downstream=True, window_ack=WINDOW_TRANSPORT_ACK)
-    if variant in ("onlyack+sqlite", "offline"):
+    if variant in ("onlyack+sqlite", "onlyack+chat", "offline"):
         return ImkitCodec(method=CHAT_METHOD, ack_downstream=True, window_ack=WINDOW_REPLY)
     raise ValueError(f"unknown imkit variant {variant!r}")
 
@@ -191,12 +193,17 @@ async def serve(options: PeerOptions) -> None:
     auth = imkit.InsecureDevAuth(quiet=True)
     # Machine clients: no per-connection rate limit, no idle timeout.
     peer_options = imkit.PeerOptions(rate_limit=None, idle_timeout=None)
-    if options.store == "sqlite":
+    if options.store in ("sqlite", "chat-memory"):
+        from imkit.chat.memory import MemoryStore
         from imkit.chat.sqlite import SQLiteStore
+        from imkit.chat.store import MessageStore
 
-        assert options.db is not None
+        store: MessageStore = MemoryStore()
+        if options.store == "sqlite":
+            assert options.db is not None
+            store = SQLiteStore(options.db)
         app, _service = create_chat_app(
-            SQLiteStore(options.db), auth=auth, auth_kind="dev", ack_mode=mode, serve_page=False
+            store, auth=auth, auth_kind="dev", ack_mode=mode, serve_page=False
         )
         app.options = imkit.PeerOptions(
             ack_mode=app.ack_mode, rate_limit=None, idle_timeout=None, timers=app.options.timers
