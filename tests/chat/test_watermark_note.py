@@ -10,12 +10,15 @@ from imkit.chat.service import ChatService, _Device
 
 CONVERSATION = "p:alice:bob"
 
-# One step: a seq acked or answered (True: sent by the device's own user), or a set of
-# seqs the store said the peer sent (what _climb records), added before the next step.
+# One step: a seq acked or answered (True: sent by the device's own user); a set of seqs
+# the store said the peer sent (what _climb records); or a seq 1-3 above the watermark
+# that the device's user just sent, noted as its own before its answer is noted (what
+# _answer does).
 _steps = st.lists(
     st.one_of(
         st.tuples(st.just("note"), st.integers(0, 12), st.booleans()),
         st.tuples(st.just("peer"), st.frozensets(st.integers(1, 12), max_size=3)),
+        st.tuples(st.just("own"), st.integers(1, 3)),
     ),
     max_size=30,
 )
@@ -42,6 +45,13 @@ def test_one_seq_at_a_time_as_the_general_path(start: int, steps: list[tuple[obj
     for device in (fast, general):
         device.level[CONVERSATION] = start
     for step in steps:
+        if step[0] == "own":
+            above = step[1]
+            assert isinstance(above, int)
+            for device in (fast, general):
+                sent = device.level[CONVERSATION] + above
+                device.own.setdefault(CONVERSATION, set()).add(sent)
+            continue
         if step[0] == "peer":
             for device in (fast, general):
                 level = device.level[CONVERSATION]
@@ -69,3 +79,6 @@ def test_the_next_seq_moves_the_watermark_and_marks_a_peer_message() -> None:
     assert device.acked[CONVERSATION] == {8}
     assert ChatService._note(device, CONVERSATION, 6, ((7, True),)) == 8
     assert not device.acked[CONVERSATION] and not device.own[CONVERSATION]
+    device.own[CONVERSATION].add(9)  # the device's user sent 9 (_answer notes it)
+    assert ChatService._note(device, CONVERSATION, 8, ((9, True),)) == 9
+    assert not device.own[CONVERSATION]

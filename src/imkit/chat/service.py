@@ -793,16 +793,22 @@ class ChatService:
         acked = device.acked.get(conversation)
         own = device.own.get(conversation)
         peer = device.peer.get(conversation)
-        if not (acked or own or peer) and type(seqs) is tuple and len(seqs) == 1:
-            # Nearly every ack: one seq, nothing noted above the watermark. The same
-            # outcome as below without the sets (a test compares the two).
+        if not (acked or peer) and type(seqs) is tuple and len(seqs) == 1:
+            # Nearly every call: one seq, the next, with nothing noted above the watermark
+            # but (for the sender's device) that seq as its own. The same outcome as below
+            # without the loops (a test compares the two).
             seq, is_own = seqs[0]
-            if seq <= level:
-                return level
-            if seq == level + 1:
+            if not own:
+                if seq <= level:
+                    return level
+                if seq == level + 1:
+                    device.level[conversation] = seq
+                    if not is_own:
+                        device.dirty.add(conversation)
+                    return seq
+            elif seq == level + 1 and len(own) == 1 and seq in own:
+                own.clear()
                 device.level[conversation] = seq
-                if not is_own:
-                    device.dirty.add(conversation)
                 return seq
         if acked is None:
             acked = device.acked[conversation] = set()
