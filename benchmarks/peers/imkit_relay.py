@@ -27,6 +27,8 @@ Server contract the harness expects (``python -m benchmarks.peers.imkit_relay ..
 from __future__ import annotations
 
 import json
+import os
+import sys
 from typing import Any
 
 from benchmarks.peers._common import PeerOptions, announce_ready, peer_main
@@ -224,7 +226,41 @@ async def serve(options: PeerOptions) -> None:
         announce_ready(port)
 
 
+PROFILE_ENV = "IMKIT_BENCH_PROFILE"
+"""Set to a directory: the server runs under cProfile and writes
+``<dir>/imkit-<mode>-<store>-<pid>.prof`` when it is stopped (SIGTERM); read it with
+``python -m benchmarks.profile_report`` (benchmarks/README.md, "Profiling")."""
+
+
+def _profile_until_stopped(directory: str, argv: list[str]) -> None:
+    """Profile this process from now on; write the profile and exit on SIGTERM."""
+    import cProfile
+    import signal
+    from pathlib import Path
+
+    def arg(name: str, default: str) -> str:
+        return argv[argv.index(name) + 1] if name in argv[:-1] else default
+
+    path = Path(directory) / (
+        f"imkit-{arg('--mode', MODES[0])}-{arg('--store', 'memory')}-{os.getpid()}.prof"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    profile = cProfile.Profile()
+
+    def stop(signum: int, frame: object) -> None:
+        profile.disable()
+        profile.dump_stats(path)
+        print(f"profile written to {path}", file=sys.stderr, flush=True)
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    profile.enable()
+
+
 def main() -> None:
+    directory = os.environ.get(PROFILE_ENV)
+    if directory:
+        _profile_until_stopped(directory, sys.argv[1:])
     peer_main(serve, modes=MODES, check=check)
 
 
