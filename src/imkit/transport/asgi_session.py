@@ -108,6 +108,10 @@ class ASGISession(HeldFanOut):
         self.epoch = f"{server.node_id}:{secrets.token_hex(8)}"
         """This connection's unique id (also its binding epoch in discovery)."""
         self._identity = identity
+        self.user_id = identity.user_id
+        """The authenticated user id."""
+        self.device_id = identity.device_id
+        """The device id (may be empty)."""
         now = self.clock.now()
         receiver = server.registry.receiver(identity, app.ack_mode, app.options.timers, now)
         self.peer = Peer(
@@ -157,16 +161,6 @@ class ASGISession(HeldFanOut):
     def identity(self) -> Identity:
         """Who is connected."""
         return self._identity
-
-    @property
-    def user_id(self) -> str:
-        """The authenticated user id."""
-        return self._identity.user_id
-
-    @property
-    def device_id(self) -> str:
-        """The device id (may be empty)."""
-        return self._identity.device_id
 
     @property
     def is_open(self) -> bool:

@@ -164,9 +164,11 @@ class ServerSession(HeldFanOut):
         "clock",
         "closed_with",
         "conn",
+        "device_id",
         "epoch",
         "remote_addr",
         "server",
+        "user_id",
     )
 
     def __init__(self, server: Server, stream: anyio.abc.ByteStream, remote_addr: str = "") -> None:
@@ -250,6 +252,12 @@ class ServerSession(HeldFanOut):
         self._ending = False  # _finish has begun
         self._on_finished: Callable[[ServerSession], None] | None = None
         self._identity: Identity | None = None
+        # The identity's ids, read per message: plain attributes (empty before the
+        # handshake), not properties.
+        self.user_id = ""
+        """The authenticated user id ("" before the handshake)."""
+        self.device_id = ""
+        """The device id (may be empty)."""
         self._registered = False
         self._connected_done = Flag()
         self._disconnected = False
@@ -261,16 +269,6 @@ class ServerSession(HeldFanOut):
         """Who is connected (only after the handshake)."""
         assert self._identity is not None
         return self._identity
-
-    @property
-    def user_id(self) -> str:
-        """The authenticated user id."""
-        return self._identity.user_id if self._identity else ""
-
-    @property
-    def device_id(self) -> str:
-        """The device id (may be empty)."""
-        return self._identity.device_id if self._identity else ""
 
     @property
     def is_open(self) -> bool:
@@ -1006,6 +1004,7 @@ class ServerSession(HeldFanOut):
             subprotocol=next((p for p in offered if p.startswith("token.")), None),
         )
         self._identity = identity
+        self.user_id, self.device_id = identity.user_id, identity.device_id
         if identity.expires_at is not None:
             self._expires_at = now + (identity.expires_at - self.clock.wall())
         if app.revalidate_interval is not None:
