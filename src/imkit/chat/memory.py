@@ -18,12 +18,12 @@ from imkit.chat.store import (
     ConversationSummary,
     StoredMessage,
     StoreLifecycle,
+    check_append,
     check_cursor,
     check_history,
     check_int,
     check_limit,
     check_text,
-    draft_message,
     report_append,
 )
 from imkit.exceptions import StoreError
@@ -85,7 +85,7 @@ class MemoryStore(StoreLifecycle):
         send_time: int,
     ) -> tuple[StoredMessage, bool]:
         """Store a message under the next seq, or return the one stored before."""
-        draft = draft_message(
+        check_append(
             conversation_id=conversation_id,
             sender_id=sender_id,
             recv_id=recv_id,
@@ -96,7 +96,9 @@ class MemoryStore(StoreLifecycle):
             send_time=send_time,
         )
         await self._enter()
-        return self._append(draft)
+        return self._append(
+            conversation_id, sender_id, recv_id, msg_id, chat_type, m_type, content, send_time
+        )
 
     def append_nowait(
         self,
@@ -114,7 +116,7 @@ class MemoryStore(StoreLifecycle):
         """Store the message now and call ``done`` with the outcome before returning
         (:class:`~imkit.chat.store.QueuedAppend`)."""
         try:
-            draft = draft_message(
+            check_append(
                 conversation_id=conversation_id,
                 sender_id=sender_id,
                 recv_id=recv_id,
@@ -125,24 +127,46 @@ class MemoryStore(StoreLifecycle):
                 send_time=send_time,
             )
             self._check_open()
-            result = self._append(draft)
+            result = self._append(
+                conversation_id, sender_id, recv_id, msg_id, chat_type, m_type, content, send_time
+            )
         except Exception as exc:  # noqa: BLE001 - given to done, as promised
             report_append(done, None, exc)
         else:
             report_append(done, result, None)
 
-    def _append(self, draft: StoredMessage) -> tuple[StoredMessage, bool]:
-        conversation_id, sender_id, msg_id = draft.conversation_id, draft.sender_id, draft.msg_id
+    def _append(
+        self,
+        conversation_id: str,
+        sender_id: str,
+        recv_id: str,
+        msg_id: str,
+        chat_type: int,
+        m_type: int,
+        content: str,
+        send_time: int,
+    ) -> tuple[StoredMessage, bool]:
+        """Store the checked message under the next seq, or return the one stored before."""
         conv = self._conversations.get(conversation_id)
         if conv is None:
             conv = self._conversations[conversation_id] = _Conversation()
         existing = conv.by_msg_id.get((sender_id, msg_id))
         if existing is not None:
             return existing, False
-        message = attrs.evolve(draft, seq=len(conv.messages) + 1)
+        message = StoredMessage(
+            conversation_id,
+            len(conv.messages) + 1,
+            sender_id,
+            recv_id,
+            msg_id,
+            chat_type,
+            m_type,
+            content,
+            send_time,
+        )
         conv.messages.append(message)
         conv.by_msg_id[(sender_id, msg_id)] = message
-        for user in (sender_id, draft.recv_id):
+        for user in (sender_id, recv_id):
             conv.members.add(user)
             self._by_user[user].add(conversation_id)
         return message, True

@@ -192,6 +192,22 @@ class _Device:
     were last written: only those matter to :meth:`MessageStore.pending`).
     """
 
+    __slots__ = (
+        "acked",
+        "changed",
+        "dirty",
+        "expect",
+        "level",
+        "live",
+        "lock",
+        "members",
+        "own",
+        "peer",
+        "sessions",
+        "written",
+        "written_at",
+    )
+
     def __init__(self) -> None:
         self.level: dict[str, int] = {}
         self.written: dict[str, int] = {}
@@ -762,8 +778,10 @@ class ChatService:
         # seqs at once (no await, no checkpoint). Only a hole to read or a watermark to
         # write needs the store, and with it the lock.
         level = self._note(device, conversation, device.level[conversation], seqs)
-        if not self._hole(device, conversation, level) and not self._due(
-            device, conversation, level
+        # (Nearly always: nothing acked above a hole and nothing to write; both answered
+        # without calling _hole or _due.)
+        if (not device.acked.get(conversation) or not self._hole(device, conversation, level)) and (
+            conversation not in device.dirty or not self._due(device, conversation, level)
         ):
             return None
         return ()
