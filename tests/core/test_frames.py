@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from imkit.core.frames import (
@@ -14,6 +14,10 @@ from imkit.core.frames import (
     ErrorCode,
     Frame,
     FrameType,
+    _control_text,
+    _decode_fields,
+    _encode_ack,
+    _encode_ping,
     decode_frame,
     encode_frame,
     error_frame,
@@ -201,3 +205,81 @@ def test_decode_never_raises_and_round_trips_what_it_accepts(obj: dict[str, Any]
 def test_decode_never_raises_on_garbage(text: str | bytes) -> None:
     result = decode_frame(text)
     assert isinstance(result, (Frame, DecodeError))
+
+
+# -- Acks and Pings as imkit writes them: read off the text, as the JSON decoder reads them
+
+_ID_CHARS = st.characters(codec=None, categories=None)  # any code point, surrogates too
+
+
+@st.composite
+def control_texts(draw: st.DrawFn) -> str:
+    """A text shaped like _encode_ack / _encode_ping, each part either as imkit writes it
+    or something near it that the JSON decoder reads otherwise (or refuses)."""
+    # (Each part is imkit's more often than not: then most texts differ in one part.)
+    frame_type = draw(
+        st.sampled_from(["1", "2"]) | st.sampled_from(["0", "3", "12", "02", "2.0", "-2", " 2"])
+    )
+    message_id = draw(
+        st.text(alphabet="ab-_09:é\U0001f600", max_size=12)  # what imkit's ids look like
+        | st.text('a"\\/\x00\n\x1f\x7f\ud800\udfff', max_size=4)  # the awkward ones
+        | st.text(_ID_CHARS, max_size=6)
+        | st.builds(lambda s: json.dumps(s)[1:-1], st.text(_ID_CHARS, max_size=6))  # escaped
+    )
+    ack_seq = draw(
+        st.integers(0, 10**25).map(str)
+        | st.sampled_from(["-1", "-0", "01", "00", "007", "1.0", "1e2", "2 ", "", "true", "null"])
+    )
+    rest = draw(
+        st.just('"method":"","formId":"","transpondUid":"","data":null')
+        | st.sampled_from(
+            [
+                '"method":"x","formId":"","transpondUid":"","data":null',
+                '"method":"","formId":"","transpondUid":"","data":{}',
+                '"method":"","formId":"","transpondUid":"","data":null,"replyTo":""',
+                '"method":"","formId":"","transpondUid":"","data":null,"frameType":0',
+            ]
+        )
+    )
+    return f'{{"frameType":{frame_type},"id":"{message_id}","ackSeq":{ack_seq},{rest}}}'
+
+
+_CANONICAL_REST = '"method":"","formId":"","transpondUid":"","data":null}'
+
+
+@settings(max_examples=max(200, settings().max_examples * 2))
+@given(text=control_texts(), form_id=st.none() | st.just("alice"))
+# What a reading off the text could get wrong, each once for certain:
+@example(text='{"frameType":2,"id":"a"b","ackSeq":1,' + _CANONICAL_REST, form_id=None)
+@example(text='{"frameType":2,"id":"a\\"b","ackSeq":1,' + _CANONICAL_REST, form_id=None)
+@example(text='{"frameType":2,"id":"a\\u0041","ackSeq":1,' + _CANONICAL_REST, form_id=None)
+@example(text='{"frameType":2,"id":"a\x01","ackSeq":1,' + _CANONICAL_REST, form_id=None)
+@example(text='{"frameType":2,"id":"a","ackSeq":01,' + _CANONICAL_REST, form_id=None)
+@example(text='{"frameType":1,"id":"a","ackSeq":-0,' + _CANONICAL_REST, form_id="alice")
+@example(text='{"frameType":0,"id":"a","ackSeq":0,' + _CANONICAL_REST, form_id="alice")
+def test_acks_and_pings_as_imkit_writes_them_decode_as_the_json_decoder_reads_them(
+    text: str, form_id: str | None
+) -> None:
+    """The fast reading of an Ack or Ping gives what the JSON decoder gives. The text with
+    a space after it never takes the fast reading (it is not exactly imkit's shape), and
+    the decoder reads the same value from it: that is the reference."""
+    fast = _decode_fields(text, form_id)
+    reference = _decode_fields(text + " ", form_id)
+    assert fast == reference
+    assert decode_frame(text.encode("utf-8", "surrogatepass")) == decode_frame(
+        (text + " ").encode("utf-8", "surrogatepass")
+    )
+
+
+def test_the_fast_reading_is_taken_for_what_imkit_writes() -> None:
+    """What _encode_ack and _encode_ping write is read without the JSON decoder; other
+    spacing is not (and both read the same)."""
+    for text, kind, seq in (
+        (_encode_ack("s-7", 1), FrameType.ACK, 1),
+        (_encode_ack("s-7", 2), FrameType.ACK, 2),
+        (_encode_ping("p:9"), FrameType.PING, 0),
+    ):
+        assert _control_text(text) is not None
+        assert _decode_fields(text, "alice") == (kind, text[21:24], seq, "", "", "", None, "")
+        assert _control_text(text + " ") is None
+        assert _decode_fields(text + " ", "alice") == _decode_fields(text, "alice")
