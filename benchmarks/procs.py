@@ -11,7 +11,9 @@
 - :class:`InstructionCounter` counts the instructions a process retires over a phase
   with Linux ``perf stat`` (when the machine has it and allows it): on a shared machine
   the CPU time of the same work moves by tens of percent from run to run, its
-  instruction count by about one.
+  instruction count by about one. :class:`CallgrindCounter` counts them where perf
+  cannot (a VM without hardware counters): the server runs under valgrind's callgrind
+  (``ServerProcess.start(callgrind_dir=...)``), instrumented over the phase only.
 """
 
 from __future__ import annotations
@@ -147,6 +149,87 @@ def _perf_counts(text: str, events: Sequence[str]) -> dict[str, int | None]:
     return counts
 
 
+class CallgrindCounter:
+    """The instructions a server started under callgrind (``ServerProcess.start(
+    callgrind_dir=...)``, instrumentation off) executes from :meth:`start` to :meth:`stop`:
+    ``callgrind_control`` turns the instrumentation on and zeroes the counts, then dumps
+    them and turns it off. User space only (valgrind does not see the kernel): the count
+    comes back as ``instructions:u``, the only event. The same code and inputs give the same count
+    whatever else the machine does; the server runs ~50x slower while counted."""
+
+    EVENTS = ("instructions:u",)
+
+    def __init__(self, out_dir: Path) -> None:
+        self._out_dir = out_dir
+        self._pid: int | None = None
+
+    @staticmethod
+    def available() -> bool:
+        """Whether valgrind and callgrind_control are installed."""
+        return all(shutil.which(tool) is not None for tool in ("valgrind", "callgrind_control"))
+
+    async def start(self, pid: int) -> None:
+        """Instrument ``pid`` from now on, from zero."""
+        await _callgrind_control(pid, "--instr=on")
+        await _callgrind_control(pid, "--zero")
+        self._pid = pid
+
+    async def stop(self) -> dict[str, int | None]:
+        """Dump the counts since :meth:`start` and stop instrumenting; the count by event."""
+        counts: dict[str, int | None] = dict.fromkeys(self.EVENTS)
+        pid, self._pid = self._pid, None
+        if pid is None:
+            return counts
+        before = set(self._out_dir.glob(f"callgrind.{pid}.*"))
+        await _callgrind_control(pid, "--dump")
+        await _callgrind_control(pid, "--instr=off")
+        dumps = sorted(set(self._out_dir.glob(f"callgrind.{pid}.*")) - before)
+        if dumps:
+            counts["instructions:u"] = _callgrind_total(dumps[-1].read_text(errors="replace"))
+        return counts
+
+
+async def _callgrind_control(pid: int, command: str) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        "callgrind_control",
+        command,
+        str(pid),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        await asyncio.wait_for(proc.wait(), 60)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+
+
+def _callgrind_total(text: str) -> int | None:
+    """The instruction count of a callgrind dump (its ``totals:`` or ``summary:`` line)."""
+    for prefix in ("totals:", "summary:"):
+        for line in text.splitlines():
+            if line.startswith(prefix):
+                value = line[len(prefix) :].split()
+                if value and value[0].isdigit():
+                    return int(value[0])
+    return None
+
+
+def callgrind_command(out_dir: Path) -> list[str]:
+    """The valgrind command a server runs under for :class:`CallgrindCounter`: callgrind,
+    instrumentation off until asked, one dump file per request in ``out_dir``."""
+    return [
+        "valgrind",
+        "--tool=callgrind",
+        "--instr-atstart=no",
+        "--dump-line=no",
+        "--dump-instr=no",
+        "--compress-strings=no",
+        f"--callgrind-out-file={out_dir / 'callgrind.%p'}",
+        "-q",
+    ]
+
+
 def rss_kib(pid: int) -> int:
     """Resident set size of ``pid`` in KiB (``VmRSS`` in /proc/<pid>/status)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -230,11 +313,19 @@ async def _reap(proc: asyncio.subprocess.Process, *, grace: float) -> None:
 class ServerProcess:
     """One peer server process, started by :meth:`start`, ended by :meth:`stop`."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, port: int, log_path: Path) -> None:
+    def __init__(
+        self,
+        proc: asyncio.subprocess.Process,
+        port: int,
+        log_path: Path,
+        callgrind_dir: Path | None = None,
+    ) -> None:
         self.proc = proc
         self.pid = proc.pid
         self.port = port
         self.log_path = log_path
+        self.callgrind_dir = callgrind_dir
+        """Where its callgrind dumps go when it runs under callgrind, else ``None``."""
         self._drain = asyncio.ensure_future(self._drain_stdout())
 
     @classmethod
@@ -245,10 +336,19 @@ class ServerProcess:
         *,
         log_path: Path,
         timeout: float = 30.0,
+        callgrind_dir: Path | None = None,
     ) -> ServerProcess:
+        """Start ``python -m module`` (under callgrind, its dumps in ``callgrind_dir``,
+        when that is given) and wait for its ``READY`` line."""
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        wrapper: list[str] = []
+        if callgrind_dir is not None:
+            callgrind_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, tiny
+            wrapper = callgrind_command(callgrind_dir)
+            timeout *= 4  # the interpreter starts several times slower under valgrind
         with log_path.open("wb") as log:
             proc = await asyncio.create_subprocess_exec(
+                *wrapper,
                 sys.executable,
                 "-m",
                 module,
@@ -276,7 +376,7 @@ class ServerProcess:
             if isinstance(exc, Exception):
                 raise RuntimeError(f"{module}: {exc}; log: {tail(log_path, 3)}") from exc
             raise
-        return cls(proc, port, log_path)
+        return cls(proc, port, log_path, callgrind_dir)
 
     @property
     def base_url(self) -> str:

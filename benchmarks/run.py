@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as a script: python benchmarks/run.py
 
 from benchmarks import scenarios
 from benchmarks.peers._common import raise_nofile_limit
-from benchmarks.procs import REPO_ROOT, ServerProcess, check_peer, tail
+from benchmarks.procs import REPO_ROOT, CallgrindCounter, ServerProcess, check_peer, tail
 from benchmarks.scenarios import OFFLINE_TARGET_US, QUICK, SCENARIOS, Config, RunContext
 from benchmarks.suite import BASELINE_SERVERS, HB_INTERVAL, WORKDIR, Case, select
 
@@ -76,7 +76,12 @@ async def run_case(case: Case, config: Config, log_dir: Path) -> dict[str, Any]:
     server: ServerProcess | None = None
     ctx: RunContext | None = None
     try:
-        server = await ServerProcess.start(case.server.module, args, log_path=log_path)
+        server = await ServerProcess.start(
+            case.server.module,
+            args,
+            log_path=log_path,
+            callgrind_dir=log_dir / "callgrind" if config.callgrind else None,
+        )
         ctx = RunContext(case, config, server)
         try:
             figures = await asyncio.wait_for(fn(ctx), config.case_timeout)
@@ -467,6 +472,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=1,
         help="run each case N times and report the median run (default 1)",
     )
+    parser.add_argument(
+        "--callgrind",
+        action="store_true",
+        help="relay cases only, every server under valgrind's callgrind: count its"
+        " instructions per message (user space) where perf cannot; slow, use small counts",
+    )
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
     return parser.parse_args(argv)
@@ -474,6 +485,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def build_config(args: argparse.Namespace) -> Config:
     config = QUICK if args.quick else Config()
+    if args.callgrind:
+        # A counted server runs ~50x slower: small counts unless asked, generous bounds.
+        config = replace(
+            config,
+            pairs=10,
+            messages=300,
+            warmup=20,
+            max_seconds=120.0,
+            drain_timeout=60.0,
+            connect_timeout=60.0,
+            case_timeout=600.0,
+            callgrind=True,
+        )
     overrides = {
         "pairs": args.pairs,
         "window": args.window,
@@ -492,6 +516,11 @@ def build_config(args: argparse.Namespace) -> Config:
 async def amain(args: argparse.Namespace) -> int:
     config = build_config(args)
     cases = select(args.only)
+    if config.callgrind:
+        if not CallgrindCounter.available():
+            print("--callgrind needs valgrind (apt-get install valgrind)", file=sys.stderr)
+            return 2
+        cases = [case for case in cases if case.scenario == "relay"]
     if args.list or not cases:
         for case in cases:
             print(f"{case.name:28} scenario={case.scenario}")

@@ -45,7 +45,7 @@ from benchmarks.clients import (
     SocketIOConn,
     new_socketio_session,
 )
-from benchmarks.procs import InstructionCounter
+from benchmarks.procs import CallgrindCounter, InstructionCounter
 from benchmarks.suite import HB_ENGINEIO, SOCKETIO_CLIENT, WINDOW_ON_ACK, Case
 from benchmarks.wire import WireCodec, make_text
 
@@ -87,6 +87,8 @@ class Config:
     """heartbeat: each connection's heartbeat period, s (the same for every server)."""
     hb_seconds: float = 10.0
     """heartbeat: the measured period, s (after one unmeasured interval of heartbeats)."""
+    callgrind: bool = False
+    """Count the servers' instructions with valgrind's callgrind (``--callgrind``)."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -412,7 +414,11 @@ async def relay(ctx: RunContext) -> dict[str, Any]:
             if problem is not None:
                 raise ScenarioError(f"warm-up: {problem}")
 
-        counter = InstructionCounter()
+        counter: InstructionCounter | CallgrindCounter = (
+            InstructionCounter()
+            if server.callgrind_dir is None
+            else CallgrindCounter(server.callgrind_dir)
+        )
         await counter.start(server.pid)
         user0, sys0 = server.cpu_times()
         ns0 = server.cpu_ns_schedstat()
@@ -466,8 +472,9 @@ async def relay(ctx: RunContext) -> dict[str, Any]:
             (ns1 - ns0) / delivered / 1e3 if ns0 is not None and ns1 is not None else None
         ),
         "client_cpu_us_per_msg": (client1 - client0) / delivered * 1e6,
-        # Thousands of instructions the server retired per message (perf; None without
-        # it): the figure that holds when the machine's speed moves between runs.
+        # Thousands of instructions the server retired per message (perf, user and kernel
+        # space; None without it; with --callgrind, valgrind's count of user space): the
+        # figure that holds when the machine's speed moves between runs.
         "server_kinstr_per_msg": _per_message(instructions, delivered),
         "server_kinstr_user_per_msg": _per_message(instructions, delivered, "instructions:u"),
         "unexpected_deliveries": phase.unexpected_deliveries,
