@@ -364,16 +364,7 @@ class ChatService:
         msg_id = given_id or ctx.frame.id
         if not msg_id or len(msg_id) > _MAX_ID_CHARS:
             raise HandlerError(ErrorCode.BAD_REQUEST, "a chat message needs an id (msgId)")
-        message = {
-            "conversation_id": conversation_id,
-            "sender_id": sender,
-            "recv_id": recv_id,
-            "msg_id": msg_id,
-            "chat_type": chat_type,
-            "m_type": m_type,
-            "content": content,
-            "send_time": self.now_ms(),
-        }
+        send_time = self.now_ms()
         # A store that queues appends takes this one now, behind this connection's
         # earlier ones (its seq follows theirs), and answers in call order: the handler
         # returns, the next message starts, and the store's callback answers and pushes
@@ -386,9 +377,30 @@ class ChatService:
             deferred = ctx.defer()
             if deferred is not None:
                 done = functools.partial(self._stored, ctx, deferred, recv_id, given_id)
-                queued.append_nowait(**message, done=done)
+                queued.append_nowait(
+                    conversation_id=conversation_id,
+                    sender_id=sender,
+                    recv_id=recv_id,
+                    msg_id=msg_id,
+                    chat_type=chat_type,
+                    m_type=m_type,
+                    content=content,
+                    send_time=send_time,
+                    done=done,
+                )
                 return
-        stored, _created = await self._store(self.store.append(**message))
+        stored, _created = await self._store(
+            self.store.append(
+                conversation_id=conversation_id,
+                sender_id=sender,
+                recv_id=recv_id,
+                msg_id=msg_id,
+                chat_type=chat_type,
+                m_type=m_type,
+                content=content,
+                send_time=send_time,
+            )
+        )
         # A client that names its message (msgId) resends it under that id until answered
         # (ChatClient, the page): its answer needs no ack, and a lost one is asked again.
         # Without msgId the frame id names it: the answer is acked, replayed if lost.
