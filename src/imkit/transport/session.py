@@ -363,7 +363,9 @@ class ServerSession(HeldFanOut):
             reply_to=reply_to,
             acked=acked,
         )
-        self._collect(now)
+        # A NoAck frame sets no timer in the core (nothing to resend or give up): its
+        # send cannot bring the next deadline forward.
+        self._collect(now, timers=acked)
         return frame
 
     def deliver(self, method: str, data: Any, *, form_id: str = "") -> None:
@@ -561,9 +563,10 @@ class ServerSession(HeldFanOut):
             if self._on_finished is not None:
                 self._on_finished(self)
 
-    def _collect(self, now: float) -> Sequence[_Message]:
+    def _collect(self, now: float, *, timers: bool = True) -> Sequence[_Message]:
         """Move the core's output to the write buffer; act on its events; return the
-        messages to dispatch. ``now``: the time the core was last given."""
+        messages to dispatch. ``now``: the time the core was last given; ``timers=False``
+        when the core's last input set no timer (the timer is not looked at then)."""
         conn = self.conn
         data = conn.data_to_send()
         if data and not self._writer.write(data):
@@ -572,8 +575,10 @@ class ServerSession(HeldFanOut):
         messages: Sequence[_Message] = ()
         if conn._events:  # (no events() call, and no new list, when there are none)
             messages = self._on_events(conn.events(), linger=bool(data))
-        if (self._timer_loop is not None or self._timer_scope is not None) and (
-            self.closed_with is not None or self._timer_at > now + self._min_step
+        if (
+            (timers or self.closed_with is not None)
+            and (self._timer_loop is not None or self._timer_scope is not None)
+            and (self.closed_with is not None or self._timer_at > now + self._min_step)
         ):
             deadline = self._deadline()
             if self.closed_with is not None or (deadline is not None and deadline < self._timer_at):
