@@ -333,6 +333,58 @@ async def _until(condition: Callable[[], bool]) -> None:
     raise AssertionError("condition never held")
 
 
+class _SlowWatermarkStore(MemoryStore):
+    """A memory store whose delivered-watermark writes wait for ``gate`` while ``hold``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold = False
+        self.gate = anyio.Event()
+        self.started: list[int] = []
+
+    async def set_delivered(self, user_id: str, device_id: str, conversation: str, seq: int) -> int:
+        self.started.append(seq)
+        if self.hold:
+            await self.gate.wait()
+        return await super().set_delivered(user_id, device_id, conversation, seq)
+
+
+async def test_acks_read_while_a_watermark_is_written_are_noted_at_once() -> None:
+    """Bob's first ack starts a watermark write that the store holds up. The four acks he
+    sends meanwhile are noted at once (his watermark in memory reaches 5 while the write
+    of 1 still waits: they do not queue behind it), and start no second write. Once the
+    store answers, the watermark stays due; his disconnect writes 5, and his next connect
+    brings nothing."""
+    store = _SlowWatermarkStore()
+    with anyio.fail_after(20):
+        async with chat_server(store) as srv:
+            srv.service.watermark_interval = 0  # every ack that has all he was sent: due
+            async with chat_client(srv.url, "alice") as alice:
+                async with chat_client(srv.url, "bob") as bob:
+
+                    def device() -> Any:
+                        return srv.service._devices.get(("bob", ""))
+
+                    store.hold = True
+                    try:
+                        await alice.send("bob", "m0")
+                        assert [m["seq"] for m in await collect(bob, 1)] == [1]
+                        await _until(lambda: store.started == [1])
+                        for i in range(1, 5):
+                            await alice.send("bob", f"m{i}")
+                        assert [m["seq"] for m in await collect(bob, 4)] == [2, 3, 4, 5]
+                        await _until(lambda: device().level.get(AB) == 5)
+                        assert store.started == [1]  # one write at a time
+                        assert await store.get_delivered("bob", "", AB) == 0  # still held up
+                    finally:
+                        store.gate.set()  # (else a failure here would hang Bob's disconnect)
+                    await _until(lambda: store._delivered.get(("bob", "", AB)) == 1)
+                    assert AB in device().dirty and not device().writing
+                await _until(lambda: store._delivered.get(("bob", "", AB)) == 5)  # at disconnect
+            async with connect(ws_url(srv.url, "bob")) as bob_again:
+                assert await nothing_more(bob_again, 0.3) == []
+
+
 @pytest.mark.parametrize(("interval", "writes_while_online"), [(3600.0, 1), (0.0, 10)])
 async def test_a_busy_conversation_writes_its_watermark_once_per_interval(
     interval: float, writes_while_online: int

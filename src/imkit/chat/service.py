@@ -189,7 +189,8 @@ class _Device:
     hole), ``own`` / ``peer`` (seqs above the watermark known
     to be sent by the device's user, or by the peer), ``expect`` (the highest seq this node
     has sent the device), ``dirty`` (watermarks that passed a peer's message since they
-    were last written: only those matter to :meth:`MessageStore.pending`).
+    were last written: only those matter to :meth:`MessageStore.pending`), ``writing``
+    (watermarks being written now: none is due again until that write is done).
     """
 
     __slots__ = (
@@ -204,6 +205,7 @@ class _Device:
         "own",
         "peer",
         "sessions",
+        "writing",
         "written",
         "written_at",
     )
@@ -217,6 +219,7 @@ class _Device:
         self.peer: dict[str, set[int]] = {}
         self.expect: dict[str, int] = {}
         self.dirty: set[str] = set()
+        self.writing: set[str] = set()
         self.members: set[str] = set()
         self.sessions: set[str] = set()
         self.live: set[str] = set()
@@ -801,7 +804,9 @@ class ChatService:
     async def _advance_slow(
         self, key: Key, conversation: str, seqs: Iterable[tuple[int, bool]]
     ) -> None:
-        """The part of :meth:`_advance` that needs the store, under the device's lock."""
+        """The part of :meth:`_advance` that needs the store: a watermark to read and a
+        hole to climb under the device's lock, then a watermark write after it (acks
+        read meanwhile are noted at once, not queued behind the write)."""
         device = self._devices.get(key)
         if device is None:
             return
@@ -810,8 +815,9 @@ class ChatService:
             level = self._note(device, conversation, level, seqs)
             if self._hole(device, conversation, level):
                 level = await self._climb(key, device, conversation, level)
-            if self._due(device, conversation, level):
-                await self._write(key, device, conversation)
+            if not self._due(device, conversation, level):
+                return
+        await self._write(key, device, conversation)
 
     @staticmethod
     def _note(
@@ -878,7 +884,7 @@ class ChatService:
         """Whether the watermark must be written now: ``flush_every`` acked messages ahead
         of the store, or everything sent acked and the last write ``watermark_interval``
         ago (otherwise a later ack, the disconnect or the shutdown writes it)."""
-        if conversation not in device.dirty:
+        if conversation not in device.dirty or conversation in device.writing:
             return False
         if level - device.written.get(conversation, 0) >= self.flush_every:
             return True
@@ -925,15 +931,22 @@ class ChatService:
         return level
 
     async def _write(self, key: Key, device: _Device, conversation: str) -> None:
+        """Write the device's watermark in ``conversation`` as it is now. Acks may be
+        noted while it is written (a store never lowers a watermark, so two writes may
+        overlap): it stays dirty unless nothing moved meanwhile."""
         target = device.level[conversation]
+        device.writing.add(conversation)
         try:
             await self.store.set_delivered(key[0], key[1], conversation, target)
         except (StoreError, ValueError) as exc:
             self.logger.warning("could not save a delivered watermark: %s", exc)
             return  # the messages stay pending and come again: never lost
+        finally:
+            device.writing.discard(conversation)
         device.written[conversation] = max(device.written.get(conversation, 0), target)
         device.written_at[conversation] = self.monotonic()
-        device.dirty.discard(conversation)
+        if device.level.get(conversation) == target:
+            device.dirty.discard(conversation)
 
     async def _flush(self, key: Key, device: _Device) -> None:
         """Write every watermark of the device that is ahead of the store."""
