@@ -19,6 +19,7 @@ from imkit.chat.client import ChatClient
 from imkit.chat.ids import private_conversation_id
 from imkit.chat.memory import MemoryStore
 from imkit.chat.sqlite import SQLiteStore
+from imkit.chat.store import StoredMessage
 from imkit.transport.client import Client, connect
 
 from .test_service_helpers import (
@@ -165,6 +166,58 @@ async def test_a_catch_up_in_pages_crosses_conversations_in_order(tmp_path: Path
         for sender in ("alice", "carol", "dave")
         for seq in (range(2, 6) if sender == "carol" else range(1, 5))
     ]
+
+
+class _SlowLevelStore(MemoryStore):
+    """A memory store whose delivered-watermark reads take 0.1 s; it records each read
+    with what ``probe()`` says then, and counts the reads of holes (``read_after``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.probe: Callable[[], int] = lambda: 0
+        self.level_reads: list[tuple[str, str, int]] = []
+        self.hole_reads = 0
+
+    async def get_delivered(self, user_id: str, device_id: str, conversation_id: str) -> int:
+        self.level_reads.append((user_id, conversation_id, self.probe()))
+        await anyio.sleep(0.1)
+        return await super().get_delivered(user_id, device_id, conversation_id)
+
+    async def read_after(
+        self, conversation_id: str, after_seq: int, *, limit: int
+    ) -> list[StoredMessage]:
+        self.hole_reads += 1
+        return await super().read_after(conversation_id, after_seq, limit=limit)
+
+
+async def test_a_catch_up_reads_each_watermark_before_its_first_push() -> None:
+    """Bob catches up on 300 messages from Alice, then 300 from Carol, while the store
+    takes 0.1 s to read a watermark. Each is read once, before the conversation's first
+    push goes out (not at its first ack, which would hold every later ack until the read
+    is done), so his acks are noted as they come: no hole opens above a watermark (no
+    message is read back), and he gets every message once, in order."""
+    store = _SlowLevelStore()
+    bc = private_conversation_id("bob", "carol")
+    with anyio.fail_after(30):
+        async with chat_server(store) as srv:
+            for sender in ("alice", "carol"):
+                await send_many(srv.url, 300, sender=sender)
+            store.level_reads.clear()
+
+            def pushed_to_bob() -> int:  # the pushes Bob's connection has sent so far
+                (session,) = srv.server.sessions("bob")
+                return session.conn.peer._next_id  # type: ignore[attr-defined,no-any-return]
+
+            store.probe = pushed_to_bob
+            async with connect(ws_url(srv.url, "bob")) as bob:
+                pushes = await raw_pushes(bob, 600)
+                assert await nothing_more(bob) == []
+                await _until(lambda: srv.service._devices[("bob", "")].level == {AB: 300, bc: 300})
+    assert [(p["sendId"], p["seq"]) for p in pushes] == [
+        (sender, seq) for sender in ("alice", "carol") for seq in range(1, 301)
+    ]
+    assert store.level_reads == [("bob", AB, 0), ("bob", bc, 300)]
+    assert store.hole_reads == 0
 
 
 @pytest.mark.parametrize("ack_mode", ["none", "only", "rigor"])

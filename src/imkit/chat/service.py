@@ -659,6 +659,11 @@ class ChatService:
                 break
             for message in page:
                 conversation, seq = message.conversation_id, message.seq
+                if conversation not in levels:
+                    # Its watermark is read before its first push, not at the first ack:
+                    # else every ack read until that read is done would queue behind it.
+                    async with _locked(device.lock):
+                        await self._level(key, device, conversation)
                 if seq <= levels.get(conversation, 0) or seq in acks.get(conversation, ()):
                     continue
                 if not getattr(session, "is_open", True):
