@@ -794,9 +794,9 @@ class ChatService:
             return None  # not connected here (any more): the store keeps the truth
         if device.lock.locked() or conversation not in device.level:
             return seqs
-        # Nobody is between awaits on this device, and its watermark is known: note the
-        # seqs at once (no await, no checkpoint). Only a hole to read or a watermark to
-        # write needs the store, and with it the lock.
+        # Nobody is reading the store for this device (a watermark, a hole), and its
+        # watermark is known: note the seqs at once (no await, no checkpoint). Only a
+        # hole to read (under the lock) or a watermark to write needs the store.
         level = self._note(device, conversation, device.level[conversation], seqs)
         # (Nearly always: nothing acked above a hole and nothing to write; both answered
         # without calling _hole or _due.)
