@@ -520,7 +520,11 @@ async def amain(args: argparse.Namespace) -> int:
         if not CallgrindCounter.available():
             print("--callgrind needs valgrind (apt-get install valgrind)", file=sys.stderr)
             return 2
-        cases = [case for case in cases if case.scenario == "relay"]
+        relay = [case for case in cases if case.scenario == "relay"]
+        if cases and not relay:
+            print("--callgrind counts the relay cases only; none is selected", file=sys.stderr)
+            return 2
+        cases = relay
     if args.list or not cases:
         for case in cases:
             print(f"{case.name:28} scenario={case.scenario}")
