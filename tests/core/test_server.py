@@ -240,6 +240,29 @@ def test_receiver_is_kept_across_reconnects_then_pruned() -> None:
     registry.release_receiver(Identity("nobody"), 0.0)  # unknown: nothing to do
 
 
+def test_a_forgotten_receiver_hands_over_what_waited_for_a_confirmation() -> None:
+    """Alice's RigorAck message m1 is acked but never confirmed (her connection closed);
+    m2 was confirmed and dispatched. When her receiver is forgotten, m1 goes with it:
+    take_forgotten() says so once, with her ids; an OnlyAck receiver leaves nothing."""
+    registry: Registry[str] = Registry("multi")
+    timers = AckTimers(ack_timeout=10.0, remember_for=40.0)
+    alice, bob = Identity("alice", device_id="phone"), Identity("bob")
+    receiver = registry.receiver(alice, AckMode.RIGOR, timers, 0.0)
+    m1, m2 = Frame(id="m1", method="say"), Frame(id="m2", method="say")
+    receiver.on_data(m1, 1.0)
+    receiver.on_data(m2, 1.0)
+    receiver.on_confirm("m2", 2.0)
+    registry.release_receiver(alice, 3.0)
+    registry.release_receiver(bob, 3.0)  # (never had one)
+    only = registry.receiver(bob, AckMode.ONLY, timers, 4.0)
+    only.on_data(Frame(id="b1", method="say"), 4.0)
+    registry.release_receiver(bob, 5.0)
+    assert registry.take_forgotten() == []
+    assert registry.receiver(Identity("carol"), AckMode.RIGOR, timers, 50.0) is not receiver
+    assert registry.take_forgotten() == [("alice", "phone", m1)]
+    assert registry.take_forgotten() == []
+
+
 def test_pruning_is_throttled() -> None:
     registry: Registry[str] = Registry()
     timers = AckTimers(ack_timeout=10.0, remember_for=40.0)

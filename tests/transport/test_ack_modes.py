@@ -3,6 +3,7 @@ in-memory streams and over loopback, and the wire seen by a raw wsproto client."
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import anyio
@@ -132,6 +133,30 @@ async def test_rigor_upstream_on_the_wire() -> None:
             assert frames[-1]["id"] == "r2" and frames[-1]["data"]["code"] == "expired"
             assert seen.dispatched["alice", "r2"] == 0
             await raw.close()
+
+
+async def test_rigor_message_forgotten_with_its_sender_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Alice's RigorAck message r1 is acked, but her confirmation never comes: she goes
+    away. Past remember_for, Bob's connection makes the server forget her receiver: r1
+    is dropped undispatched, and the server's log names it (no connection of Alice's is
+    left for an Err{expired})."""
+    clock = FakeClock()
+    app, seen = make_app(ack_mode="rigor")
+    with anyio.fail_after(10):
+        async with MemoryServer(app, clock=clock) as server:
+            alice = await _raw_pair(server)
+            await alice.send_json({"frameType": 0, "id": "r1", "method": "count", "data": 1})
+            ack = await alice.recv_json()
+            assert ack is not None and (ack["id"], ack["ackSeq"]) == ("r1", 1)
+            await alice.close()
+            await clock.advance_by(imkit.AckTimers().remember_for + 1)
+            with caplog.at_level(logging.WARNING, logger="imkit"):
+                bob = await _raw_pair(server, "bob")
+            assert "message 'r1' of 'alice' (device '') dropped unconfirmed" in caplog.text
+            assert seen.dispatched["alice", "r1"] == 0
+            await bob.close()
 
 
 async def test_rigor_downstream_on_the_wire() -> None:

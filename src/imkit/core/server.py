@@ -457,6 +457,7 @@ class Registry(Generic[C]):
         self._live: dict[str, tuple[C, ...]] = {}
         self._inbound: dict[tuple[str, str], _Inbound] = {}
         self._next_prune = 0.0
+        self._forgotten: list[tuple[str, str, Frame]] = []
 
     def add(self, identity: Identity, epoch: str, conn: C) -> list[C]:
         """Register ``conn``; return the connections it replaces under the policy."""
@@ -548,4 +549,15 @@ class Registry(Generic[C]):
             if inbound.connections == 0 and now - inbound.idle_since > keep_for
         ]
         for key in stale:
-            del self._inbound[key]
+            # (RigorAck: what still waits for its confirmation goes with it.)
+            for frame in self._inbound.pop(key).receiver.pending():
+                self._forgotten.append((key[0], key[1], frame))
+
+    def take_forgotten(self) -> list[tuple[str, str, Frame]]:
+        """The messages dropped undispatched since the last call because the receiver
+        holding them was forgotten (``remember_for`` after its user's and device's last
+        connection closed) while they still waited for their sender's confirmation
+        (RigorAck): ``(user id, device id, frame)`` each. Nobody is connected to be told
+        (``Err{expired}``): the caller logs them."""
+        forgotten, self._forgotten = self._forgotten, []
+        return forgotten

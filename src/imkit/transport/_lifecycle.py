@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import anyio
 
+from imkit.core.ack import Receiver
 from imkit.core.events import Delivered, DeliveryFailed, MessageExpired
 from imkit.core.frames import ErrorCode, Frame, FrameType
 from imkit.core.interfaces import Binding, Forward, HandshakeRequest, Identity
@@ -222,6 +223,23 @@ async def decide_handshake(server: Server, request: HandshakeRequest) -> Identit
     ):
         return 429, "too many connections for this user"
     return identity
+
+
+def inbound_receiver(server: Server, identity: Identity, now: float) -> Receiver:
+    """The identity's receiver for a new connection (:meth:`Registry.receiver`); logs the
+    RigorAck messages dropped unconfirmed with a receiver the registry forgot meanwhile
+    (no connection of their sender is left to be told)."""
+    app = server.app
+    receiver = server.registry.receiver(identity, app.ack_mode, app.options.timers, now)
+    for user_id, device_id, frame in server.registry.take_forgotten():
+        server.logger.warning(
+            "message %r of %r (device %r) dropped unconfirmed (RigorAck): its sender was"
+            " away longer than remember_for",
+            frame.id,
+            user_id,
+            device_id,
+        )
+    return receiver
 
 
 async def announce(server: Server, session: Connection) -> None:

@@ -46,6 +46,7 @@ from imkit.transport._lifecycle import (
     delivery_hooks,
     dispatch,
     hooks_item,
+    inbound_receiver,
     retire,
     revalidate,
 )
@@ -113,7 +114,7 @@ class ASGISession(HeldFanOut):
         self.device_id = identity.device_id
         """The device id (may be empty)."""
         now = self.clock.now()
-        receiver = server.registry.receiver(identity, app.ack_mode, app.options.timers, now)
+        receiver = inbound_receiver(server, identity, now)
         self.peer = Peer(
             app.options,
             server=True,

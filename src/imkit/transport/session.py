@@ -90,6 +90,7 @@ from imkit.transport._lifecycle import (
     dispatch,
     finish_deferred,
     hooks_item,
+    inbound_receiver,
     page_response,
     retire,
     revalidate,
@@ -996,7 +997,7 @@ class ServerSession(HeldFanOut):
         identity = decision
         now = self._now()
         app = self.app
-        receiver = server.registry.receiver(identity, app.ack_mode, app.options.timers, now)
+        receiver = inbound_receiver(server, identity, now)
         # A browser that sent its credential as a ``token.<t>`` subprotocol needs that
         # subprotocol selected in the answer, or it fails the connection.
         offered = conn.request.subprotocols if conn.request is not None else ()
