@@ -3,12 +3,14 @@ in-memory streams and over loopback, and the wire seen by a raw wsproto client."
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
 import pytest
-from tests.transport.helpers import Collected, RawWS, make_app, serve_tcp
+from tests.transport.helpers import Collected, RawWS, Recorder, make_app, serve_tcp
 
 import imkit
 from imkit import AckMode
@@ -88,51 +90,58 @@ async def _raw_pair(server: MemoryServer, user: str = "alice") -> RawWS:
     return raw
 
 
-async def test_rigor_upstream_on_the_wire() -> None:
-    """RigorAck upstream: Ack{ackSeq 1}, nothing dispatched until the client confirms with
-    Ack{ackSeq 2}; unconfirmed, the ack is resent, then the message expires undispatched."""
+@contextlib.asynccontextmanager
+async def _rigor_server() -> AsyncIterator[tuple[MemoryServer, FakeClock, Recorder]]:
+    """A RigorAck app with the test routes, served on a fake clock (bounded to 10 s)."""
     clock = FakeClock()
     app, seen = make_app(ack_mode="rigor")
     with anyio.fail_after(10):
         async with MemoryServer(app, clock=clock) as server:
-            raw = await _raw_pair(server)
-            await raw.send_json({"frameType": 0, "id": "r1", "method": "count", "data": 1})
-            ack = await raw.recv_json()
-            assert ack is not None
-            assert (ack["frameType"], ack["id"], ack["ackSeq"]) == (2, "r1", 1)
-            await clock.advance_by(0)  # let every task run
-            assert seen.dispatched["alice", "r1"] == 0
-            await raw.send_json({"frameType": 2, "id": "r1", "ackSeq": 2})
-            await raw.send_json({"frameType": 0, "id": "sync", "method": "echo", "data": 0})
-            ack = await raw.recv_json()
-            assert ack is not None and (ack["id"], ack["ackSeq"]) == ("sync", 1)
-            await raw.send_json({"frameType": 2, "id": "sync", "ackSeq": 2})
-            reply = await raw.recv_json()
-            assert reply is not None and reply["replyTo"] == "sync"
-            await raw.send_json({"frameType": 2, "id": reply["id"], "ackSeq": 1})
-            confirm = await raw.recv_json()
-            assert confirm is not None and (confirm["id"], confirm["ackSeq"]) == (reply["id"], 2)
-            assert seen.dispatched["alice", "r1"] == 1
-            # A resent Data frame is re-acked, never re-dispatched.
-            await raw.send_json({"frameType": 0, "id": "r1", "method": "count", "data": 1})
-            ack = await raw.recv_json()
-            assert ack is not None and (ack["id"], ack["ackSeq"]) == ("r1", 1)
-            # Never confirmed: the server resends its ack, then gives the message up.
-            await raw.send_json({"frameType": 0, "id": "r2", "method": "count", "data": 2})
-            first = await raw.recv_json()
-            assert first is not None and (first["id"], first["ackSeq"]) == ("r2", 1)
-            await clock.advance_by(imkit.AckTimers().resend_interval)
-            again = await raw.recv_json()
-            assert again is not None and (again["frameType"], again["id"]) == (2, "r2")
-            await clock.advance_by(imkit.AckTimers().ack_timeout)
-            frames = []
-            while not frames or frames[-1]["frameType"] != 9:
-                frame = await raw.recv_json()
-                assert frame is not None
-                frames.append(frame)
-            assert frames[-1]["id"] == "r2" and frames[-1]["data"]["code"] == "expired"
-            assert seen.dispatched["alice", "r2"] == 0
-            await raw.close()
+            yield server, clock, seen
+
+
+async def test_rigor_upstream_on_the_wire() -> None:
+    """RigorAck upstream: Ack{ackSeq 1}, nothing dispatched until the client confirms with
+    Ack{ackSeq 2}; unconfirmed, the ack is resent, then the message expires undispatched."""
+    async with _rigor_server() as (server, clock, seen):
+        raw = await _raw_pair(server)
+        await raw.send_json({"frameType": 0, "id": "r1", "method": "count", "data": 1})
+        ack = await raw.recv_json()
+        assert ack is not None
+        assert (ack["frameType"], ack["id"], ack["ackSeq"]) == (2, "r1", 1)
+        await clock.advance_by(0)  # let every task run
+        assert seen.dispatched["alice", "r1"] == 0
+        await raw.send_json({"frameType": 2, "id": "r1", "ackSeq": 2})
+        await raw.send_json({"frameType": 0, "id": "sync", "method": "echo", "data": 0})
+        ack = await raw.recv_json()
+        assert ack is not None and (ack["id"], ack["ackSeq"]) == ("sync", 1)
+        await raw.send_json({"frameType": 2, "id": "sync", "ackSeq": 2})
+        reply = await raw.recv_json()
+        assert reply is not None and reply["replyTo"] == "sync"
+        await raw.send_json({"frameType": 2, "id": reply["id"], "ackSeq": 1})
+        confirm = await raw.recv_json()
+        assert confirm is not None and (confirm["id"], confirm["ackSeq"]) == (reply["id"], 2)
+        assert seen.dispatched["alice", "r1"] == 1
+        # A resent Data frame is re-acked, never re-dispatched.
+        await raw.send_json({"frameType": 0, "id": "r1", "method": "count", "data": 1})
+        ack = await raw.recv_json()
+        assert ack is not None and (ack["id"], ack["ackSeq"]) == ("r1", 1)
+        # Never confirmed: the server resends its ack, then gives the message up.
+        await raw.send_json({"frameType": 0, "id": "r2", "method": "count", "data": 2})
+        first = await raw.recv_json()
+        assert first is not None and (first["id"], first["ackSeq"]) == ("r2", 1)
+        await clock.advance_by(imkit.AckTimers().resend_interval)
+        again = await raw.recv_json()
+        assert again is not None and (again["frameType"], again["id"]) == (2, "r2")
+        await clock.advance_by(imkit.AckTimers().ack_timeout)
+        frames = []
+        while not frames or frames[-1]["frameType"] != 9:
+            frame = await raw.recv_json()
+            assert frame is not None
+            frames.append(frame)
+        assert frames[-1]["id"] == "r2" and frames[-1]["data"]["code"] == "expired"
+        assert seen.dispatched["alice", "r2"] == 0
+        await raw.close()
 
 
 async def test_rigor_message_forgotten_with_its_sender_is_logged(
@@ -142,21 +151,18 @@ async def test_rigor_message_forgotten_with_its_sender_is_logged(
     away. Past remember_for, Bob's connection makes the server forget her receiver: r1
     is dropped undispatched, and the server's log names it (no connection of Alice's is
     left for an Err{expired})."""
-    clock = FakeClock()
-    app, seen = make_app(ack_mode="rigor")
-    with anyio.fail_after(10):
-        async with MemoryServer(app, clock=clock) as server:
-            alice = await _raw_pair(server)
-            await alice.send_json({"frameType": 0, "id": "r1", "method": "count", "data": 1})
-            ack = await alice.recv_json()
-            assert ack is not None and (ack["id"], ack["ackSeq"]) == ("r1", 1)
-            await alice.close()
-            await clock.advance_by(imkit.AckTimers().remember_for + 1)
-            with caplog.at_level(logging.WARNING, logger="imkit"):
-                bob = await _raw_pair(server, "bob")
-            assert "message 'r1' of 'alice' (device '') dropped unconfirmed" in caplog.text
-            assert seen.dispatched["alice", "r1"] == 0
-            await bob.close()
+    async with _rigor_server() as (server, clock, seen):
+        alice = await _raw_pair(server)
+        await alice.send_json({"frameType": 0, "id": "r1", "method": "count", "data": 1})
+        ack = await alice.recv_json()
+        assert ack is not None and (ack["id"], ack["ackSeq"]) == ("r1", 1)
+        await alice.close()
+        await clock.advance_by(imkit.AckTimers().remember_for + 1)
+        with caplog.at_level(logging.WARNING, logger="imkit"):
+            bob = await _raw_pair(server, "bob")
+        assert "message 'r1' of 'alice' (device '') dropped unconfirmed" in caplog.text
+        assert seen.dispatched["alice", "r1"] == 0
+        await bob.close()
 
 
 async def test_rigor_downstream_on_the_wire() -> None:
