@@ -194,9 +194,12 @@ def _summary(record: dict[str, Any]) -> str:
     if record["scenario"] == "idle":
         return f"{figures['kib_per_conn']:.1f} KiB/conn ({record['wall_s']} s)"
     if record["scenario"] == "offline":
+        kinstr = figures.get("server_kinstr_per_msg")
         return (
             f"{figures['messages']:,} in {figures['catchup_s']:.2f} s, "
-            f"{figures['server_cpu_us_per_msg']:.1f} us/msg ({record['wall_s']} s)"
+            f"{figures['server_cpu_us_per_msg']:.1f} us/msg"
+            + (f", {kinstr:.1f} kinstr/msg" if kinstr is not None else "")
+            + f" ({record['wall_s']} s)"
         )
     if record["scenario"] == "heartbeat":
         return (
@@ -299,6 +302,9 @@ def render_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+CALLGRIND_SCENARIOS = ("relay", "offline")
+"""The scenarios that count instructions (``--callgrind`` runs only these)."""
+
 EXTRA_TABLES = ("offline", "heartbeat")
 """Scenarios with a table of their own, below the relay table."""
 
@@ -329,6 +335,7 @@ def _offline_table(records: list[dict[str, Any]]) -> list[str]:
         "msgs/s",
         "server CPU µs/msg",
         f"vs target ({OFFLINE_TARGET_US:g} µs)",
+        "server kinstr/msg",
         "storing msgs/s",
         "note",
     ]
@@ -350,6 +357,7 @@ def _offline_table(records: list[dict[str, Any]]) -> list[str]:
                 _fmt(figures["msgs_per_s"], 0),
                 _fmt(mine, 1),
                 f"{mine / OFFLINE_TARGET_US:.2f}x",
+                _fmt(figures.get("server_kinstr_per_msg"), 1),
                 _fmt(figures["store_msgs_per_s"], 0),
                 "every message once" if figures["received"] == figures["messages"] else "",
             ]
@@ -475,8 +483,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--callgrind",
         action="store_true",
-        help="relay cases only, every server under valgrind's callgrind: count its"
-        " instructions per message (user space) where perf cannot; slow, use small counts",
+        help="relay and offline cases only, every server under valgrind's callgrind: count"
+        " its instructions per message (user space) where perf cannot; slow",
     )
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
@@ -520,11 +528,14 @@ async def amain(args: argparse.Namespace) -> int:
         if not CallgrindCounter.available():
             print("--callgrind needs valgrind (apt-get install valgrind)", file=sys.stderr)
             return 2
-        relay = [case for case in cases if case.scenario == "relay"]
-        if cases and not relay:
-            print("--callgrind counts the relay cases only; none is selected", file=sys.stderr)
+        counted = [case for case in cases if case.scenario in CALLGRIND_SCENARIOS]
+        if cases and not counted:
+            print(
+                "--callgrind counts the relay and offline cases only; none is selected",
+                file=sys.stderr,
+            )
             return 2
-        cases = relay
+        cases = counted
     if args.list or not cases:
         for case in cases:
             print(f"{case.name:28} scenario={case.scenario}")

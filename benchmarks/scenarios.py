@@ -391,6 +391,13 @@ def _per_message(
     return sum(v for v in values if v is not None) / messages / 1e3
 
 
+def _instruction_counter(server: ServerProcess) -> InstructionCounter | CallgrindCounter:
+    """perf's counter, or callgrind's for a server started under it (``--callgrind``)."""
+    if server.callgrind_dir is None:
+        return InstructionCounter()
+    return CallgrindCounter(server.callgrind_dir)
+
+
 @scenario("relay", headline="server_cpu_us_per_msg")
 async def relay(ctx: RunContext) -> dict[str, Any]:
     cfg = ctx.config
@@ -414,11 +421,7 @@ async def relay(ctx: RunContext) -> dict[str, Any]:
             if problem is not None:
                 raise ScenarioError(f"warm-up: {problem}")
 
-        counter: InstructionCounter | CallgrindCounter = (
-            InstructionCounter()
-            if server.callgrind_dir is None
-            else CallgrindCounter(server.callgrind_dir)
-        )
+        counter = _instruction_counter(server)
         await counter.start(server.pid)
         user0, sys0 = server.cpu_times()
         ns0 = server.cpu_ns_schedstat()
@@ -647,6 +650,8 @@ async def offline(ctx: RunContext) -> dict[str, Any]:
             done.set_exception(ScenarioError(f"recipient saw: {text}"))
 
     conns: list[ClientConn] = []
+    counter = _instruction_counter(server)
+    await counter.start(server.pid)
     user0, sys0 = server.cpu_times()
     ns0 = server.cpu_ns_schedstat()
     client0 = time.process_time()
@@ -669,6 +674,7 @@ async def offline(ctx: RunContext) -> dict[str, Any]:
         user1, sys1 = server.cpu_times()
         ns1 = server.cpu_ns_schedstat()
         client1 = time.process_time()
+        instructions = await counter.stop()
         await asyncio.sleep(cfg.settle_seconds)  # a duplicate would arrive meanwhile
     finally:
         await ctx.close_all(conns)
@@ -693,6 +699,7 @@ async def offline(ctx: RunContext) -> dict[str, Any]:
                 (ns1 - ns0) / total / 1e3 if ns0 is not None and ns1 is not None else None
             ),
             "client_cpu_us_per_msg": (client1 - client0) / total * 1e6,
+            "server_kinstr_per_msg": _per_message(instructions, total),
         }
     )
     figures["meets_target"] = figures["server_cpu_us_per_msg"] <= OFFLINE_TARGET_US
