@@ -250,10 +250,15 @@ def nofile_limit(pid: int) -> int | None:
     return None
 
 
+IMKIT_SRC: Path | None = None
+"""The ``src/`` whose imkit the peers import (``--imkit-src``); ``None``: this checkout's."""
+
+
 def server_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Environment for a peer: the repo root and ``src/`` first on PYTHONPATH."""
+    """Environment for a peer: the repo root and ``src/`` (or :data:`IMKIT_SRC`) first
+    on PYTHONPATH."""
     env = dict(os.environ)
-    paths = [str(REPO_ROOT), str(REPO_ROOT / "src")]
+    paths = [str(REPO_ROOT), str(IMKIT_SRC or REPO_ROOT / "src")]
     if env.get("PYTHONPATH"):
         paths.append(env["PYTHONPATH"])
     env["PYTHONPATH"] = os.pathsep.join(paths)

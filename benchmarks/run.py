@@ -28,7 +28,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: python benchmarks/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import scenarios
+from benchmarks import procs, scenarios
 from benchmarks.peers._common import raise_nofile_limit
 from benchmarks.procs import REPO_ROOT, CallgrindCounter, ServerProcess, check_peer, tail
 from benchmarks.scenarios import OFFLINE_TARGET_US, QUICK, SCENARIOS, Config, RunContext
@@ -486,6 +486,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="relay and offline cases only, every server under valgrind's callgrind: count"
         " its instructions per message (user space) where perf cannot; slow",
     )
+    parser.add_argument(
+        "--imkit-src",
+        type=Path,
+        metavar="DIR",
+        help="run the imkit servers on the imkit in DIR (another checkout's src/), to"
+        " compare two versions with one harness",
+    )
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
     return parser.parse_args(argv)
@@ -524,6 +531,11 @@ def build_config(args: argparse.Namespace) -> Config:
 async def amain(args: argparse.Namespace) -> int:
     config = build_config(args)
     cases = select(args.only)
+    if args.imkit_src is not None:
+        if not (args.imkit_src / "imkit" / "__init__.py").is_file():
+            print(f"--imkit-src: no imkit package in {args.imkit_src}", file=sys.stderr)
+            return 2
+        procs.IMKIT_SRC = args.imkit_src.resolve()
     if config.callgrind:
         if not CallgrindCounter.available():
             print("--callgrind needs valgrind (apt-get install valgrind)", file=sys.stderr)
@@ -576,6 +588,7 @@ async def amain(args: argparse.Namespace) -> int:
         "repeat": args.repeat,
         "machine": info,
         "config": config.as_dict(),
+        "imkit_src": str(procs.IMKIT_SRC or REPO_ROOT / "src"),
         "cases": records,
         "table": table,
     }
