@@ -179,27 +179,29 @@ async def run_suite(
     return records
 
 
+def _kinstr(figures: dict[str, Any]) -> str:
+    """``", <n> kinstr/msg"`` for a case whose instructions were counted, else ``""``."""
+    kinstr = figures.get("server_kinstr_per_msg")
+    return "" if kinstr is None else f", {kinstr:.1f} kinstr/msg"
+
+
 def _summary(record: dict[str, Any]) -> str:
     figures = record["figures"]
     if record["status"] != "ok" or figures is None:
         return f"{record['status']}: {record['reason']}"
     if record["scenario"] == "relay":
-        kinstr = figures.get("server_kinstr_per_msg")
         return (
             f"{figures['msgs_per_s']:.0f} msgs/s, "
-            f"{figures['server_cpu_us_per_msg']:.1f} us/msg"
-            + (f", {kinstr:.1f} kinstr/msg" if kinstr is not None else "")
-            + f" ({record['wall_s']} s)"
+            f"{figures['server_cpu_us_per_msg']:.1f} us/msg{_kinstr(figures)}"
+            f" ({record['wall_s']} s)"
         )
     if record["scenario"] == "idle":
         return f"{figures['kib_per_conn']:.1f} KiB/conn ({record['wall_s']} s)"
     if record["scenario"] == "offline":
-        kinstr = figures.get("server_kinstr_per_msg")
         return (
             f"{figures['messages']:,} in {figures['catchup_s']:.2f} s, "
-            f"{figures['server_cpu_us_per_msg']:.1f} us/msg"
-            + (f", {kinstr:.1f} kinstr/msg" if kinstr is not None else "")
-            + f" ({record['wall_s']} s)"
+            f"{figures['server_cpu_us_per_msg']:.1f} us/msg{_kinstr(figures)}"
+            f" ({record['wall_s']} s)"
         )
     if record["scenario"] == "heartbeat":
         return (
