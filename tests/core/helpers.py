@@ -159,3 +159,25 @@ def data(frame_id: str, method: str = "echo", payload: Any = None, **kw: Any) ->
 def kinds(events: Sequence[Event]) -> list[str]:
     """The class names of ``events``, for compact assertions."""
     return [type(e).__name__ for e in events]
+
+
+def speedups() -> Any:
+    """The C extension ``imkit._speedups``, or skip the test when it was not built (fail
+    instead under ``IMKIT_REQUIRE_SPEEDUPS=1``, as CI sets: there it must be built)."""
+    import os
+
+    import pytest
+
+    try:
+        from imkit import _speedups
+    except ImportError as exc:
+        reason = f"imkit._speedups is not built ({exc}); `pip install -e .` with a C compiler"
+        if os.environ.get("IMKIT_REQUIRE_SPEEDUPS"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return _speedups
+
+
+def naive_mask(payload: bytes, key: bytes) -> bytes:
+    """RFC 6455 §5.3 masking, byte by byte: the reference for both implementations."""
+    return bytes(b ^ key[i % 4] for i, b in enumerate(payload))

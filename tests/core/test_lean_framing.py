@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -20,7 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
-from imkit.core._wsconn import _xor_mask
+from imkit.core import _framing, _wsconn
 from imkit.core.ack import AckMode
 from imkit.core.conn import ClientConn, ConnLimits, ConnState, ServerConn
 from imkit.core.events import Closed, Event, RawMessageReceived
@@ -28,9 +28,26 @@ from imkit.core.frames import Frame
 from imkit.core.interfaces import Identity
 from imkit.core.peer import PeerOptions
 
-from .helpers import WireClient, kinds, quiet_options, upgrade_request
+from .helpers import WireClient, kinds, naive_mask, quiet_options, speedups, upgrade_request
 
 KEY = b"\x37\xfa\x21\x3d"
+
+
+@pytest.fixture(autouse=True, scope="module", params=["c", "python"])
+def framing(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test here runs twice: the connection framing with the C functions
+    (``imkit._speedups``) and with the Python ones (``imkit.core._framing.py_*``)."""
+    if request.param == "c":
+        c = speedups()
+        chosen = (c.read_text, c.frame_texts, c.xor_mask)
+    else:
+        chosen = (_framing.py_read_text, _framing.py_frame_texts, _framing.py_xor_mask)
+    with pytest.MonkeyPatch.context() as patch:
+        for name, function in zip(("_read_text", "_frame_texts", "_xor_mask"), chosen, strict=True):
+            patch.setattr(_wsconn, name, function)
+        yield request.param
+
+
 LIMITS = ConnLimits(max_message_size=300, max_fragments=4, ping_interval=None)
 
 
@@ -55,7 +72,7 @@ def frame(
         head = bytes([first, bit | n])
     if key is None:
         return head + payload
-    return head + key + _xor_mask(payload, key)
+    return head + key + naive_mask(payload, key)
 
 
 def text(payload: str, **kw: Any) -> bytes:
@@ -556,9 +573,9 @@ def test_frames_written_are_wsprotos(size: int) -> None:
 
 @given(st.binary(max_size=100), st.binary(min_size=4, max_size=4))
 def test_masking_is_a_byte_wise_xor(payload: bytes, key: bytes) -> None:
-    masked = _xor_mask(payload, key)
-    assert masked == bytes(b ^ key[i % 4] for i, b in enumerate(payload))
-    assert _xor_mask(masked, key) == payload
+    masked = _wsconn._xor_mask(payload, key)
+    assert masked == naive_mask(payload, key)
+    assert _wsconn._xor_mask(masked, key) == payload
 
 
 def test_nothing_is_framed_by_a_connection_whose_wsproto_is_not_open() -> None:

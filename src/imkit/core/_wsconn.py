@@ -24,6 +24,7 @@ from wsproto.events import (
 )
 from wsproto.utilities import LocalProtocolError as WSLocalProtocolError
 
+from imkit.core import _framing
 from imkit.core.events import Closed, Event, RawMessageReceived, _raw_message_received
 from imkit.core.frames import Frame
 from imkit.core.peer import Peer
@@ -53,24 +54,14 @@ DEFAULT_PING_INTERVAL = 20.0
 DEFAULT_PING_TIMEOUT = 20.0
 DEFAULT_CLOSE_TIMEOUT = 10.0
 
-# RFC 6455 §5.2: the first byte of a whole (FIN) text and binary frame; the mask bit.
-_TEXT = 0x81
+# RFC 6455 §5.2: the first byte of a whole (FIN) binary frame; the mask bit.
 _BINARY = 0x82
 _MASK_BIT = 0x80
 _HEAD16 = struct.Struct("!BBH")
 _HEAD64 = struct.Struct("!BBQ")
-
-
-# int.from_bytes is a classmethod: looking it up on int builds a bound method every time.
-_from_bytes = int.from_bytes
-
-
-def _xor_mask(payload: bytes, key: bytes) -> bytes:
-    """``payload`` XOR the 4-byte masking ``key`` repeated (RFC 6455 §5.3), as one big
-    integer operation instead of a loop over bytes. Masking and unmasking are the same."""
-    n = len(payload)
-    keys = (key * ((n + 3) >> 2))[:n]
-    return (_from_bytes(payload, "little") ^ _from_bytes(keys, "little")).to_bytes(n, "little")
+_read_text = _framing.read_text
+_frame_texts = _framing.frame_texts
+_xor_mask = _framing.xor_mask
 
 
 def _head_size(second: int) -> int:
@@ -353,7 +344,7 @@ class _Conn:
         assert ws is not None
         if self._lean and ws.state is _WS_OPEN:
             if isinstance(data, str):
-                self._out.append(self._frame(_TEXT, data.encode()))
+                self._out.append(self._frame_texts([data]))
             else:
                 self._out.append(self._frame(_BINARY, bytes(data)))
         elif isinstance(data, str):
@@ -416,12 +407,10 @@ class _Conn:
         if texts:
             ws = self._ws
             if ws is not None and ws.state is _WS_OPEN:
-                out = self._out
                 if self._lean:
-                    frame = self._frame
-                    for text in texts:
-                        out.append(frame(_TEXT, text.encode()))
+                    self._out.append(self._frame_texts(texts))
                 else:
+                    out = self._out
                     for text in texts:
                         out.append(ws.send(TextMessage(data=text)))
             texts.clear()
@@ -429,6 +418,14 @@ class _Conn:
         if events:
             self._events.extend(events)
             events.clear()
+
+    def _frame_texts(self, texts: list[str]) -> bytes:
+        """Each of ``texts`` as a whole text frame, as wsproto would write it (the
+        shortest length encoding; masked with a fresh random key each by a client), all
+        in one ``bytes``. Only while wsproto is open, as :meth:`_frame`."""
+        if self._out_mask:
+            return _frame_texts(texts, os.urandom(4 * len(texts)))
+        return _frame_texts(texts, None)
 
     def _frame(self, first: int, payload: bytes) -> bytes:
         """A whole frame (``first``: FIN, no RSV bits, the opcode) as wsproto would write
@@ -640,46 +637,10 @@ class _Conn:
         A frame taken here is one wsproto would turn into one whole ``TextMessage``
         within the limits, so it goes where that would, without the counting.
         """
-        if end - pos < 2 or data[pos] != _TEXT:
+        frame = _read_text(data, pos, end, self._in_mask, self._lean_max)
+        if frame is None:
             return 0
-        second = data[pos + 1]
-        mask_bit = second & _MASK_BIT
-        if mask_bit != self._in_mask:
-            return 0
-        size = second & 0x7F
-        at = pos + 2
-        if size == 126:
-            at += 2
-            if at > end:
-                return 0
-            size = _from_bytes(data[pos + 2 : at], "big")
-            if size < 126:
-                return 0
-        elif size == 127:
-            at += 8
-            if at > end:
-                return 0
-            # (A length with the top bit set, refused by wsproto, is never complete.)
-            size = _from_bytes(data[pos + 2 : at], "big")
-            if size < 0x10000:
-                return 0
-        if size > self._lean_max:
-            return 0
-        if mask_bit:
-            at += 4
-            stop = at + size
-            if stop > end:
-                return 0
-            payload = _xor_mask(data[at:stop], data[at - 4 : at])
-        else:
-            stop = at + size
-            if stop > end:
-                return 0
-            payload = data[at:stop]
-        try:
-            text = payload.decode()
-        except UnicodeDecodeError:
-            return 0
+        text, stop = frame
         if self.raw:
             self._events.append(_raw_message_received(text))
         else:
