@@ -39,11 +39,11 @@ def framing(request: pytest.FixtureRequest) -> Iterator[str]:
     (``imkit._speedups``) and with the Python ones (``imkit.core._framing.py_*``)."""
     if request.param == "c":
         c = speedups()
-        chosen = (c.read_text, c.frame_texts, c.xor_mask)
+        chosen = (c.read_text, c.frame_texts)
     else:
-        chosen = (_framing.py_read_text, _framing.py_frame_texts, _framing.py_xor_mask)
+        chosen = (_framing.py_read_text, _framing.py_frame_texts)
     with pytest.MonkeyPatch.context() as patch:
-        for name, function in zip(("_read_text", "_frame_texts", "_xor_mask"), chosen, strict=True):
+        for name, function in zip(("_read_text", "_frame_texts"), chosen, strict=True):
             patch.setattr(_wsconn, name, function)
         yield request.param
 
@@ -569,13 +569,6 @@ def test_frames_written_are_wsprotos(size: int) -> None:
     out = client.data_to_send()
     assert unmasked(out) == [(Opcode.TEXT, payload, True)]
     assert len(out) == len(expected) // 2 + 4
-
-
-@given(st.binary(max_size=100), st.binary(min_size=4, max_size=4))
-def test_masking_is_a_byte_wise_xor(payload: bytes, key: bytes) -> None:
-    masked = _wsconn._xor_mask(payload, key)
-    assert masked == naive_mask(payload, key)
-    assert _wsconn._xor_mask(masked, key) == payload
 
 
 def test_nothing_is_framed_by_a_connection_whose_wsproto_is_not_open() -> None:

@@ -61,7 +61,6 @@ _HEAD16 = struct.Struct("!BBH")
 _HEAD64 = struct.Struct("!BBQ")
 _read_text = _framing.read_text
 _frame_texts = _framing.frame_texts
-_xor_mask = _framing.xor_mask
 
 
 def _head_size(second: int) -> int:
@@ -129,7 +128,7 @@ class _Conn:
 
     Framing while open has two paths. wsproto does the handshakes, the closing handshake
     and everything unusual. The common case, a whole text message in one frame, skips
-    its generic machinery: :meth:`_frame` writes outgoing frames, and :meth:`_lean_frame`
+    its generic machinery: :meth:`_frame_texts` writes outgoing frames, and :meth:`_lean_frame`
     takes an incoming frame that is complete in one read, unfragmented, masked as the
     role requires, minimally encoded, within the limits and valid UTF-8, while wsproto
     is idle (no frame or message of its own in progress). Every other byte goes to
@@ -346,7 +345,7 @@ class _Conn:
             if isinstance(data, str):
                 self._out.append(self._frame_texts([data]))
             else:
-                self._out.append(self._frame(_BINARY, bytes(data)))
+                self._out.append(self._binary_frame(bytes(data)))
         elif isinstance(data, str):
             self._send_ws(TextMessage(data=data))
         else:
@@ -422,30 +421,21 @@ class _Conn:
     def _frame_texts(self, texts: list[str]) -> bytes:
         """Each of ``texts`` as a whole text frame, as wsproto would write it (the
         shortest length encoding; masked with a fresh random key each by a client), all
-        in one ``bytes``. Only while wsproto is open, as :meth:`_frame`."""
+        in one ``bytes``. Only while wsproto is open and has no outgoing message in progress
+        (it never has: every message it sends is whole)."""
         if self._out_mask:
             return _frame_texts(texts, os.urandom(4 * len(texts)))
         return _frame_texts(texts, None)
 
-    def _frame(self, first: int, payload: bytes) -> bytes:
-        """A whole frame (``first``: FIN, no RSV bits, the opcode) as wsproto would write
-        it: the shortest length encoding, and masked with a fresh random key by a client.
-
-        Only while wsproto is open and has no outgoing message in progress (it never has:
-        every message it sends is whole).
-        """
+    def _binary_frame(self, payload: bytes) -> bytes:
+        """A whole binary frame, unmasked, as wsproto would write it (the shortest length
+        encoding): only a server's raw mode sends binary messages (``send_raw``)."""
         n = len(payload)
-        mask_bit = self._out_mask
         if n < 126:
-            head = bytes((first, mask_bit | n))
-        elif n < 0x10000:
-            head = _HEAD16.pack(first, mask_bit | 126, n)
-        else:
-            head = _HEAD64.pack(first, mask_bit | 127, n)
-        if not mask_bit:
-            return head + payload
-        key = os.urandom(4)
-        return head + key + _xor_mask(payload, key)
+            return bytes((_BINARY, n)) + payload
+        if n < 0x10000:
+            return _HEAD16.pack(_BINARY, 126, n) + payload
+        return _HEAD64.pack(_BINARY, 127, n) + payload
 
     def _pump(self, now: float) -> None:
         peer = self.peer
