@@ -269,6 +269,26 @@ def server_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def imkit_framing() -> str:
+    """How the imkit the peers import frames its messages: "C" (its extension
+    ``imkit._speedups``, see imkit.core._framing), "Python", or "Python (before
+    imkit.core._framing)" for a checkout older than the extension."""
+    probe = (
+        "try:\n import imkit.core._framing as f\nexcept ImportError:\n"
+        " print('Python (before imkit.core._framing)')\n"
+        "else:\n print('C' if f.SPEEDUPS else 'Python')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        env=server_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return done.stdout.strip()
+
+
 async def check_peer(module: str, *, timeout: float = 30.0) -> str | None:
     """Run ``python -m module --check``; None if the peer can run, else the reason."""
     proc = await asyncio.create_subprocess_exec(

@@ -572,9 +572,11 @@ async def amain(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     log_dir = args.out / f"logs-{stamp}"
     info = machine_info()
+    framing = procs.imkit_framing()
     print(
         f"machine: {info['nproc']} CPUs ({info['cpu_model']}), Python {info['python']}, "
-        f"load {info['loadavg_start'][0]:.2f}; config: {config.as_dict()}",
+        f"load {info['loadavg_start'][0]:.2f}; imkit framing: {framing}; "
+        f"config: {config.as_dict()}",
         flush=True,
     )
     started = time.monotonic()
@@ -591,6 +593,7 @@ async def amain(args: argparse.Namespace) -> int:
         "machine": info,
         "config": config.as_dict(),
         "imkit_src": str(procs.IMKIT_SRC or REPO_ROOT / "src"),
+        "imkit_framing": framing,
         "cases": records,
         "table": table,
     }
