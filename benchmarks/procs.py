@@ -250,6 +250,9 @@ def nofile_limit(pid: int) -> int | None:
     return None
 
 
+PROFILED_PEER = "benchmarks.peers.imkit_relay"
+"""The peer that runs under cProfile with ``IMKIT_BENCH_PROFILE`` (the imkit server)."""
+
 IMKIT_SRC: Path | None = None
 """The ``src/`` whose imkit the peers import (``--imkit-src``); ``None``: this checkout's."""
 
@@ -344,8 +347,11 @@ class ServerProcess:
         port: int,
         log_path: Path,
         callgrind_dir: Path | None = None,
+        module: str = "",
     ) -> None:
         self.proc = proc
+        self.module = module
+        """The peer's module (``python -m module``)."""
         self.pid = proc.pid
         self.port = port
         self.log_path = log_path
@@ -401,7 +407,7 @@ class ServerProcess:
             if isinstance(exc, Exception):
                 raise RuntimeError(f"{module}: {exc}; log: {tail(log_path, 3)}") from exc
             raise
-        return cls(proc, port, log_path, callgrind_dir)
+        return cls(proc, port, log_path, callgrind_dir, module)
 
     @property
     def base_url(self) -> str:
@@ -415,6 +421,19 @@ class ServerProcess:
 
     def cpu_times(self) -> tuple[float, float]:
         return cpu_times(self.pid)
+
+    def profile_phase(self, on: bool) -> None:
+        """Turn the imkit server's profiler on (the measured phase starts) or off (it
+        ended), when the run profiles phases only (``IMKIT_BENCH_PROFILE`` and
+        ``IMKIT_BENCH_PROFILE_PHASE`` set; benchmarks/README.md, "Profiling"). Other
+        peers have no profiler: nothing is sent to them."""
+        if (
+            self.module == PROFILED_PEER
+            and os.environ.get("IMKIT_BENCH_PROFILE")
+            and os.environ.get("IMKIT_BENCH_PROFILE_PHASE")
+            and self.alive()
+        ):
+            os.kill(self.pid, signal.SIGUSR1 if on else signal.SIGUSR2)
 
     def cpu_ns_schedstat(self) -> int | None:
         return cpu_ns_schedstat(self.pid)

@@ -3,7 +3,8 @@
 A profile comes from a benchmark run with ``IMKIT_BENCH_PROFILE=<dir>`` (see
 :data:`benchmarks.peers.imkit_relay.PROFILE_ENV`): the server ran under cProfile for its
 whole life, warm-up included. Every figure is per message, the messages being the Data
-frames the server's connections received (calls of ``Peer._receive_data``).
+frames the server's connections received (calls of ``Peer._receive_data``), or
+``--messages N``.
 
 - With one profile: the functions that cost the most (``tottime``, in µs of the profiled
   run per message: cProfile slows every call, so read them as shares, not as times), with
@@ -28,8 +29,9 @@ Key = str
 Figures = tuple[float, float]  # (calls, tottime in s)
 
 
-def load(path: Path) -> tuple[dict[Key, Figures], int]:
-    """The profile's functions (``file:line:name`` -> calls, tottime) and its message count."""
+def load(path: Path, messages_given: int | None = None) -> tuple[dict[Key, Figures], int]:
+    """The profile's functions (``file:line:name`` -> calls, tottime) and its message
+    count (``messages_given`` if not ``None``)."""
     stats = pstats.Stats(str(path))
     functions: dict[Key, Figures] = {}
     messages = 0
@@ -39,6 +41,8 @@ def load(path: Path) -> tuple[dict[Key, Figures], int]:
         functions[f"{base}:{line}:{name}"] = (calls, tottime)
         if (base, name) == MESSAGE_FUNCTION:
             messages += calls
+    if messages_given is not None:
+        messages = messages_given
     if not messages:
         raise SystemExit(f"{path}: no {MESSAGE_FUNCTION[1]} calls: not an imkit server profile?")
     return functions, messages
@@ -101,12 +105,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("new", type=Path, help="a profile written by the imkit server")
     parser.add_argument("base", type=Path, nargs="?", help="a profile to compare it with")
     parser.add_argument("--top", type=int, default=40, help="functions to list (default 40)")
+    parser.add_argument(
+        "--messages",
+        type=int,
+        help="count per this many messages instead of the Data frames received (e.g. "
+        "10000 for a profile of the offline catch-up's phase, where none is received)",
+    )
     args = parser.parse_args(argv)
-    new, new_messages = load(args.new)
+    new, new_messages = load(args.new, args.messages)
     if args.base is None:
         lines = report_one(new, new_messages, args.top)
     else:
-        base, base_messages = load(args.base)
+        base, base_messages = load(args.base, args.messages)
         lines = report_change(new, new_messages, base, base_messages, args.top)
     print("\n".join(lines))
 

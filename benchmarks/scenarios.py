@@ -423,6 +423,7 @@ async def relay(ctx: RunContext) -> dict[str, Any]:
 
         counter = _instruction_counter(server)
         await counter.start(server.pid)
+        server.profile_phase(True)
         user0, sys0 = server.cpu_times()
         ns0 = server.cpu_ns_schedstat()
         client0 = time.process_time()
@@ -438,6 +439,7 @@ async def relay(ctx: RunContext) -> dict[str, Any]:
         user1, sys1 = server.cpu_times()
         ns1 = server.cpu_ns_schedstat()
         client1 = time.process_time()
+        server.profile_phase(False)
         instructions = await counter.stop()
     finally:
         await ctx.close_all(conns)
@@ -652,6 +654,7 @@ async def offline(ctx: RunContext) -> dict[str, Any]:
     conns: list[ClientConn] = []
     counter = _instruction_counter(server)
     await counter.start(server.pid)
+    server.profile_phase(True)
     user0, sys0 = server.cpu_times()
     ns0 = server.cpu_ns_schedstat()
     client0 = time.process_time()
@@ -674,6 +677,7 @@ async def offline(ctx: RunContext) -> dict[str, Any]:
         user1, sys1 = server.cpu_times()
         ns1 = server.cpu_ns_schedstat()
         client1 = time.process_time()
+        server.profile_phase(False)
         instructions = await counter.stop()
         await asyncio.sleep(cfg.settle_seconds)  # a duplicate would arrive meanwhile
     finally:

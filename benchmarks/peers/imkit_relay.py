@@ -231,6 +231,11 @@ PROFILE_ENV = "IMKIT_BENCH_PROFILE"
 ``<dir>/imkit-<mode>-<store>-<pid>.prof`` when it is stopped (SIGTERM); read it with
 ``python -m benchmarks.profile_report`` (benchmarks/README.md, "Profiling")."""
 
+PROFILE_PHASE_ENV = "IMKIT_BENCH_PROFILE_PHASE"
+"""Set (with :data:`PROFILE_ENV`) to profile the measured phase only: the profiler starts
+off; SIGUSR1 turns it on and SIGUSR2 off (the harness sends them around each case's
+measured phase: ``ServerProcess.profile_phase``)."""
+
 
 def _profile_until_stopped(directory: str, argv: list[str]) -> None:
     """Profile this process from now on; write the profile and exit on SIGTERM."""
@@ -254,7 +259,11 @@ def _profile_until_stopped(directory: str, argv: list[str]) -> None:
         os._exit(0)
 
     signal.signal(signal.SIGTERM, stop)
-    profile.enable()
+    if os.environ.get(PROFILE_PHASE_ENV):
+        signal.signal(signal.SIGUSR1, lambda signum, frame: profile.enable())
+        signal.signal(signal.SIGUSR2, lambda signum, frame: profile.disable())
+    else:
+        profile.enable()
 
 
 def main() -> None:
