@@ -1,7 +1,7 @@
 /*
  * imkit._speedups: the WebSocket framing of an open connection's common case, in C.
  *
- * Optional: imkit.core._framing holds the same three functions in Python and uses
+ * Optional: imkit.core._framing holds the same two functions in Python and uses
  * these only when this module was built (and IMKIT_NO_SPEEDUPS is not set). The two
  * must agree byte for byte and on every refusal: tests/core/test_framing.py compares
  * them on generated frames. No state, no I/O, no clock: plain functions of their
@@ -48,41 +48,6 @@ check_nargs(const char *name, Py_ssize_t nargs, Py_ssize_t n)
         return 0;
     }
     return 1;
-}
-
-PyDoc_STRVAR(xor_mask_doc,
-"xor_mask(payload, key, /)\n--\n\n"
-"payload XOR the 4-byte masking key repeated (RFC 6455 section 5.3), as bytes.");
-
-static PyObject *
-xor_mask(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
-{
-    Py_buffer payload, key;
-    PyObject *result = NULL;
-
-    if (!check_nargs("xor_mask", nargs, 2)) {
-        return NULL;
-    }
-    if (PyObject_GetBuffer(args[0], &payload, PyBUF_SIMPLE) < 0) {
-        return NULL;
-    }
-    if (PyObject_GetBuffer(args[1], &key, PyBUF_SIMPLE) < 0) {
-        PyBuffer_Release(&payload);
-        return NULL;
-    }
-    if (key.len != 4) {
-        PyErr_SetString(PyExc_ValueError, "the masking key must be 4 bytes");
-        goto done;
-    }
-    result = PyBytes_FromStringAndSize(NULL, payload.len);
-    if (result != NULL) {
-        xor_into((unsigned char *)PyBytes_AS_STRING(result), payload.buf, payload.len,
-                 key.buf);
-    }
-done:
-    PyBuffer_Release(&key);
-    PyBuffer_Release(&payload);
-    return result;
 }
 
 PyDoc_STRVAR(read_text_doc,
@@ -315,7 +280,6 @@ done:
 }
 
 static PyMethodDef speedups_methods[] = {
-    {"xor_mask", (PyCFunction)(void (*)(void))xor_mask, METH_FASTCALL, xor_mask_doc},
     {"read_text", (PyCFunction)(void (*)(void))read_text, METH_FASTCALL, read_text_doc},
     {"frame_texts", (PyCFunction)(void (*)(void))frame_texts, METH_FASTCALL,
      frame_texts_doc},

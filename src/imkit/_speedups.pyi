@@ -1,6 +1,5 @@
 """Types of the optional C extension ``imkit._speedups`` (see ``imkit.core._framing``)."""
 
-def xor_mask(payload: bytes, key: bytes, /) -> bytes: ...
 def read_text(
     data: bytes, pos: int, end: int, mask_bit: int, max_size: int, /
 ) -> tuple[str, int] | None: ...

@@ -195,13 +195,6 @@ def test_c_frames_what_python_frames(texts: list[str], masked: bool, data: Any) 
     assert pos == len(wire)
 
 
-@given(st.binary(max_size=1100), st.binary(min_size=4, max_size=4))
-def test_c_masks_what_python_masks(payload: bytes, key: bytes) -> None:
-    c = speedups()
-    assert c.xor_mask(payload, key) == py_xor_mask(payload, key)
-    assert c.xor_mask(memoryview(payload), bytearray(key)) == py_xor_mask(payload, key)
-
-
 def test_c_unmasks_a_long_frame_off_the_stack() -> None:
     c = speedups()
     text = "é" * 3000  # 6,000 bytes: past the C side's stack buffer
@@ -219,8 +212,8 @@ def test_c_unmasks_a_long_frame_off_the_stack() -> None:
         (lambda c: c.read_text("text", 0, 2, 0, 10), TypeError, "bytes-like"),
         (lambda c: c.read_text(b"", 0.5, 0, 0, 10), TypeError, "integer"),
         (lambda c: c.read_text(b"", 0, 0, 0, "10"), TypeError, "integer"),
-        (lambda c: c.xor_mask(b"abc", b"123"), ValueError, "4 bytes"),
-        (lambda c: c.xor_mask(b"abc"), TypeError, "takes 2 positional"),
+        (lambda c: c.frame_texts(["a"]), TypeError, "takes 2 positional"),
+        (lambda c: c.frame_texts(["a"], "1234"), TypeError, "bytes-like"),
         (lambda c: c.frame_texts(("a",), None), TypeError, "list of str"),
         (lambda c: c.frame_texts([b"a"], None), TypeError, "list of str"),
         (lambda c: c.frame_texts(["a"], b"12345"), ValueError, "4 bytes per text"),
@@ -245,13 +238,13 @@ def test_the_c_functions_are_chosen_when_built() -> None:
     c = speedups()
     chosen, functions = _framing._choose({})
     assert chosen is True
-    assert functions == (c.xor_mask, c.read_text, c.frame_texts)
+    assert functions == (c.read_text, c.frame_texts)
 
 
 def test_imkit_no_speedups_chooses_the_python_functions() -> None:
     chosen, functions = _framing._choose({"IMKIT_NO_SPEEDUPS": "1"})
     assert chosen is False
-    assert functions == (py_xor_mask, py_read_text, py_frame_texts)
+    assert functions == (py_read_text, py_frame_texts)
     # An empty value is no setting.
     assert _framing._choose({"IMKIT_NO_SPEEDUPS": ""}) == _framing._choose({})
 
@@ -260,10 +253,10 @@ def test_without_the_extension_the_python_functions_are_chosen(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setitem(sys.modules, "imkit._speedups", None)  # import raises ImportError
-    assert _framing._choose({}) == (False, (py_xor_mask, py_read_text, py_frame_texts))
+    assert _framing._choose({}) == (False, (py_read_text, py_frame_texts))
 
 
 def test_the_module_exports_the_chosen_functions() -> None:
     chosen, functions = _framing._choose(os.environ)
     assert _framing.SPEEDUPS is chosen
-    assert (_framing.xor_mask, _framing.read_text, _framing.frame_texts) == functions
+    assert (_framing.read_text, _framing.frame_texts) == functions

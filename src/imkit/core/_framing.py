@@ -1,7 +1,7 @@
 """The WebSocket framing of an open connection's common case: whole text frames in
 and out, and the masking (RFC 6455 §5.2-5.3).
 
-Three plain functions, written here in Python and, optionally, in C
+Two plain functions, written here in Python and, optionally, in C
 (``imkit._speedups``, built with the package when a C compiler is at hand). The module
 exports the C ones when that extension imports and the environment variable
 ``IMKIT_NO_SPEEDUPS`` is not set (to a non-empty value), else the Python ones below;
@@ -18,7 +18,7 @@ import struct
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["SPEEDUPS", "frame_texts", "read_text", "xor_mask"]
+__all__ = ["SPEEDUPS", "frame_texts", "read_text"]
 
 _TEXT = 0x81
 _MASK_BIT = 0x80
@@ -115,23 +115,22 @@ def py_frame_texts(texts: list[str], keys: bytes | None) -> bytes:
 
 
 def _choose(environ: Mapping[str, str]) -> tuple[bool, tuple[Callable[..., Any], ...]]:
-    """Whether the C functions are used, and the three functions (xor_mask, read_text,
-    frame_texts): the C ones if ``imkit._speedups`` imports and ``environ`` does not set
+    """Whether the C functions are used, and the two functions (read_text, frame_texts):
+    the C ones if ``imkit._speedups`` imports and ``environ`` does not set
     ``IMKIT_NO_SPEEDUPS``, else the Python ones."""
-    python = (py_xor_mask, py_read_text, py_frame_texts)
+    python = (py_read_text, py_frame_texts)
     if environ.get("IMKIT_NO_SPEEDUPS"):
         return False, python
     try:
         import imkit._speedups as _speedups
     except ImportError:
         return False, python
-    return True, (_speedups.xor_mask, _speedups.read_text, _speedups.frame_texts)
+    return True, (_speedups.read_text, _speedups.frame_texts)
 
 
 SPEEDUPS: bool
 """Whether the framing runs on the C extension ``imkit._speedups``."""
 SPEEDUPS, _chosen = _choose(os.environ)
-xor_mask: Callable[[bytes, bytes], bytes] = _chosen[0]
-read_text: Callable[[bytes, int, int, int, int], tuple[str, int] | None] = _chosen[1]
-frame_texts: Callable[[list[str], bytes | None], bytes] = _chosen[2]
+read_text: Callable[[bytes, int, int, int, int], tuple[str, int] | None] = _chosen[0]
+frame_texts: Callable[[list[str], bytes | None], bytes] = _chosen[1]
 del _chosen
