@@ -107,6 +107,23 @@ def test_send_and_errors_on_an_open_connection() -> None:
     assert conn.data_to_send() == b""
 
 
+def test_send_while_room_writes_its_frames_together() -> None:
+    conn, client = open_server()
+    items = iter([({"n": n}, "bob") for n in range(3)])
+    frames = conn.send_while_room("push", items, 0.0, most=2)
+    assert client.read_frames(conn.data_to_send()) == frames
+    assert [f.data for f in frames] == [{"n": 0}, {"n": 1}] and next(items)[0] == {"n": 2}
+    # A bad item raises; what came before it is on the way, what follows is left.
+    items = iter([(1, ""), (float("nan"), ""), (3, "")])
+    with pytest.raises(ValueError):
+        conn.send_while_room("push", items, 0.0, most=9)
+    assert [f.data for f in client.read_frames(conn.data_to_send())] == [1]
+    assert next(items) == (3, "")
+    conn.close(1000, "bye", 1.0)
+    with pytest.raises(LocalProtocolError):
+        conn.send_while_room("push", items, 1.0, most=9)
+
+
 def test_binary_message_closes_with_1003() -> None:
     conn, client = open_server()
     conn.receive_data(client.binary(b"\x00\x01"), 0.0)

@@ -590,3 +590,45 @@ def test_a_refusal_makes_room_for_the_backlog() -> None:
     assert [f.id for f in out(peer)] == ["m1"]
     peer.receive_text(err_text("m1", ErrorCode.UNKNOWN_METHOD), 0.1)
     assert [f.id for f in out(peer)] == ["m2"]
+
+
+def test_send_while_room_sends_what_the_window_takes_and_leaves_the_rest() -> None:
+    timers = AckTimers(window=3, resend_interval=1.0, ack_timeout=3.0, remember_for=10.0)
+    peer = server(quiet_options(timers=timers))
+    items = iter([({"n": n}, f"u{n}") for n in range(5)])
+    frames = peer.send_while_room("push", items, 0.0, most=10)
+    # The window holds 3: the fourth item is still in the iterator, not taken and lost.
+    assert [(f.data, f.form_id) for f in frames] == [({"n": n}, f"u{n}") for n in range(3)]
+    assert out(peer) == frames and peer.sender.in_flight == 3
+    assert peer.send_while_room("push", items, 0.0, most=10) == []
+    peer.receive_text(text(frameType=2, id=frames[0].id, ackSeq=1), 0.5)
+    assert kinds(peer.events()) == ["Delivered"]
+    (fourth,) = peer.send_while_room("push", items, 0.5, most=10)
+    assert fourth.data == {"n": 3} and next(items) == ({"n": 4}, "u4")
+
+
+def test_send_while_room_stops_at_most_at_the_end_and_at_a_close_request() -> None:
+    peer = server()
+    items = iter([(n, "") for n in range(5)])
+    assert [f.data for f in peer.send_while_room("push", items, 0.0, most=2)] == [0, 1]
+    assert [f.data for f in peer.send_while_room("push", items, 0.0, most=9)] == [2, 3, 4]
+    assert peer.send_while_room("push", items, 0.0, most=9) == []
+    peer.request_close(1000, "bye")
+    rest = iter([(9, "")])
+    assert peer.send_while_room("push", rest, 0.0, most=9) == [] and next(rest) == (9, "")
+
+
+def test_send_while_room_on_a_lost_connection_takes_nothing() -> None:
+    peer = server()
+    peer.connection_lost()
+    items = iter([(1, "")])
+    assert peer.send_while_room("push", items, 0.0, most=9) == []
+    assert next(items) == (1, "") and peer.events() == []
+
+
+def test_send_while_room_raises_for_bad_data_after_sending_what_came_before() -> None:
+    peer = server()
+    items = iter([(1, ""), ({1, 2}, ""), (3, "")])
+    with pytest.raises(TypeError):
+        peer.send_while_room("push", items, 0.0, most=9)
+    assert [f.data for f in out(peer)] == [1] and next(items) == (3, "")

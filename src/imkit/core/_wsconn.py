@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Iterator
 from enum import Enum
 from typing import Any, ClassVar
 
@@ -307,6 +308,19 @@ class _Conn:
         )
         self._pump(now)
         return frame
+
+    def send_while_room(
+        self, method: str, items: Iterator[tuple[Any, str]], now: float, *, most: int
+    ) -> list[Frame]:
+        """Send messages from ``items`` while each can go out at once, their bytes and
+        events together; see :meth:`Peer.send_while_room`."""
+        peer = self.peer
+        if peer is None or self.state is not _OPEN:
+            peer = self._require_peer()  # raises
+        try:
+            return peer.send_while_room(method, items, now, most=most)
+        finally:
+            self._pump(now)
 
     def send_frame(self, frame: Frame, now: float) -> None:
         """Send ``frame`` outside the ack machines (``Err``, ``Ping``)."""

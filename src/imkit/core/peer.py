@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import secrets
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
@@ -397,6 +397,28 @@ class Peer:
             return frame
         self._act(frame, sender._send(frame, now), sender, text)
         return frame
+
+    def send_while_room(
+        self, method: str, items: Iterator[tuple[Any, str]], now: float, *, most: int
+    ) -> list[Frame]:
+        """Send messages of ``method`` from ``items`` (``(data, form_id)`` pairs), as
+        :meth:`send` does, while each can go out at once: at most ``most``, and only
+        while the ack window has room and nothing waits in the backlog, nor is a close
+        requested. An item is taken from ``items`` only when it is sent, so the caller
+        can go on with the rest later. Returns the frames sent, in order.
+
+        Raises as :meth:`send` does, after sending the items before the bad one.
+        """
+        frames: list[Frame] = []
+        if self.closed:
+            return frames
+        sender = self.sender
+        while len(frames) < most and sender.has_room() and self.close_request is None:
+            item = next(items, None)
+            if item is None:
+                break
+            frames.append(self.send(method, item[0], now, form_id=item[1]))
+        return frames
 
     def send_frame(self, frame: Frame) -> None:
         """Send ``frame`` as it is, outside the ack machines (Err, Ping, forwards)."""
