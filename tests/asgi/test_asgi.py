@@ -672,6 +672,48 @@ def test_route_path_strips_the_mount_point(path: str, root_path: str, expected: 
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_push_many_sends_what_the_window_has_room_for_and_leaves_the_rest() -> None:
+    """As on the socket server: ``push_many`` sends what the ack window (3) takes and
+    leaves the rest in the iterator; once the client acks, the next call sends more; on
+    a closed session it sends nothing and takes nothing."""
+    app, _ = make_app("only", timers=imkit.AckTimers(window=3))
+    calls: list[Any] = []
+    acked = anyio.Event()
+    items = iter([({"n": n}, "sys") for n in range(5)])
+
+    @app.on_connect
+    async def catch_up(session: imkit.Session, server: imkit.ServerAPI) -> None:
+        calls.append([f.data["n"] for f in session.push_many("caught_up", items)])
+        await acked.wait()
+        calls.append([f.data["n"] for f in session.push_many("caught_up", items)])
+
+    @app.on_disconnect
+    async def gone(session: imkit.Session, server: imkit.ServerAPI) -> None:
+        late = iter([(99, "")])
+        calls.append((session.push_many("late", late), next(late)))
+
+    asgi = ASGIApp(app)
+    io = FakeASGI()
+    io.feed({"type": "websocket.connect"})
+    with anyio.fail_after(TIMEOUT):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(asgi, ws_scope("user=alice"), io.receive, io.send)
+            await io.out.receive()  # accept
+            first = [await io.next_text() for _ in range(3)]
+            assert [(f["method"], f["data"]["n"], f["formId"]) for f in first] == [
+                ("caught_up", n, "sys") for n in range(3)
+            ]
+            for frame in first:
+                io.feed({"type": "websocket.receive", "text": ack(frame["id"], 1)})
+            await anyio.wait_all_tasks_blocked()
+            acked.set()
+            rest = [await io.next_text() for _ in range(2)]
+            assert [f["data"]["n"] for f in rest] == [3, 4]
+            io.feed({"type": "websocket.disconnect", "code": 1000})
+    assert calls == [[0, 1, 2], [3, 4], ([], (99, ""))]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
 async def test_fan_out_is_held_until_the_connect_hooks_finish() -> None:
     app, _ = make_app("none")
     go = anyio.Event()

@@ -293,3 +293,58 @@ async def test_a_plain_on_delivered_hook_runs_as_the_ack_is_read(
             await raw.close()
     assert caplog.text.count("a delivery hook failed for 'erin'") == 2
     assert "hook bug" in caplog.text
+
+
+async def test_push_many_sends_what_the_window_has_room_for_and_leaves_the_rest() -> None:
+    """``push_many`` sends at once as many as the ack window takes (here 4 of 10), takes
+    nothing more from the iterator, and the hook goes on with ``push`` (which waits for
+    room); the client gets all ten in order. On a closed session it sends nothing and
+    takes nothing."""
+    app, _seen = make_app(timers=imkit.AckTimers(window=4))
+    log = Collected()
+
+    @app.on_connect
+    async def catch_up(session: imkit.Session, server: imkit.ServerAPI) -> None:
+        items = iter([({"n": n}, "sys") for n in range(10)])
+        frames = session.push_many("caught_up", items)
+        log.add(("at once", [f.data["n"] for f in frames]))
+        for data, form_id in items:
+            await session.push("caught_up", data, form_id=form_id)
+
+    @app.on_disconnect
+    async def gone(session: imkit.Session, server: imkit.ServerAPI) -> None:
+        items = iter([({"n": 99}, "")])
+        log.add(("closed", session.push_many("late", items), next(items)))
+
+    with anyio.fail_after(10):
+        async with MemoryServer(app) as server:
+            async with server.connect(user_id="fay") as client:
+                got = [await client.receive() for _ in range(10)]
+                assert [(f.method, f.data["n"], f.form_id) for f in got] == [
+                    ("caught_up", n, "sys") for n in range(10)
+                ]
+            await log.wait_until(lambda items: len(items) == 2)
+    assert log == [("at once", [0, 1, 2, 3]), ("closed", [], ({"n": 99}, ""))]
+
+
+async def test_push_many_stops_when_the_write_buffer_is_half_full() -> None:
+    """Past half of ``max_write_buffer`` unsent (what ``push`` waits for), ``push_many``
+    stops: it looks at the buffer every ``PUSH_BATCH`` (64) messages. Each push here is
+    150-170 bytes: one batch leaves the buffer under 15,000 bytes, two fill it, the third
+    is not started."""
+    app, _seen = make_app(timers=imkit.AckTimers(window=1000))
+    log = Collected()
+
+    @app.on_connect
+    async def catch_up(session: imkit.Session, server: imkit.ServerAPI) -> None:
+        items = iter([({"text": "x" * 40}, "sys") for _ in range(300)])
+        log.add(len(session.push_many("caught_up", items)))
+        for data, form_id in items:
+            await session.push("caught_up", data, form_id=form_id)
+
+    with anyio.fail_after(10):
+        async with MemoryServer(app, max_write_buffer=30_000) as server:
+            async with server.connect(user_id="gil") as client:
+                got = [await client.receive() for _ in range(300)]
+                assert len(got) == 300
+    assert log == [128]

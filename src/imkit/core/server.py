@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from enum import Enum
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -95,6 +95,13 @@ class Session(Protocol):
         self, method: str, data: Any, *, message_id: str | None = None, form_id: str = ""
     ) -> Frame:
         """Send a message with the downstream ack mode; returns the frame sent."""
+        ...
+
+    def push_many(self, method: str, items: Iterator[tuple[Any, str]]) -> list[Frame]:
+        """Push messages of ``method`` from ``items`` (``(data, form_id)`` pairs) without
+        waiting, as many as the ack window and the write buffer have room for now, their
+        bytes written together; an item is taken from ``items`` only when it is sent.
+        Returns the frames sent (none once the connection is closed)."""
         ...
 
     async def close(self, code: int = 1000, reason: str = "") -> None:

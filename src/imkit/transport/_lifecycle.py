@@ -53,6 +53,9 @@ HOOK_TIMEOUT = 10.0
 """Longest an ``on_disconnect`` hook may run (and an ``on_connect`` hook may delay it)."""
 UNBIND_TIMEOUT = 5.0
 """Longest a discovery ``unbind`` may take when a connection closes."""
+PUSH_BATCH = 64
+"""``push_many`` moves the core's output to the writer every this many messages, and
+checks the write buffer's room again (the bytes still in the core are not counted)."""
 MAX_UNBLOCKED = 16
 """At most this many messages of one connection are unblocked (``Context.unblock()``) or
 deferred (``Context.defer()``) at a time. An unblocked handler holds one of the server's

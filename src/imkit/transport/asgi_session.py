@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import secrets
 from collections import deque
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -39,6 +39,7 @@ from imkit.core.interfaces import HandshakeRequest, Identity
 from imkit.core.peer import CLOSE_POLICY, Peer
 from imkit.transport._lifecycle import (
     HOOK_TIMEOUT,
+    PUSH_BATCH,
     DeferredMessage,
     HeldFanOut,
     HooksAwaiting,
@@ -205,6 +206,22 @@ class ASGISession(HeldFanOut):
                 await room.wait()
             finally:
                 self._room_waiters -= 1
+
+    def push_many(self, method: str, items: Iterator[tuple[Any, str]]) -> list[Frame]:
+        """Push messages from ``items`` while the ack window and the send queue have room
+        now, their texts queued together; see :meth:`ServerSession.push_many
+        <imkit.transport.session.ServerSession.push_many>`."""
+        frames: list[Frame] = []
+        limit = self.server.max_write_buffer // 2
+        while self.is_open and self._out_size < limit:
+            try:
+                batch = self.peer.send_while_room(method, items, self.clock.now(), most=PUSH_BATCH)
+            finally:
+                self._collect()
+            frames += batch
+            if len(batch) < PUSH_BATCH:
+                break
+        return frames
 
     def send_now(
         self,
