@@ -46,7 +46,7 @@ import functools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import anyio
@@ -650,30 +650,34 @@ class ChatService:
         covered: dict[str, int] = {}
         after: tuple[str, int] | None = None
         levels, acks, expect = device.level, device.acked, device.expect
-        push, no_ack, limit = session.push, self.no_ack, self.catch_up_page
+        push, limit = session.push, self.catch_up_page
         while getattr(session, "is_open", True):
             try:
                 page = await self.store.pending(key[0], key[1], limit=limit, after=after)
             except (StoreError, ValueError) as exc:
                 self.logger.warning("catch-up for %r stopped (sent later): %s", key[0], exc)
                 break
-            for message in page:
-                conversation, seq = message.conversation_id, message.seq
+            for conversation in dict.fromkeys(message.conversation_id for message in page):
                 if conversation not in levels:
                     # Its watermark is read before its first push, not at the first ack:
                     # else every ack read until that read is done would queue behind it.
                     async with _locked(device.lock):
                         await self._level(key, device, conversation)
-                if seq <= levels.get(conversation, 0) or seq in acks.get(conversation, ()):
-                    continue
+            # The page goes out in order: as many as the window has room for at a time
+            # (push_many, their bytes together), then one push that waits for room. A
+            # message is looked at (has the device got it meanwhile?) only when it can go.
+            taken: list[StoredMessage] = []
+            items = _unseen(page, levels, acks, taken)
+            while getattr(session, "is_open", True):
+                session.push_many(PUSH_METHOD, items)
+                await self._pushed(key, taken, covered, expect)
                 if not getattr(session, "is_open", True):
                     break
-                await push(PUSH_METHOD, message.to_wire(), form_id=message.sender_id)
-                covered[conversation] = seq
-                if expect.get(conversation, 0) < seq:
-                    expect[conversation] = seq
-                if no_ack:
-                    await self._advance(key, conversation, [(seq, False)])
+                item = next(items, None)
+                if item is None:
+                    break
+                await push(PUSH_METHOD, item[0], form_id=item[1])  # waits for room
+                await self._pushed(key, taken, covered, expect)
             if len(page) < limit:
                 break
             after = (page[-1].conversation_id, page[-1].seq)
@@ -747,6 +751,25 @@ class ChatService:
             if self._is_member(key, conversation):
                 self._advance_later(steps, key, conversation, seqs)
         return _run_steps(steps) if steps else None
+
+    async def _pushed(
+        self,
+        key: Key,
+        taken: list[StoredMessage],
+        covered: dict[str, int],
+        expect: dict[str, int],
+    ) -> None:
+        """Note the catch-up's pushes of ``taken`` (then empty it): the highest seq sent
+        per conversation, in ``covered`` (the catch-up's) and ``expect`` (the device's);
+        under NoAck, sent counts as delivered."""
+        for message in taken:
+            conversation, seq = message.conversation_id, message.seq
+            covered[conversation] = seq
+            if expect.get(conversation, 0) < seq:
+                expect[conversation] = seq
+            if self.no_ack:
+                await self._advance(key, conversation, [(seq, False)])
+        taken.clear()
 
     def _is_member(self, key: Key, conversation: str) -> bool:
         """Whether the device's user is a member of ``conversation`` (remembered per
@@ -977,6 +1000,23 @@ class ChatService:
 
 _Step = Callable[[], Awaitable[object]]
 """What is left of a chat message's delivery that must await (:meth:`ChatService._deliver`)."""
+
+
+def _unseen(
+    page: Sequence[StoredMessage],
+    levels: dict[str, int],
+    acks: dict[str, set[int]],
+    taken: list[StoredMessage],
+) -> Iterator[tuple[dict[str, Any], str]]:
+    """The catch-up's pushes of ``page``, in order, as ``(data, form_id)``: each message
+    the device has not got (above its watermark, not acked), looked at when it is asked
+    for (the caller asks when it can send it), and added to ``taken``."""
+    for message in page:
+        conversation, seq = message.conversation_id, message.seq
+        if seq <= levels.get(conversation, 0) or seq in acks.get(conversation, ()):
+            continue
+        taken.append(message)
+        yield message.to_wire(), message.sender_id
 
 
 async def _run_steps(steps: list[_Step]) -> None:
