@@ -207,21 +207,11 @@ class ASGISession(HeldFanOut):
             finally:
                 self._room_waiters -= 1
 
-    def push_many(self, method: str, items: Iterator[tuple[Any, str]]) -> list[Frame]:
-        """Push messages from ``items`` while the ack window and the send queue have room
-        now, their texts queued together; see :meth:`ServerSession.push_many
-        <imkit.transport.session.ServerSession.push_many>`."""
-        frames: list[Frame] = []
-        limit = self.server.max_write_buffer // 2
-        while self.is_open and self._out_size < limit:
-            try:
-                batch = self.peer.send_while_room(method, items, self.clock.now(), most=PUSH_BATCH)
-            finally:
-                self._collect()
-            frames += batch
-            if len(batch) < PUSH_BATCH:
-                break
-        return frames
+    def _send_while_room(self, method: str, items: Iterator[tuple[Any, str]]) -> list[Frame]:
+        try:
+            return self.peer.send_while_room(method, items, self.clock.now(), most=PUSH_BATCH)
+        finally:
+            self._collect()
 
     def send_now(
         self,

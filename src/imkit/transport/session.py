@@ -327,33 +327,15 @@ class ServerSession(HeldFanOut):
             finally:
                 self._room_waiters -= 1
 
-    def push_many(self, method: str, items: Iterator[tuple[Any, str]]) -> list[Frame]:
-        """Push messages of ``method`` from ``items`` (``(data, form_id)`` pairs) with the
-        downstream ack mode, without waiting: as many, in order, as the ack window and
-        the write buffer have room for now (the room :meth:`wait_for_room` waits for).
-        An item is taken from ``items`` only when it is sent: the caller waits for room
-        and goes on with the rest. Their bytes go to the writer together (up to
-        ``PUSH_BATCH`` at a time), which costs less than a :meth:`push` each. Returns
-        the frames sent (none on a closed connection).
-
-        Raises ``TypeError``/``ValueError`` for ``data`` that is not JSON, after sending
-        the items before it.
-        """
+    def _send_while_room(self, method: str, items: Iterator[tuple[Any, str]]) -> list[Frame]:
         conn = self.conn
-        frames: list[Frame] = []
         if conn.peer is None:  # raw mode: no messages to push
-            return frames
-        limit = self.server.max_write_buffer // 2
-        while conn.state is _OPEN and self.unsent < limit:
-            now = self._now()
-            try:
-                batch = conn.send_while_room(method, items, now, most=PUSH_BATCH)
-            finally:
-                self._collect(now)
-            frames += batch
-            if len(batch) < PUSH_BATCH:
-                break
-        return frames
+            return []
+        now = self._now()
+        try:
+            return conn.send_while_room(method, items, now, most=PUSH_BATCH)
+        finally:
+            self._collect(now)
 
     def send_now(
         self,
