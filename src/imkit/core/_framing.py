@@ -29,6 +29,17 @@ _HEAD64 = struct.Struct("!BBQ")
 _from_bytes = int.from_bytes
 
 
+def frame_head(first: int, mask_bit: int, n: int) -> bytes:
+    """The header of a whole frame of ``n`` payload bytes (``first``: FIN, no RSV bits,
+    the opcode; ``mask_bit`` 0 or 0x80), with the shortest length encoding, as wsproto
+    writes it; a masked frame's key follows it."""
+    if n < 126:
+        return bytes((first, mask_bit | n))
+    if n < 0x10000:
+        return _HEAD16.pack(first, mask_bit | 126, n)
+    return _HEAD64.pack(first, mask_bit | 127, n)
+
+
 def py_xor_mask(payload: bytes, key: bytes) -> bytes:
     """``payload`` XOR the 4-byte masking ``key`` repeated (RFC 6455 §5.3), as one big
     integer operation instead of a loop over bytes. Masking and unmasking are the same."""
@@ -98,13 +109,7 @@ def py_frame_texts(texts: list[str], keys: bytes | None) -> bytes:
         raise ValueError("keys must hold 4 bytes per text")
     for i, text in enumerate(texts):
         payload = text.encode()
-        n = len(payload)
-        if n < 126:
-            append(bytes((_TEXT, mask_bit | n)))
-        elif n < 0x10000:
-            append(_HEAD16.pack(_TEXT, mask_bit | 126, n))
-        else:
-            append(_HEAD64.pack(_TEXT, mask_bit | 127, n))
+        append(frame_head(_TEXT, mask_bit, len(payload)))
         if keys is None:
             append(payload)
         else:

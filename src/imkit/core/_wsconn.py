@@ -8,7 +8,6 @@ Private: import the public names from :mod:`imkit.core.conn`, which re-exports t
 from __future__ import annotations
 
 import os
-import struct
 from collections.abc import Iterator
 from enum import Enum
 from typing import Any, ClassVar
@@ -58,8 +57,7 @@ DEFAULT_CLOSE_TIMEOUT = 10.0
 # RFC 6455 §5.2: the first byte of a whole (FIN) binary frame; the mask bit.
 _BINARY = 0x82
 _MASK_BIT = 0x80
-_HEAD16 = struct.Struct("!BBH")
-_HEAD64 = struct.Struct("!BBQ")
+_frame_head = _framing.frame_head
 _read_text = _framing.read_text
 _frame_texts = _framing.frame_texts
 
@@ -444,12 +442,7 @@ class _Conn:
     def _binary_frame(self, payload: bytes) -> bytes:
         """A whole binary frame, unmasked, as wsproto would write it (the shortest length
         encoding): only a server's raw mode sends binary messages (``send_raw``)."""
-        n = len(payload)
-        if n < 126:
-            return bytes((_BINARY, n)) + payload
-        if n < 0x10000:
-            return _HEAD16.pack(_BINARY, 126, n) + payload
-        return _HEAD64.pack(_BINARY, 127, n) + payload
+        return _frame_head(_BINARY, 0, len(payload)) + payload
 
     def _pump(self, now: float) -> None:
         peer = self.peer
