@@ -64,20 +64,15 @@ def py_read_text(
         return None
     size = second & 0x7F
     at = pos + 2
-    if size == 126:
-        at += 2
+    if size >= 126:  # a 16-bit (126) or 64-bit (127) length follows, at its shortest
+        at += 2 if size == 126 else 8
         if at > end:
             return None
+        shortest = 126 if size == 126 else 0x10000
+        # (A 64-bit length with the top bit set, refused by wsproto, is never within
+        # max_size.)
         size = _from_bytes(data[pos + 2 : at], "big")
-        if size < 126:
-            return None
-    elif size == 127:
-        at += 8
-        if at > end:
-            return None
-        # (A length with the top bit set, refused by wsproto, is never within max_size.)
-        size = _from_bytes(data[pos + 2 : at], "big")
-        if size < 0x10000:
+        if size < shortest:
             return None
     if size > max_size:
         return None
