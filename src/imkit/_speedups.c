@@ -1,10 +1,12 @@
 /*
- * imkit._speedups: the WebSocket framing of an open connection's common case, in C.
+ * imkit._speedups: the WebSocket framing of an open connection's common case, and the
+ * JSON text of the frames the server makes, in C.
  *
- * Optional: imkit.core._framing holds the same two functions in Python and uses
- * these only when this module was built (and IMKIT_NO_SPEEDUPS is not set). The two
- * must agree byte for byte and on every refusal: tests/core/test_framing.py compares
- * them on generated frames. No state, no I/O, no clock: plain functions of their
+ * Optional: imkit.core._framing holds the same two framing functions in Python, and
+ * imkit.core.frames the same encoder; they use these only when this module was built
+ * (and IMKIT_NO_SPEEDUPS is not set). The two must agree byte for byte and on every
+ * refusal: tests/core/test_framing.py and tests/core/test_encode_speedups.py compare
+ * them on generated input. No state, no I/O, no clock: plain functions of their
  * arguments, as everything in the sans-IO core.
  */
 #define PY_SSIZE_T_CLEAN
@@ -279,10 +281,321 @@ done:
     return result;
 }
 
+/*
+ * encode_frame: a frame as easy-chat's JSON text, as imkit.core.frames writes it in
+ * Python (json's encoder with ensure_ascii=False and no spaces), for the data the
+ * server's own frames carry: dicts with str keys, lists, tuples, str, int within 64
+ * bits, True, False, None. Anything else (a float, a big int, a subclass, a key that is
+ * not a str, nesting deeper than MAX_DEPTH) is not written here: the function answers
+ * None and the Python encoder, which knows every case and every error, writes it.
+ *
+ * Two passes over the same walk: the first measures the text (its length and largest
+ * character), the second writes it into a str made to that size. Nothing in either
+ * pass runs Python code (exact types only), so the data cannot change between them.
+ */
+#define MAX_DEPTH 32
+/* A walk's answers: written (or measured), or not for this encoder. */
+#define JSON_OK 0
+#define JSON_UNSUPPORTED 1
+
+typedef struct {
+    int writing;           /* 0: the measuring pass; 1: the writing pass */
+    Py_ssize_t size;       /* measuring: the length so far */
+    Py_UCS4 maxchar;       /* measuring: the largest character so far */
+    int kind;              /* writing: the output's kind, data and position */
+    void *data;
+    Py_ssize_t pos;
+} json_out;
+
+static void
+put_ascii(json_out *out, const char *text, Py_ssize_t n)
+{
+    if (!out->writing) {
+        out->size += n;
+        return;
+    }
+    if (out->kind == PyUnicode_1BYTE_KIND) {
+        memcpy((Py_UCS1 *)out->data + out->pos, text, (size_t)n);
+    }
+    else {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyUnicode_WRITE(out->kind, out->data, out->pos + i, (Py_UCS4)(unsigned char)text[i]);
+        }
+    }
+    out->pos += n;
+}
+
+/* How many more characters than one json writes for each character below 256 in a
+   string: 1 for '"', '\\' and the five short escapes (\n...), 5 for the rest below 0x20
+   (\u00XX), 0 for every other. */
+static const unsigned char EXTRA[256] = {
+    5, 5, 5, 5, 5, 5, 5, 5, 1, 1, 1, 5, 1, 1, 5, 5,
+    5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5,
+    0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0,
+    /* 0x60 and above: 0 */
+};
+
+/* json's escape of a character c with EXTRA[c] > 0, in esc; its length. */
+static Py_ssize_t
+escape_of(Py_UCS4 c, char *esc)
+{
+    static const char hex[] = "0123456789abcdef";
+
+    esc[0] = '\\';
+    switch (c) {
+    case '"': esc[1] = '"'; return 2;
+    case '\\': esc[1] = '\\'; return 2;
+    case '\n': esc[1] = 'n'; return 2;
+    case '\r': esc[1] = 'r'; return 2;
+    case '\t': esc[1] = 't'; return 2;
+    case '\b': esc[1] = 'b'; return 2;
+    case '\f': esc[1] = 'f'; return 2;
+    default:
+        esc[1] = 'u';
+        esc[2] = '0';
+        esc[3] = '0';
+        esc[4] = hex[c >> 4];
+        esc[5] = hex[c & 0xF];
+        return 6;
+    }
+}
+
+/* A str as a JSON string: quoted, with json's escapes (ensure_ascii=False). */
+static void
+put_str(json_out *out, PyObject *text)
+{
+    int kind = PyUnicode_KIND(text);
+    const void *data = PyUnicode_DATA(text);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(text), i;
+    char esc[6];
+
+    if (!out->writing) {
+        Py_UCS4 maxchar = PyUnicode_MAX_CHAR_VALUE(text);
+        Py_ssize_t size = n + 2;
+        if (kind == PyUnicode_1BYTE_KIND) {
+            const Py_UCS1 *chars = data;
+            for (i = 0; i < n; i++) {
+                size += EXTRA[chars[i]];
+            }
+        }
+        else {
+            for (i = 0; i < n; i++) {
+                Py_UCS4 c = PyUnicode_READ(kind, data, i);
+                if (c < 0x100) {
+                    size += EXTRA[c];
+                }
+            }
+        }
+        out->size += size;
+        if (maxchar > out->maxchar) {
+            out->maxchar = maxchar;
+        }
+        return;
+    }
+    put_ascii(out, "\"", 1);
+    if (kind == PyUnicode_1BYTE_KIND && out->kind == PyUnicode_1BYTE_KIND) {
+        /* Runs without escapes are copied whole. */
+        const Py_UCS1 *chars = data;
+        Py_UCS1 *dst = out->data;
+        Py_ssize_t run = 0;
+        for (i = 0; i < n; i++) {
+            if (EXTRA[chars[i]]) {
+                memcpy(dst + out->pos, chars + run, (size_t)(i - run));
+                out->pos += i - run;
+                put_ascii(out, esc, escape_of(chars[i], esc));
+                run = i + 1;
+            }
+        }
+        memcpy(dst + out->pos, chars + run, (size_t)(n - run));
+        out->pos += n - run;
+    }
+    else {
+        for (i = 0; i < n; i++) {
+            Py_UCS4 c = PyUnicode_READ(kind, data, i);
+            if (c < 0x100 && EXTRA[c]) {
+                put_ascii(out, esc, escape_of(c, esc));
+            }
+            else {
+                PyUnicode_WRITE(out->kind, out->data, out->pos++, c);
+            }
+        }
+    }
+    put_ascii(out, "\"", 1);
+}
+
+/* An int of 64 bits or fewer in decimal; JSON_UNSUPPORTED for a bigger one. */
+static int
+put_int(json_out *out, PyObject *value)
+{
+    int overflow;
+    long long v = PyLong_AsLongLongAndOverflow(value, &overflow);
+    unsigned long long u;
+    char digits[24];
+    char *at = digits + sizeof digits;
+
+    if (overflow) {
+        return JSON_UNSUPPORTED;
+    }
+    /* (-1 with no overflow is -1: an int cannot fail to convert otherwise.) */
+    u = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
+    do {
+        *--at = (char)('0' + u % 10);
+        u /= 10;
+    } while (u);
+    if (v < 0) {
+        *--at = '-';
+    }
+    put_ascii(out, at, digits + sizeof digits - at);
+    return JSON_OK;
+}
+
+static int
+put_value(json_out *out, PyObject *value, int depth)
+{
+    if (value == Py_None) {
+        put_ascii(out, "null", 4);
+        return JSON_OK;
+    }
+    if (value == Py_True) {
+        put_ascii(out, "true", 4);
+        return JSON_OK;
+    }
+    if (value == Py_False) {
+        put_ascii(out, "false", 5);
+        return JSON_OK;
+    }
+    if (PyUnicode_CheckExact(value)) {
+        put_str(out, value);
+        return JSON_OK;
+    }
+    if (PyLong_CheckExact(value)) {
+        return put_int(out, value);
+    }
+    if (depth >= MAX_DEPTH) {
+        return JSON_UNSUPPORTED;
+    }
+    if (PyDict_CheckExact(value)) {
+        PyObject *key, *item;
+        Py_ssize_t at = 0;
+        int first = 1;
+        put_ascii(out, "{", 1);
+        while (PyDict_Next(value, &at, &key, &item)) {
+            if (!PyUnicode_CheckExact(key)) {
+                return JSON_UNSUPPORTED;
+            }
+            if (!first) {
+                put_ascii(out, ",", 1);
+            }
+            first = 0;
+            put_str(out, key);
+            put_ascii(out, ":", 1);
+            if (put_value(out, item, depth + 1) != JSON_OK) {
+                return JSON_UNSUPPORTED;
+            }
+        }
+        put_ascii(out, "}", 1);
+        return JSON_OK;
+    }
+    if (PyList_CheckExact(value) || PyTuple_CheckExact(value)) {
+        int list = PyList_CheckExact(value);
+        Py_ssize_t n = list ? PyList_GET_SIZE(value) : PyTuple_GET_SIZE(value);
+        put_ascii(out, "[", 1);
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if (i) {
+                put_ascii(out, ",", 1);
+            }
+            if (put_value(out, list ? PyList_GET_ITEM(value, i) : PyTuple_GET_ITEM(value, i),
+                          depth + 1) != JSON_OK) {
+                return JSON_UNSUPPORTED;
+            }
+        }
+        put_ascii(out, "]", 1);
+        return JSON_OK;
+    }
+    return JSON_UNSUPPORTED;
+}
+
+/* The whole frame; args as encode_frame's. */
+static int
+put_frame(json_out *out, PyObject *const *args)
+{
+    PyObject *reply_to = args[7];
+
+    put_ascii(out, "{\"frameType\":", 13);
+    if (put_int(out, args[0]) != JSON_OK) {
+        return JSON_UNSUPPORTED;
+    }
+    put_ascii(out, ",\"id\":", 6);
+    put_str(out, args[1]);
+    put_ascii(out, ",\"ackSeq\":", 10);
+    if (put_int(out, args[2]) != JSON_OK) {
+        return JSON_UNSUPPORTED;
+    }
+    put_ascii(out, ",\"method\":", 10);
+    put_str(out, args[3]);
+    put_ascii(out, ",\"formId\":", 10);
+    put_str(out, args[4]);
+    put_ascii(out, ",\"transpondUid\":", 16);
+    put_str(out, args[5]);
+    put_ascii(out, ",\"data\":", 8);
+    if (put_value(out, args[6], 0) != JSON_OK) {
+        return JSON_UNSUPPORTED;
+    }
+    if (PyUnicode_GET_LENGTH(reply_to)) {
+        put_ascii(out, ",\"replyTo\":", 11);
+        put_str(out, reply_to);
+    }
+    put_ascii(out, "}", 1);
+    return JSON_OK;
+}
+
+PyDoc_STRVAR(encode_frame_doc,
+"encode_frame(frame_type, id, ack_seq, method, form_id, transpond_uid, data, reply_to, /)\n"
+"--\n\n"
+"The frame with these fields as one JSON text, as imkit.core.frames.encode_frame writes\n"
+"it; None if a field is not of the types written here (frame_type an int; ack_seq an\n"
+"exact int; the four ids, method and reply_to exact str; data of dicts with str keys,\n"
+"lists, tuples, str, 64-bit ints, True, False, None): the Python encoder writes those.");
+
+static PyObject *
+encode_frame(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    json_out out = {0};
+    PyObject *text;
+
+    if (!check_nargs("encode_frame", nargs, 8)) {
+        return NULL;
+    }
+    if (!PyLong_Check(args[0]) || !PyLong_CheckExact(args[2]) || !PyUnicode_CheckExact(args[1])
+        || !PyUnicode_CheckExact(args[3]) || !PyUnicode_CheckExact(args[4])
+        || !PyUnicode_CheckExact(args[5]) || !PyUnicode_CheckExact(args[7])) {
+        Py_RETURN_NONE;
+    }
+    out.maxchar = 0x7F;
+    if (put_frame(&out, args) != JSON_OK) {
+        Py_RETURN_NONE;
+    }
+    text = PyUnicode_New(out.size, out.maxchar);
+    if (text == NULL) {
+        return NULL;
+    }
+    out.writing = 1;
+    out.kind = PyUnicode_KIND(text);
+    out.data = PyUnicode_DATA(text);
+    put_frame(&out, args);
+    assert(out.pos == out.size);
+    return text;
+}
+
 static PyMethodDef speedups_methods[] = {
     {"read_text", (PyCFunction)(void (*)(void))read_text, METH_FASTCALL, read_text_doc},
     {"frame_texts", (PyCFunction)(void (*)(void))frame_texts, METH_FASTCALL,
      frame_texts_doc},
+    {"encode_frame", (PyCFunction)(void (*)(void))encode_frame, METH_FASTCALL,
+     encode_frame_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -293,8 +606,8 @@ static PyModuleDef_Slot speedups_slots[] = {
 static struct PyModuleDef speedups_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "imkit._speedups",
-    .m_doc = "The WebSocket framing of imkit's common case in C (optional; see "
-             "imkit.core._framing).",
+    .m_doc = "The WebSocket framing and frame encoding of imkit's common case in C "
+             "(optional; see imkit.core._framing and imkit.core.frames).",
     .m_size = 0,
     .m_methods = speedups_methods,
     .m_slots = speedups_slots,

@@ -1,6 +1,20 @@
-"""Types of the optional C extension ``imkit._speedups`` (see ``imkit.core._framing``)."""
+"""Types of the optional C extension ``imkit._speedups`` (see ``imkit.core._framing``
+and ``imkit.core.frames.encode_frame``)."""
+
+from typing import Any
 
 def read_text(
     data: bytes, pos: int, end: int, mask_bit: int, max_size: int, /
 ) -> tuple[str, int] | None: ...
 def frame_texts(texts: list[str], keys: bytes | None, /) -> bytes: ...
+def encode_frame(
+    frame_type: int,
+    id: str,
+    ack_seq: int,
+    method: str,
+    form_id: str,
+    transpond_uid: str,
+    data: Any,
+    reply_to: str,
+    /,
+) -> str | None: ...

@@ -5,7 +5,8 @@ Two plain functions, written here in Python and, optionally, in C
 (``imkit._speedups``, built with the package when a C compiler is at hand). The module
 exports the C ones when that extension imports and the environment variable
 ``IMKIT_NO_SPEEDUPS`` is not set (to a non-empty value), else the Python ones below;
-:data:`SPEEDUPS` says which. Both agree byte for byte and on every refusal
+:data:`SPEEDUPS` says which (:func:`load_speedups` decides, for the JSON encoder of
+:mod:`imkit.core.frames` too). Both agree byte for byte and on every refusal
 (tests/core/test_framing.py compares them on generated frames).
 
 Private to the core: :mod:`imkit.core._wsconn` frames with these.
@@ -114,18 +115,26 @@ def py_frame_texts(texts: list[str], keys: bytes | None) -> bytes:
     return b"".join(parts)
 
 
-def _choose(environ: Mapping[str, str]) -> tuple[bool, tuple[Callable[..., Any], ...]]:
-    """Whether the C functions are used, and the two functions (read_text, frame_texts):
-    the C ones if ``imkit._speedups`` imports and ``environ`` does not set
-    ``IMKIT_NO_SPEEDUPS``, else the Python ones."""
-    python = (py_read_text, py_frame_texts)
+def load_speedups(environ: Mapping[str, str]) -> Any:
+    """The C extension ``imkit._speedups`` if it imports and ``environ`` does not set
+    ``IMKIT_NO_SPEEDUPS`` (to a non-empty value), else ``None``: the one decision for
+    every user of the extension (this framing, :func:`imkit.core.frames.encode_frame`)."""
     if environ.get("IMKIT_NO_SPEEDUPS"):
-        return False, python
+        return None
     try:
         import imkit._speedups as _speedups
     except ImportError:
-        return False, python
-    return True, (_speedups.read_text, _speedups.frame_texts)
+        return None
+    return _speedups
+
+
+def _choose(environ: Mapping[str, str]) -> tuple[bool, tuple[Callable[..., Any], ...]]:
+    """Whether the C functions are used, and the two functions (read_text, frame_texts):
+    the C ones if :func:`load_speedups` gives the extension, else the Python ones."""
+    speedups = load_speedups(environ)
+    if speedups is None:
+        return False, (py_read_text, py_frame_texts)
+    return True, (speedups.read_text, speedups.frame_texts)
 
 
 SPEEDUPS: bool

@@ -1,0 +1,214 @@
+"""The C frame encoder (``imkit._speedups.encode_frame``) against the Python one.
+
+``encode_frame`` asks the C encoder first and writes in Python only what it declines
+(it answers ``None``). So two things must hold: for the data the server's own frames
+carry (str, 64-bit int, bool, None, dicts with str keys, lists, tuples) the C encoder
+writes, and writes exactly the Python text; for anything else it declines, and the
+frame is still written (or refused) as the Python encoder does.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import IntEnum
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from tests.core.helpers import speedups
+
+from imkit.core import _framing, frames
+from imkit.core.frames import Frame, FrameType, encode_frame, py_encode_frame
+
+
+def c_encode(frame: Frame) -> str | None:
+    return speedups().encode_frame(  # type: ignore[no-any-return]
+        frame.frame_type,
+        frame.id,
+        frame.ack_seq,
+        frame.method,
+        frame.form_id,
+        frame.transpond_uid,
+        frame.data,
+        frame.reply_to,
+    )
+
+
+INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
+# Every kind of str: ASCII, Latin-1, BMP, astral, escapes, lone surrogates.
+texts = st.text(max_size=12) | st.sampled_from(
+    ["", "é", "ÿ\x7f", "中文", "\U0001f600", "\ud800", 'q"\\/', "\x00\x1f\n\r\t\b\f\x0b", "\u2028"]
+)
+# What the C encoder writes.
+supported = st.recursive(
+    st.none() | st.booleans() | INT64 | texts,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.lists(inner, max_size=3).map(tuple)
+        | st.dictionaries(texts, inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+frame_types = st.sampled_from(FrameType) | st.integers(-3, 300)
+
+
+@given(
+    frame_type=frame_types,
+    message_id=texts,
+    ack_seq=INT64,
+    method=texts,
+    form_id=texts,
+    transpond_uid=texts,
+    data=supported,
+    reply_to=texts,
+)
+def test_the_c_encoder_writes_the_servers_frames_as_python_does(
+    frame_type: int,
+    message_id: str,
+    ack_seq: int,
+    method: str,
+    form_id: str,
+    transpond_uid: str,
+    data: Any,
+    reply_to: str,
+) -> None:
+    frame = Frame(frame_type, message_id, ack_seq, method, form_id, transpond_uid, data, reply_to)
+    text = c_encode(frame)
+    assert text is not None  # written in C, not handed back
+    assert text == py_encode_frame(frame)
+    assert encode_frame(frame) == text
+    assert json.loads(text)["data"] == json.loads(json.dumps(data))
+
+
+def test_a_chat_push_is_written_in_c() -> None:
+    wire = {
+        "conversationId": "p:alice:bob",
+        "seq": 12,
+        "sendId": "alice",
+        "recvId": "bob",
+        "msgId": "m1",
+        "chatType": 1,
+        "sendTime": 1764000000000,
+        "msg": {"mType": 0, "content": "héllo \U0001f600\n"},
+    }
+    frame = Frame(FrameType.DATA, "s1", 3, "push", "alice", "", wire)
+    assert c_encode(frame) == py_encode_frame(frame) == (
+        '{"frameType":0,"id":"s1","ackSeq":3,"method":"push","formId":"alice",'
+        '"transpondUid":"","data":{"conversationId":"p:alice:bob","seq":12,'
+        '"sendId":"alice","recvId":"bob","msgId":"m1","chatType":1,'
+        '"sendTime":1764000000000,"msg":{"mType":0,"content":"héllo \U0001f600\\n"}}}'
+    )
+
+
+def test_the_output_takes_the_widest_character_of_any_part() -> None:
+    # The head is ASCII, the data one-, two- and four-byte strs: one str of the widest.
+    for data in (["ÿ"], ["ÿ", "中"], {"中": "\U0001f600"}, ["a" * 70000, "é"]):
+        frame = Frame(method="m", data=data)
+        text = c_encode(frame)
+        assert text == py_encode_frame(frame)
+        assert text is not None and max(map(ord, text)) == max(
+            max(map(ord, s)) for s in (data if isinstance(data, list) else [*data, *data.values()])
+        )
+
+
+class Kind(IntEnum):
+    A = 1
+
+
+class Text(str):
+    pass
+
+
+class Number(int):
+    pass
+
+
+DECLINED = [
+    1.5,
+    float("nan"),
+    2**63,
+    -(2**63) - 1,
+    10**30,
+    Text("x"),
+    Number(3),
+    Kind.A,
+    {1: "int key"},
+    {Text("k"): 1},
+    b"bytes",
+    {"a": [1, 2, {"deep": 1.0}]},
+    {"a": set()},
+]
+
+
+@pytest.mark.parametrize("data", DECLINED, ids=repr)
+def test_what_the_c_encoder_declines_python_writes_or_refuses(data: Any) -> None:
+    frame = Frame(method="m", data=data)
+    assert c_encode(frame) is None
+    try:
+        expected = py_encode_frame(frame)
+    except (TypeError, ValueError) as exc:
+        with pytest.raises(type(exc), match=str(exc)):
+            encode_frame(frame)
+    else:
+        assert encode_frame(frame) == expected
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"id": Text("x")},
+        {"ack_seq": True},
+        {"ack_seq": 2**64},
+        {"ack_seq": 1.0},
+        {"method": None},
+        {"reply_to": 7},
+        {"frame_type": "0"},
+        {"frame_type": 2**70},
+    ],
+    ids=repr,
+)
+def test_odd_envelope_fields_are_left_to_python(fields: dict[str, Any]) -> None:
+    frame = Frame(**fields)
+    assert c_encode(frame) is None
+    try:
+        expected = py_encode_frame(frame)
+    except (TypeError, ValueError):
+        return  # (a frame_type of "0" cannot be written at all; encode_frame agrees below)
+    assert encode_frame(frame) == expected
+
+
+def test_nesting_deeper_than_the_c_limit_is_written_in_python() -> None:
+    shallow: Any = "x"
+    for _ in range(32):
+        shallow = [shallow]
+    assert c_encode(Frame(data=shallow)) is not None
+    deep = [shallow]
+    assert c_encode(Frame(data=deep)) is None
+    assert encode_frame(Frame(data=deep)) == py_encode_frame(Frame(data=deep))
+
+
+def test_a_cycle_is_refused_as_python_refuses_it() -> None:
+    loop: list[Any] = []
+    loop.append(loop)
+    assert c_encode(Frame(data=loop)) is None
+    with pytest.raises(ValueError, match="Circular reference"):
+        encode_frame(Frame(data=loop))
+
+
+def test_the_c_encoder_checks_its_arguments() -> None:
+    c = speedups()
+    with pytest.raises(TypeError, match="8 positional arguments"):
+        c.encode_frame(0, "", 0)
+
+
+def test_the_encoder_follows_the_framing_choice() -> None:
+    # One decision for all of the extension: IMKIT_NO_SPEEDUPS switches it all off.
+    if _framing.SPEEDUPS:
+        assert frames._c_encode_frame is speedups().encode_frame
+        assert frames.encode_frame is frames._encode_frame_c
+        assert _framing.load_speedups({}) is speedups()
+    else:
+        assert frames._c_encode_frame is None
+        assert frames.encode_frame is py_encode_frame
+    assert _framing.load_speedups({"IMKIT_NO_SPEEDUPS": "1"}) is None
