@@ -5,7 +5,7 @@
  * Optional: imkit.core._framing holds the same two framing functions in Python, and
  * imkit.core.frames the same encoder; they use these only when this module was built
  * (and IMKIT_NO_SPEEDUPS is not set). The two must agree byte for byte and on every
- * refusal: tests/core/test_framing.py and tests/core/test_encode_speedups.py compare
+ * refusal: tests/core/test_framing.py and tests/core/test_codec_speedups.py compare
  * them on generated input. No state, no I/O, no clock: plain functions of their
  * arguments, as everything in the sans-IO core.
  */
@@ -590,12 +590,140 @@ encode_frame(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t narg
     return text;
 }
 
+/*
+ * read_control: an Ack or a Ping exactly as imkit writes it, read off the text without
+ * a JSON decoder (imkit.core.frames reads it with a regular expression otherwise):
+ *
+ *   {"frameType":1|2,"id":"<id>","ackSeq":<n>}  or the same with
+ *   ,"method":"","formId":"","transpondUid":"","data":null  before the closing brace,
+ *
+ * where <id> has no '"', no '\\' and no character below 0x20 (so it needs no unescaping)
+ * and <n> is 0 or up to 18 digits without a leading zero. Anything else is None.
+ */
+static const char CONTROL_HEAD[] = "{\"frameType\":";
+static const char CONTROL_ID[] = ",\"id\":\"";
+static const char CONTROL_SEQ[] = "\",\"ackSeq\":";
+static const char CONTROL_REST[] = ",\"method\":\"\",\"formId\":\"\",\"transpondUid\":\"\",\"data\":null}";
+
+/* Whether text[at:] starts with the ASCII literal lit (of n characters). */
+static int
+has_at(int kind, const void *data, Py_ssize_t len, Py_ssize_t at, const char *lit, Py_ssize_t n)
+{
+    if (at + n > len) {
+        return 0;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (PyUnicode_READ(kind, data, at + i) != (Py_UCS4)(unsigned char)lit[i]) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+PyDoc_STRVAR(read_control_doc,
+"read_control(text, ack, ping, /)\n--\n\n"
+"The fields of an Ack or Ping frame written exactly as imkit writes it, as\n"
+"(ack or ping, id, ackSeq, '', '', '', None, ''): ack for frameType 2, ping for 1;\n"
+"None for any other text (the JSON decoder reads it).");
+
+static PyObject *
+read_control(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *text, *kind_obj, *id = NULL, *seq = NULL, *empty = NULL, *result;
+    Py_ssize_t len, at, id_start, id_end, digits;
+    int kind;
+    const void *data;
+    Py_UCS4 c;
+    long long ack_seq = 0;
+
+    if (!check_nargs("read_control", nargs, 3)) {
+        return NULL;
+    }
+    text = args[0];
+    if (!PyUnicode_Check(text)) {
+        PyErr_SetString(PyExc_TypeError, "text must be a str");
+        return NULL;
+    }
+    kind = PyUnicode_KIND(text);
+    data = PyUnicode_DATA(text);
+    len = PyUnicode_GET_LENGTH(text);
+    at = sizeof CONTROL_HEAD - 1;
+    if (!has_at(kind, data, len, 0, CONTROL_HEAD, at) || at >= len) {
+        Py_RETURN_NONE;
+    }
+    c = PyUnicode_READ(kind, data, at);
+    if (c == '2') {
+        kind_obj = args[1];
+    }
+    else if (c == '1') {
+        kind_obj = args[2];
+    }
+    else {
+        Py_RETURN_NONE;
+    }
+    at += 1;
+    if (!has_at(kind, data, len, at, CONTROL_ID, sizeof CONTROL_ID - 1)) {
+        Py_RETURN_NONE;
+    }
+    id_start = at += sizeof CONTROL_ID - 1;
+    for (;; at++) {
+        if (at >= len) {
+            Py_RETURN_NONE;
+        }
+        c = PyUnicode_READ(kind, data, at);
+        if (c == '"') {
+            break;
+        }
+        if (c == '\\' || c < 0x20) {
+            Py_RETURN_NONE;
+        }
+    }
+    id_end = at;
+    if (!has_at(kind, data, len, at, CONTROL_SEQ, sizeof CONTROL_SEQ - 1)) {
+        Py_RETURN_NONE;
+    }
+    at += sizeof CONTROL_SEQ - 1;
+    for (digits = 0; at < len; at++, digits++) {
+        c = PyUnicode_READ(kind, data, at);
+        if (c < '0' || c > '9') {
+            break;
+        }
+        if (digits == 18 || (digits == 1 && ack_seq == 0)) {
+            Py_RETURN_NONE; /* more than 18 digits, or a leading zero */
+        }
+        ack_seq = ack_seq * 10 + (long long)(c - '0');
+    }
+    if (digits == 0) {
+        Py_RETURN_NONE;
+    }
+    if (!(at == len - 1 && PyUnicode_READ(kind, data, at) == '}')
+        && !(len - at == (Py_ssize_t)(sizeof CONTROL_REST - 1)
+             && has_at(kind, data, len, at, CONTROL_REST, sizeof CONTROL_REST - 1))) {
+        Py_RETURN_NONE;
+    }
+    id = PyUnicode_Substring(text, id_start, id_end);
+    seq = id == NULL ? NULL : PyLong_FromLongLong(ack_seq);
+    empty = seq == NULL ? NULL : PyUnicode_FromStringAndSize(NULL, 0);
+    if (empty == NULL) {
+        Py_XDECREF(id);
+        Py_XDECREF(seq);
+        return NULL;
+    }
+    result = PyTuple_Pack(8, kind_obj, id, seq, empty, empty, empty, Py_None, empty);
+    Py_DECREF(id);
+    Py_DECREF(seq);
+    Py_DECREF(empty);
+    return result;
+}
+
 static PyMethodDef speedups_methods[] = {
     {"read_text", (PyCFunction)(void (*)(void))read_text, METH_FASTCALL, read_text_doc},
     {"frame_texts", (PyCFunction)(void (*)(void))frame_texts, METH_FASTCALL,
      frame_texts_doc},
     {"encode_frame", (PyCFunction)(void (*)(void))encode_frame, METH_FASTCALL,
      encode_frame_doc},
+    {"read_control", (PyCFunction)(void (*)(void))read_control, METH_FASTCALL,
+     read_control_doc},
     {NULL, NULL, 0, NULL},
 };
 

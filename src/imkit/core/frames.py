@@ -209,7 +209,8 @@ _quote = json.encoder.encode_basestring
 # The C encoder of imkit._speedups, when it is built and not switched off: the same text
 # for the frames the server itself makes (str, 64-bit int, bool, None, dicts with str
 # keys, lists); None for any other, which the Python encoder writes.
-_c_encode_frame: Any = getattr(load_speedups(os.environ), "encode_frame", None)
+_speedups: Any = load_speedups(os.environ)
+_c_encode_frame: Any = getattr(_speedups, "encode_frame", None)
 
 
 def _encode_frame_c(frame: Frame) -> str:
@@ -341,6 +342,27 @@ _CONTROL_DIGITS = ("1", "2")  # the text's 14th character, where the frame type 
 _ACK_TYPE, _PING_TYPE = FrameType.ACK, FrameType.PING
 
 
+_Fields = tuple[FrameType, str, int, str, str, str, Any, str]
+"""A decoded frame's fields, in the order of :class:`Frame`'s."""
+
+
+def py_read_control(text: str, ack: Any, ping: Any) -> _Fields | None:
+    """The fields of an Ack or Ping written exactly as imkit writes it (``_CONTROL_TEXT``),
+    with ``ack`` or ``ping`` as its type; ``None`` for any other text."""
+    control = _control_text(text)
+    if control is None:
+        return None
+    kind, message_id, ack_seq = control.groups()
+    # (Neither is a Data or NoAck frame: a server's data_form_id does not apply.)
+    return (ack if kind == "2" else ping, message_id, int(ack_seq), "", "", "", None, "")
+
+
+# The same reading in C (imkit._speedups.read_control) when the extension is chosen.
+_read_control: Callable[[str, Any, Any], _Fields | None] = getattr(
+    _speedups, "read_control", py_read_control
+)
+
+
 def _encodable(value: Any) -> bool:
     """Whether ``value`` re-encodes as UTF-8 JSON (no lone surrogate anywhere in it)."""
     try:
@@ -367,29 +389,17 @@ def _decode_frame(text: str | bytes, data_form_id: str | None) -> Frame | Decode
     return _new_frame(*fields)
 
 
-_Fields = tuple[FrameType, str, int, str, str, str, Any, str]
-"""A decoded frame's fields, in the order of :class:`Frame`'s."""
-
-
 def _decode_fields(text: str | bytes, data_form_id: str | None) -> _Fields | DecodeError:
     """:func:`_decode_frame`, up to the frame: its fields (``_new_frame(*fields)`` is the
     frame), for a caller that needs only some of them."""
     try:
         if isinstance(text, bytes):
             text = text.decode("utf-8")
-        if text[13:14] in _CONTROL_DIGITS and (control := _control_text(text)) is not None:
-            kind, message_id, ack_seq = control.groups()
-            # (Neither is a Data or NoAck frame: data_form_id does not apply.)
-            return (
-                _ACK_TYPE if kind == "2" else _PING_TYPE,
-                message_id,
-                int(ack_seq),
-                "",
-                "",
-                "",
-                None,
-                "",
-            )
+        if (
+            text[13:14] in _CONTROL_DIGITS
+            and (control := _read_control(text, _ACK_TYPE, _PING_TYPE)) is not None
+        ):
+            return control
         # _DECODER.decode(text): one value from the start; a message that is exactly one
         # value with no surrounding whitespace (what every client writes) needs nothing
         # more. Anything else, an error included, goes through decode(), which says what

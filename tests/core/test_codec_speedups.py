@@ -1,4 +1,7 @@
-"""The C frame encoder (``imkit._speedups.encode_frame``) against the Python one.
+"""The C codec functions of ``imkit._speedups`` against the Python ones.
+
+The frame encoder (``encode_frame``) first, then the reading of Acks and Pings
+(``read_control``).
 
 ``encode_frame`` asks the C encoder first and writes in Python only what it declines
 (it answers ``None``). So two things must hold: for the data the server's own frames
@@ -14,12 +17,20 @@ from enum import IntEnum
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from tests.core.helpers import speedups
+from tests.core.test_frames import control_texts
 
 from imkit.core import _framing, frames
-from imkit.core.frames import Frame, FrameType, encode_frame, py_encode_frame
+from imkit.core.frames import (
+    Frame,
+    FrameType,
+    _decode_fields,
+    encode_frame,
+    py_encode_frame,
+    py_read_control,
+)
 
 
 def c_encode(frame: Frame) -> str | None:
@@ -93,11 +104,15 @@ def test_a_chat_push_is_written_in_c() -> None:
         "msg": {"mType": 0, "content": "héllo \U0001f600\n"},
     }
     frame = Frame(FrameType.DATA, "s1", 3, "push", "alice", "", wire)
-    assert c_encode(frame) == py_encode_frame(frame) == (
-        '{"frameType":0,"id":"s1","ackSeq":3,"method":"push","formId":"alice",'
-        '"transpondUid":"","data":{"conversationId":"p:alice:bob","seq":12,'
-        '"sendId":"alice","recvId":"bob","msgId":"m1","chatType":1,'
-        '"sendTime":1764000000000,"msg":{"mType":0,"content":"héllo \U0001f600\\n"}}}'
+    assert (
+        c_encode(frame)
+        == py_encode_frame(frame)
+        == (
+            '{"frameType":0,"id":"s1","ackSeq":3,"method":"push","formId":"alice",'
+            '"transpondUid":"","data":{"conversationId":"p:alice:bob","seq":12,'
+            '"sendId":"alice","recvId":"bob","msgId":"m1","chatType":1,'
+            '"sendTime":1764000000000,"msg":{"mType":0,"content":"héllo \U0001f600\\n"}}}'
+        )
     )
 
 
@@ -212,3 +227,95 @@ def test_the_encoder_follows_the_framing_choice() -> None:
         assert frames._c_encode_frame is None
         assert frames.encode_frame is py_encode_frame
     assert _framing.load_speedups({"IMKIT_NO_SPEEDUPS": "1"}) is None
+
+
+# ------------------------------------------------------------------ read_control
+ACK, PING = FrameType.ACK, FrameType.PING
+REST = ',"method":"","formId":"","transpondUid":"","data":null}'
+
+
+def mangled(text: str, data: st.DataObject) -> str:
+    """``text`` with a character dropped, doubled or replaced somewhere."""
+    if not text:
+        return text
+    at = data.draw(st.integers(0, len(text) - 1))
+    how = data.draw(st.sampled_from(["drop", "double", "replace"]))
+    if how == "drop":
+        return text[:at] + text[at + 1 :]
+    if how == "double":
+        return text[:at] + text[at] + text[at:]
+    return text[:at] + data.draw(st.sampled_from('0129"\\}{ ,:\x00a')) + text[at + 1 :]
+
+
+@given(text=control_texts(), data=st.data())
+@example(text='{"frameType":2,"id":"s-7","ackSeq":1}', data=None)
+@example(text='{"frameType":1,"id":"","ackSeq":0' + REST, data=None)
+@example(text='{"frameType":2,"id":"é中\U0001f600\ud800","ackSeq":999999999999999999}', data=None)
+@example(text='{"frameType":2,"id":"s","ackSeq":1000000000000000000}', data=None)
+@example(text='{"frameType":2,"id":"s","ackSeq":00}', data=None)
+@example(text='{"frameType":2,"id":"s","ackSeq":}', data=None)
+@example(text='{"frameType":2,"id":"s","ackSeq":1' + REST[:-1], data=None)
+@example(text='{"frameType":2,"id":"s","ackSeq":1' + REST + "}", data=None)
+@example(text='{"frameType":2,"id":"s', data=None)
+@example(text='{"frameType":2', data=None)
+def test_the_c_reading_of_acks_and_pings_is_the_regular_expressions(
+    text: str, data: st.DataObject | None
+) -> None:
+    texts = [text] if data is None else [text, mangled(text, data)]
+    for candidate in texts:
+        expected = py_read_control(candidate, ACK, PING)
+        got = speedups().read_control(candidate, ACK, PING)
+        assert got == expected
+        if got is not None:
+            assert got[0] is expected[0]  # type: ignore[index]
+            assert type(got[1]) is str and type(got[2]) is int
+
+
+def test_what_imkit_writes_is_read_in_c() -> None:
+    assert speedups().read_control(frames._encode_ack("s-7", 1), ACK, PING) == (
+        ACK,
+        "s-7",
+        1,
+        "",
+        "",
+        "",
+        None,
+        "",
+    )
+    assert speedups().read_control(frames._encode_ping("p:9"), ACK, PING) == (
+        PING,
+        "p:9",
+        0,
+        "",
+        "",
+        "",
+        None,
+        "",
+    )
+    # A data frame is never a control frame; the decoder reads it.
+    assert speedups().read_control(encode_frame(Frame(id="d", method="m")), ACK, PING) is None
+    assert _decode_fields(frames._encode_ack("s-7", 1), "alice") == (
+        ACK,
+        "s-7",
+        1,
+        "",
+        "",
+        "",
+        None,
+        "",
+    )
+
+
+def test_the_c_reading_checks_its_arguments() -> None:
+    c = speedups()
+    with pytest.raises(TypeError, match="3 positional arguments"):
+        c.read_control("x")
+    with pytest.raises(TypeError, match="text must be a str"):
+        c.read_control(b'{"frameType":2,"id":"s","ackSeq":1}', ACK, PING)
+
+
+def test_the_reading_follows_the_choice() -> None:
+    if _framing.SPEEDUPS:
+        assert frames._read_control is speedups().read_control
+    else:
+        assert frames._read_control is py_read_control
