@@ -552,13 +552,26 @@ put_frame(json_out *out, PyObject *const *args)
     return JSON_OK;
 }
 
+/* Whether int(v) is v's own value: an int, or a subclass of int (an IntEnum such as
+   FrameType) that does not define __int__ (the Python encoder calls int()). */
+static int
+plain_int(PyObject *v)
+{
+    PyNumberMethods *number = Py_TYPE(v)->tp_as_number;
+
+    return PyLong_CheckExact(v)
+           || (PyLong_Check(v) && number != NULL
+               && number->nb_int == PyLong_Type.tp_as_number->nb_int);
+}
+
 PyDoc_STRVAR(encode_frame_doc,
 "encode_frame(frame_type, id, ack_seq, method, form_id, transpond_uid, data, reply_to, /)\n"
 "--\n\n"
 "The frame with these fields as one JSON text, as imkit.core.frames.encode_frame writes\n"
-"it; None if a field is not of the types written here (frame_type an int; ack_seq an\n"
-"exact int; the four ids, method and reply_to exact str; data of dicts with str keys,\n"
-"lists, tuples, str, 64-bit ints, True, False, None): the Python encoder writes those.");
+"it; None if a field is not of the types written here (frame_type an int that is its\n"
+"own int(); ack_seq an exact int; the four ids, method and reply_to exact str; data of\n"
+"dicts with str keys, lists, tuples, str, 64-bit ints, True, False, None): the Python\n"
+"encoder writes those.");
 
 static PyObject *
 encode_frame(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
@@ -569,7 +582,7 @@ encode_frame(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t narg
     if (!check_nargs("encode_frame", nargs, 8)) {
         return NULL;
     }
-    if (!PyLong_Check(args[0]) || !PyLong_CheckExact(args[2]) || !PyUnicode_CheckExact(args[1])
+    if (!plain_int(args[0]) || !PyLong_CheckExact(args[2]) || !PyUnicode_CheckExact(args[1])
         || !PyUnicode_CheckExact(args[3]) || !PyUnicode_CheckExact(args[4])
         || !PyUnicode_CheckExact(args[5]) || !PyUnicode_CheckExact(args[7])) {
         Py_RETURN_NONE;

@@ -1,5 +1,5 @@
 """Types of the optional C extension ``imkit._speedups`` (see ``imkit.core._framing``
-and ``imkit.core.frames.encode_frame``)."""
+and the codec of ``imkit.core.frames``)."""
 
 from typing import Any
 
@@ -18,3 +18,6 @@ def encode_frame(
     reply_to: str,
     /,
 ) -> str | None: ...
+def read_control(
+    text: str, ack: Any, ping: Any, /
+) -> tuple[Any, str, int, str, str, str, None, str] | None: ...

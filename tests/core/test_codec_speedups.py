@@ -135,6 +135,13 @@ class Text(str):
     pass
 
 
+class OwnInt(int):
+    """An int whose int() is another number: the Python encoder writes that one."""
+
+    def __int__(self) -> int:
+        return 7
+
+
 class Number(int):
     pass
 
@@ -180,6 +187,7 @@ def test_what_the_c_encoder_declines_python_writes_or_refuses(data: Any) -> None
         {"reply_to": 7},
         {"frame_type": "0"},
         {"frame_type": 2**70},
+        {"frame_type": OwnInt(0)},
     ],
     ids=repr,
 )

@@ -5,7 +5,7 @@ Two plain functions, written here in Python and, optionally, in C
 (``imkit._speedups``, built with the package when a C compiler is at hand). The module
 exports the C ones when that extension imports and the environment variable
 ``IMKIT_NO_SPEEDUPS`` is not set (to a non-empty value), else the Python ones below;
-:data:`SPEEDUPS` says which (:func:`load_speedups` decides, for the JSON encoder of
+:data:`SPEEDUPS` says which (:func:`load_speedups` decides, for the codec of
 :mod:`imkit.core.frames` too). Both agree byte for byte and on every refusal
 (tests/core/test_framing.py compares them on generated frames).
 
@@ -118,7 +118,8 @@ def py_frame_texts(texts: list[str], keys: bytes | None) -> bytes:
 def load_speedups(environ: Mapping[str, str]) -> Any:
     """The C extension ``imkit._speedups`` if it imports and ``environ`` does not set
     ``IMKIT_NO_SPEEDUPS`` (to a non-empty value), else ``None``: the one decision for
-    every user of the extension (this framing, :func:`imkit.core.frames.encode_frame`)."""
+    every user of the extension (this framing, and the codec of :mod:`imkit.core.frames`:
+    ``encode_frame`` and the reading of Acks and Pings)."""
     if environ.get("IMKIT_NO_SPEEDUPS"):
         return None
     try:
