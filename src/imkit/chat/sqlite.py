@@ -59,7 +59,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal, TypeVar, cast
 
 import anyio
@@ -242,9 +242,8 @@ class _Job:
             event.set()
 
 
-def _row_to_message(row: Sequence[Any]) -> StoredMessage:
-    # The columns are in the order of StoredMessage's fields.
-    return StoredMessage(*row)
+# The columns are in the order of StoredMessage's fields.
+_row_to_message: Callable[[Iterable[Any]], StoredMessage] = StoredMessage._make
 
 
 @functools.cache
@@ -312,8 +311,7 @@ class _Append:
         self.send_time = send_time
 
     def row(self, seq: int) -> tuple[str, int, str, str, str, int, int, str, int]:
-        """The message's row under ``seq``, in the order of StoredMessage's fields (no
-        attrs.evolve / astuple: they look the fields up on every call)."""
+        """The message's row under ``seq``, in the order of StoredMessage's fields."""
         return (
             self.conversation_id,
             seq,
@@ -346,7 +344,7 @@ class _Append:
         conn.execute(_INSERT_MESSAGE, values)
         if members < (1 if sender_id == recv_id else 2):
             conn.execute(_ADD_MEMBERS, (sender_id, conversation_id, recv_id, conversation_id))
-        return StoredMessage(*values), True
+        return _row_to_message(values), True
 
 
 def _chunks(items: Sequence[_T], size: int) -> Iterator[Sequence[_T]]:
@@ -390,7 +388,7 @@ def _append_all(
         seq = seqs[conversation_id] = last[conversation_id] = last.get(conversation_id, 0) + 1
         row = append.row(seq)
         rows.append(row)
-        stored = known[key] = StoredMessage(*row)
+        stored = known[key] = _row_to_message(row)
         results.append((stored, True))
         have = members.get(conversation_id)
         if have is None:
@@ -971,7 +969,7 @@ class SQLiteStore(StoreLifecycle):
 
     async def _select(self, sql: str, params: tuple[object, ...]) -> list[StoredMessage]:
         def run(conn: sqlite3.Connection) -> list[StoredMessage]:
-            return [_row_to_message(row) for row in conn.execute(sql, params)]
+            return list(map(_row_to_message, conn.execute(sql, params)))
 
         return await self._call(_Kind.READ, run)
 

@@ -64,7 +64,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, NamedTuple, Protocol, TypeVar, runtime_checkable
 
 import attrs
 
@@ -86,11 +86,15 @@ _INT32 = (-(2**31), 2**31 - 1)
 _INT64 = (-(2**63), 2**63 - 1)
 
 
-@attrs.frozen(slots=True)
-class StoredMessage:
+class StoredMessage(NamedTuple):
     """A message as stored: its conversation, its seq there, and what was sent.
 
     ``send_time`` is in milliseconds since the epoch, set by the server.
+
+    A named tuple (immutable, compared and hashed by its fields): the stores make one
+    for every row they read, and a catch-up reads thousands; a tuple is made for a
+    third of the cost of a frozen attrs class (``StoredMessage._make(row)`` from a row
+    whose columns are in the order of the fields).
     """
 
     conversation_id: str

@@ -38,8 +38,6 @@ import re
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-import attrs
-
 try:
     import asyncpg  # type: ignore[import-untyped,unused-ignore]
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess
@@ -364,7 +362,7 @@ class PostgresStore(StoreLifecycle):
                             content.encode("utf-8"),
                             send_time,
                         )
-                    return attrs.evolve(draft, seq=int(seq)), True
+                    return draft._replace(seq=int(seq)), True
                 except asyncpg.UniqueViolationError:
                     # Cannot happen while every writer takes the row lock; retry anyway.
                     logger.warning("append raced on %r (attempt %d)", msg_id, attempt + 1)
