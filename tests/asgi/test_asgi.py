@@ -13,11 +13,12 @@ import json
 import math
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import anyio.abc
 import anyio.lowlevel
 import pytest
 import uvicorn
@@ -561,6 +562,20 @@ def ws_scope(query: str = "", extensions: dict[str, Any] | None = None) -> dict[
     return scope
 
 
+def serve_client(
+    tg: anyio.abc.TaskGroup,
+    asgi: ASGIApp,
+    query: str = "user=alice",
+    send: Callable[[Any], Awaitable[None]] | None = None,
+) -> FakeASGI:
+    """A client that has asked to connect (``websocket.connect`` fed), served by ``asgi``
+    in ``tg``; ``send`` stands in for the client's own when given."""
+    io = FakeASGI()
+    io.feed({"type": "websocket.connect"})
+    tg.start_soon(asgi, ws_scope(query), io.receive, io.send if send is None else send)
+    return io
+
+
 @pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
 async def test_refusal_without_the_extension_is_close_1008() -> None:
     app, seen = make_app("only")
@@ -598,11 +613,9 @@ async def test_refusal_with_the_extension_is_an_http_response() -> None:
 async def test_a_whole_session_at_the_asgi_level() -> None:
     app, seen = make_app("only")
     asgi = ASGIApp(app)  # no lifespan events: the first connection starts the server
-    io = FakeASGI()
-    io.feed({"type": "websocket.connect"})
     with anyio.fail_after(TIMEOUT):
         async with anyio.create_task_group() as tg:
-            tg.start_soon(asgi, ws_scope("user=alice"), io.receive, io.send)
+            io = serve_client(tg, asgi)
             accept = await io.out.receive()
             assert accept == {"type": "websocket.accept", "headers": [(b"imkit-ack-mode", b"only")]}
             assert seen.of("startup") == ["local"]
@@ -693,11 +706,9 @@ async def test_push_many_sends_what_the_window_has_room_for_and_leaves_the_rest(
         calls.append((session.push_many("late", late), next(late)))
 
     asgi = ASGIApp(app)
-    io = FakeASGI()
-    io.feed({"type": "websocket.connect"})
     with anyio.fail_after(TIMEOUT):
         async with anyio.create_task_group() as tg:
-            tg.start_soon(asgi, ws_scope("user=alice"), io.receive, io.send)
+            io = serve_client(tg, asgi)
             await io.out.receive()  # accept
             first = [await io.next_text() for _ in range(3)]
             assert [(f["method"], f["data"]["n"], f["formId"]) for f in first] == [
@@ -724,11 +735,9 @@ async def test_fan_out_is_held_until_the_connect_hooks_finish() -> None:
         await session.push("catch-up", 1)
 
     asgi = ASGIApp(app)
-    io = FakeASGI()
-    io.feed({"type": "websocket.connect"})
     with anyio.fail_after(TIMEOUT):
         async with anyio.create_task_group() as tg:
-            tg.start_soon(asgi, ws_scope("user=alice"), io.receive, io.send)
+            io = serve_client(tg, asgi)
             await io.out.receive()  # accept: the session is registered by now
             assert await asgi.server.send_to_users(["alice"], "live", 2) == 1
             with anyio.move_on_after(0.2):
@@ -760,11 +769,9 @@ async def test_a_client_that_does_not_read_is_cut_off() -> None:
             stuck.set()
             await anyio.sleep_forever()  # the client's socket never drains
 
-    io = FakeASGI()
-    io.feed({"type": "websocket.connect"})
     with anyio.fail_after(TIMEOUT):
         async with anyio.create_task_group() as tg:
-            tg.start_soon(asgi, ws_scope("user=alice"), io.receive, send)
+            serve_client(tg, asgi, send=send)
             await accepted.wait()
             await asgi.server.send_to_users(["alice"], "news", "first")
             await stuck.wait()
@@ -838,10 +845,8 @@ async def test_a_revoked_credential_closes_1008_at_the_next_revalidation(
 
     asgi = ASGIApp(app, clock=clock)
     with anyio.fail_after(TIMEOUT):
-        io = FakeASGI()
-        io.feed({"type": "websocket.connect"})
         async with anyio.create_task_group() as tg:
-            tg.start_soon(asgi, ws_scope("user=alice"), io.receive, io.send)
+            io = serve_client(tg, asgi)
             assert (await io.out.receive())["type"] == "websocket.accept"
             assert auth.calls == 1
             auth.broken = True
@@ -883,10 +888,8 @@ async def test_expiry_and_idle_timeout_follow_the_clock() -> None:
             (None, 1000, "idle timeout"),
             (20, 1008, "credential expired"),
         ):
-            io = FakeASGI()
-            io.feed({"type": "websocket.connect"})
             async with anyio.create_task_group() as tg:
-                tg.start_soon(asgi, ws_scope("user=alice"), io.receive, io.send)
+                io = serve_client(tg, asgi)
                 assert (await io.out.receive())["type"] == "websocket.accept"
                 start = clock.now()
                 if messages_every is None:
