@@ -20,7 +20,7 @@ from imkit.core.conn import (
     ServerConn,
 )
 from imkit.core.events import Closed, DeliveryFailed, MessageReceived, RawMessageReceived
-from imkit.core.frames import Frame, FrameType
+from imkit.core.frames import Frame, FrameType, decode_frame
 from imkit.core.interfaces import Identity
 from imkit.exceptions import LocalProtocolError
 
@@ -105,6 +105,48 @@ def test_send_and_errors_on_an_open_connection() -> None:
     assert push == pushed and ping.frame_type is FrameType.PING
     assert err.data == {"code": "bad_request", "message": "no", "field": "x"}
     assert conn.data_to_send() == b""
+
+
+def test_sends_left_unflushed_go_out_together_at_flush_in_order() -> None:
+    conn, client = open_server(options=quiet_options(timers=AckTimers(window=1), max_backlog=1))
+    first = conn.send("push", {"n": 1}, 0.0, flush=False)
+    second = conn.send("push", {"n": 2}, 0.0, acked=False, flush=False)
+    assert conn.data_to_send() == b"" and conn.events() == []  # still with the peer
+    conn.flush(0.0)
+    assert client.read_frames(conn.data_to_send()) == [first, second]
+    conn.flush(0.0)  # nothing left: nothing more
+    assert conn.data_to_send() == b""
+    # The peer's events and its close request wait for the flush too: past max_backlog
+    # (a window of one: the first push still waits for its ack) the push fails and the
+    # close starts then.
+    conn.send("push", {"n": 3}, 0.0)  # flushed: waits in the backlog's one place
+    overflow = conn.send("push", {"n": 4}, 0.0, flush=False)
+    assert conn.state is ConnState.OPEN and conn.events() == []
+    conn.flush(0.0)
+    events = conn.events()
+    assert [(type(e), e.frame) for e in events] == [(DeliveryFailed, overflow)]  # type: ignore[attr-defined]
+    assert conn.state is ConnState.CLOSING
+    assert client.read(conn.data_to_send())[-1].opcode is Opcode.CLOSE
+
+
+def test_unflushed_sends_go_before_a_close_and_with_the_next_input() -> None:
+    conn, client = open_server()
+    pushed = conn.send("push", {"n": 1}, 0.0, flush=False)
+    conn.close(CLOSE_NORMAL, "bye", 0.0)
+    frames = client.read(conn.data_to_send())
+    assert [f.opcode for f in frames] == [Opcode.TEXT, Opcode.CLOSE]
+    assert decode_frame(frames[0].payload) == pushed
+    conn, client = open_server()
+    pushed = conn.send("push", {"n": 2}, 0.0, flush=False)
+    conn.receive_data(client.frame(data("m1")), 0.0)  # moves the push first, then the ack
+    push, ack = client.read_frames(conn.data_to_send())
+    assert push == pushed and (ack.frame_type, ack.id) == (FrameType.ACK, "m1")
+
+
+def test_flush_before_the_handshake_is_a_no_op() -> None:
+    conn = ServerConn(now=0.0)
+    conn.flush(0.0)
+    assert conn.data_to_send() == b"" and conn.events() == []
 
 
 def test_send_while_room_writes_its_frames_together() -> None:

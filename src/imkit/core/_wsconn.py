@@ -289,8 +289,13 @@ class _Conn:
         reply_to: str = "",
         acked: bool = True,
         form_id: str = "",
+        flush: bool = True,
     ) -> Frame:
-        """Send a message with the connection's ack mode; see :meth:`Peer.send`."""
+        """Send a message with the connection's ack mode; see :meth:`Peer.send`.
+
+        ``flush=False`` leaves its bytes and events with the peer until :meth:`flush` or
+        the connection's next input (which moves them first, in order): a caller that
+        sends many messages at once moves them down together."""
         # (The options are spelled out: no keyword dict is built and unpacked per push.)
         peer = self.peer
         if peer is None or self.state is not _OPEN:
@@ -304,8 +309,16 @@ class _Conn:
             acked=acked,
             form_id=form_id,
         )
-        self._pump(now)
+        if flush:
+            self._pump(now)
         return frame
+
+    def flush(self, now: float) -> None:
+        """Move what :meth:`send` with ``flush=False`` left with the peer to
+        :meth:`data_to_send` and :meth:`events` (and start the close the peer asked for,
+        if it did)."""
+        if self.peer is not None:
+            self._pump(now)
 
     def send_while_room(
         self, method: str, items: Iterator[tuple[Any, str]], now: float, *, most: int
@@ -337,6 +350,8 @@ class _Conn:
         ``close_timeout`` passes.
         """
         if self.state is _OPEN:
+            if self.peer is not None:  # what sends left unflushed goes before the close
+                self._flush_peer()
             self._send_ws(CloseConnection(code=code, reason=reason))
             self._start_closing(code, reason, now)
         elif self.state is _HANDSHAKE:
