@@ -18,14 +18,17 @@ import pytest
 from anyio.abc import SocketAttribute
 from tests.transport.helpers import RawWS, make_app, serve_tcp
 
+import imkit
 from imkit import PeerOptions
 from imkit.transport._asyncio_stream import (
     AsyncioSocketStream,
+    _Flusher,
     _loop_clock,
     accept_stream,
     running_on_asyncio,
 )
 from imkit.transport._writer import abort_stream
+from imkit.transport.session import ServerSession
 
 pytestmark = pytest.mark.anyio
 
@@ -154,6 +157,110 @@ async def test_a_stream_whose_flush_fails_does_not_hold_back_the_others() -> Non
                 assert await read_exactly(first_client, 5) == b"again"
     finally:
         loop.set_exception_handler(None)
+
+
+class Producer:
+    """An OutputProducer that queues what it was given since its last call."""
+
+    def __init__(self, stream: AsyncioSocketStream) -> None:
+        self.stream = stream
+        self.made: list[bytes] = []
+        self.calls = 0
+
+    def make(self, data: bytes) -> None:
+        self.made.append(data)
+        self.stream.produce_soon(self)
+
+    def produce_output(self) -> None:
+        self.calls += 1
+        self.stream.write_soon(b"".join(self.made))
+        self.made.clear()
+
+
+async def test_a_producer_queues_its_bytes_once_just_before_the_flush(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Fifty messages made in one iteration: the producer is called once, as the stream
+    flushes (not before), its bytes follow those queued with write_soon earlier, and
+    they go out in the same flush: one callback scheduled, none for its write_soon."""
+    loop = asyncio.get_running_loop()
+    async with pair() as (server, client):
+        if not isinstance(loop, asyncio.BaseEventLoop):
+            pytest.skip("uvloop's call_soon cannot be wrapped")
+        producer = Producer(server)
+        scheduled: list[object] = []
+        call_soon = loop.call_soon
+
+        def counting(callback: Callable[..., object], *args: object, **kw: object) -> object:
+            scheduled.append(callback)
+            return call_soon(callback, *args, **kw)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(loop, "call_soon", counting)
+        server.write_soon(b"first;")
+        for i in range(50):
+            producer.make(b"%02d;" % i)
+        assert producer.calls == 0 and server.producer is producer
+        assert server.write_buffered == 6  # the producer's bytes are not queued yet
+        expected = b"first;" + b"".join(b"%02d;" % i for i in range(50))
+        assert await read_exactly(client, len(expected)) == expected
+        monkeypatch.undo()
+        assert producer.calls == 1 and server.producer is None
+        flushes = [cb for cb in scheduled if getattr(cb, "__func__", None) is _Flusher._run]
+        assert len(flushes) == 1
+        producer.make(b"again;")  # due again once it was called
+        assert await read_exactly(client, 6) == b"again;"
+        assert producer.calls == 2
+
+
+async def test_wait_flushed_writes_what_a_due_producer_makes() -> None:
+    async with pair() as (server, client):
+        producer = Producer(server)
+        producer.make(b"made")
+        await server.wait_flushed()  # calls the producer first: nothing is left behind
+        assert producer.calls == 1 and server.write_buffered == 0
+        assert await read_exactly(client, 4) == b"made"
+
+
+async def test_a_sessions_messages_of_one_iteration_reach_the_stream_together(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A route that sends thirty messages with ``send_now`` without awaiting: the session
+    moves its output to the stream once, when the stream flushes; the client reads the
+    thirty in order, then the route's reply."""
+    app, _seen = make_app(options=PeerOptions(rate_limit=None))
+    produced: list[int] = []
+    original = ServerSession.produce_output
+
+    def counting(session: ServerSession) -> None:
+        produced.append(1)
+        original(session)
+
+    monkeypatch.setattr(ServerSession, "produce_output", counting)
+    during: list[int] = []
+
+    @app.route("burst")
+    async def burst(ctx: imkit.Context) -> None:
+        before = len(produced)
+        for n in range(30):
+            ctx.session.send_now("n", {"n": n}, acked=False)
+        during.append(len(produced) - before)
+        await ctx.reply("done")
+
+    async with serve_tcp(app) as server:
+        assert server.port is not None
+        stream = await anyio.connect_tcp("127.0.0.1", server.port)
+        async with stream:
+            client = RawWS(stream)
+            with anyio.fail_after(5):
+                await client.handshake("/ws?userId=bursty")
+                await client.send_json({"frameType": 0, "id": "b1", "method": "burst"})
+                got = [await client.recv_json() for _ in range(32)]
+    assert all(frame is not None for frame in got)
+    assert got[0] is not None and (got[0]["frameType"], got[0]["id"]) == (2, "b1")  # the ack
+    assert [f["data"] for f in got[1:31] if f is not None] == [{"n": n} for n in range(30)]
+    assert got[31] is not None and (got[31]["data"], got[31]["replyTo"]) == ("done", "b1")
+    assert during == [0], "nothing is moved to the stream while the route runs"
+    assert produced, "the session's output went through produce_output"
 
 
 async def test_receive_splits_a_chunk_larger_than_max_bytes() -> None:

@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
-from typing import Any, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import anyio
 import anyio.abc
@@ -57,6 +57,7 @@ R = TypeVar("R")
 __all__ = (
     "DEFAULT_MAX_READ_BUFFER",
     "AsyncioSocketStream",
+    "OutputProducer",
     "accept_stream",
     "run_as_asyncio",
     "running_on_asyncio",
@@ -81,6 +82,13 @@ def _receive_buffer() -> memoryview:
 
 def _ignore() -> None:
     pass
+
+
+class OutputProducer(Protocol):
+    """What :meth:`AsyncioSocketStream.produce_soon` calls back."""
+
+    def produce_output(self) -> None:
+        """Queue the bytes made since the last call (with ``write_soon``)."""
 
 
 class _Flusher:
@@ -167,6 +175,8 @@ class AsyncioSocketStream(anyio.abc.SocketStream, asyncio.BufferedProtocol):
         self._consumer_ended = False
         self.on_drained: Callable[[], None] = _ignore
         """Called when the unwritten bytes fall to half of the write limit or below."""
+        self.producer: OutputProducer | None = None
+        """Who queues its bytes just before the next flush (:meth:`produce_soon`)."""
 
     # ------------------------------------------------------------------ asyncio.BufferedProtocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -336,12 +346,30 @@ class AsyncioSocketStream(anyio.abc.SocketStream, asyncio.BufferedProtocol):
             return True
         return self.write_buffered <= self._write_limit
 
+    def produce_soon(self, producer: OutputProducer) -> None:
+        """Have ``producer.produce_output()`` called soon (this loop iteration), just
+        before the bytes queued here are written: it queues its own then, once, however
+        many messages it made in between. A no-op while a producer is due."""
+        if self.producer is None:
+            self.producer = producer
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                self._flusher.add(self)
+
+    def _produce(self) -> None:
+        producer = self.producer
+        if producer is not None:
+            self.producer = None
+            producer.produce_output()
+
     def discard_pending(self) -> None:
         """Drop the bytes queued by :meth:`write_soon` and not yet written."""
         self._pending.clear()
         self._pending_bytes = 0
 
     def _flush(self) -> None:
+        # (Still marked scheduled: what the producer queues is written now, not again.)
+        self._produce()
         self._flush_scheduled = False
         self._write_pending()
         if self._pending_bytes == 0 and not self._writing_paused:
@@ -372,6 +400,7 @@ class AsyncioSocketStream(anyio.abc.SocketStream, asyncio.BufferedProtocol):
 
         Raises :class:`anyio.BrokenResourceError` if the socket is lost first.
         """
+        self._produce()
         self._write_pending()
         transport = self._transport
         assert transport is not None

@@ -279,7 +279,11 @@ class ServerSession(HeldFanOut):
 
     @property
     def unsent(self) -> int:
-        """Bytes written to this connection and not yet taken by the socket."""
+        """Bytes written to this connection and not yet taken by the socket.
+
+        On the lean asyncio stream the messages sent with :meth:`send_now` and
+        :meth:`deliver` are moved to the stream once per event-loop iteration (their
+        bytes count from then on; ``max_write_buffer`` is checked then too)."""
         lean = self._lean  # read per push by send_to_users: straight from the stream
         return lean.write_buffered if lean is not None else self._writer.buffered
 
@@ -366,6 +370,7 @@ class ServerSession(HeldFanOut):
             self._post(DeliveryFailed(frame, "closed"))
             return frame
         now = self._now()
+        lean = self._lean
         frame = conn.send(
             method,
             data,
@@ -374,10 +379,15 @@ class ServerSession(HeldFanOut):
             form_id=form_id,
             reply_to=reply_to,
             acked=acked,
+            flush=lean is None,
         )
-        # A NoAck frame sets no timer in the core (nothing to resend or give up): its
-        # send cannot bring the next deadline forward.
-        self._collect(now, timers=acked)
+        if lean is not None:
+            if lean.producer is None:  # (its bytes and events at the end of the iteration)
+                lean.produce_soon(self)
+        else:
+            # A NoAck frame sets no timer in the core (nothing to resend or give up): its
+            # send cannot bring the next deadline forward.
+            self._collect(now, timers=acked)
         return frame
 
     def deliver(self, method: str, data: Any, *, form_id: str = "") -> None:
@@ -393,7 +403,20 @@ class ServerSession(HeldFanOut):
             HeldFanOut.deliver(self, method, data, form_id=form_id)
             return
         now = self._now()
-        conn.send(method, data, now, form_id=form_id)
+        lean = self._lean
+        conn.send(method, data, now, form_id=form_id, flush=lean is None)
+        if lean is not None:
+            if lean.producer is None:
+                lean.produce_soon(self)
+        else:
+            self._collect(now)
+
+    def produce_output(self) -> None:
+        """The lean stream's callback before it writes (:meth:`AsyncioSocketStream.
+        produce_soon`): what :meth:`send_now` and :meth:`deliver` made this iteration
+        goes to the write buffer at once, and their events are acted on."""
+        now = self._now()
+        self.conn.flush(now)
         self._collect(now)
 
     def send_error(self, code: str, message: str, frame_id: str = "", **extra: Any) -> None:
