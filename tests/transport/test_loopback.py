@@ -9,6 +9,7 @@ import socket
 from collections import defaultdict
 
 import anyio
+import anyio.lowlevel
 import pytest
 from tests.transport.helpers import (
     Collected,
@@ -21,6 +22,7 @@ from tests.transport.helpers import (
 )
 
 import imkit
+from imkit.transport.server import Server
 
 pytestmark = pytest.mark.anyio
 
@@ -260,3 +262,29 @@ async def test_a_handler_pushing_many_in_a_loop_lets_the_writer_keep_up() -> Non
                 got = [(await reader.receive()).data["n"] for _ in range(count)]
                 assert got == list(range(count))
                 assert len(server.sessions("reader")) == 1
+
+
+async def test_a_session_past_an_eighth_of_the_write_buffer_makes_the_next_push_yield(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What a session tells (``note_unsent``) decides whether ``send_to_users`` yields at
+    once: under an eighth of ``max_write_buffer`` it goes on without a checkpoint; past
+    it, the next call yields (once), so that the writers run."""
+    app, _seen = make_app()
+    server = Server(app, max_write_buffer=8 * 1024)
+    checkpoints: list[None] = []
+    checkpoint = anyio.lowlevel.checkpoint
+
+    async def counting() -> None:
+        checkpoints.append(None)
+        await checkpoint()
+
+    monkeypatch.setattr(anyio.lowlevel, "checkpoint", counting)
+    server.note_unsent(1024)  # exactly an eighth: not pressed
+    await server.send_to_users([], "m", None)
+    assert checkpoints == []
+    server.note_unsent(1025)
+    await server.send_to_users([], "m", None)
+    assert len(checkpoints) == 1
+    await server.send_to_users([], "m", None)  # yielded: not pressed any more
+    assert len(checkpoints) == 1

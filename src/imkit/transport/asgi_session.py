@@ -376,6 +376,7 @@ class ASGISession(HeldFanOut):
             if self._out_size > self.server.max_write_buffer:
                 self._abort("send buffer full: the client is not reading")
                 return []
+            self.server.note_unsent(self._out_size)
             self._wake_writer()
         messages: list[Frame] = []
         room = False

@@ -127,16 +127,20 @@ class Server:
         :meth:`send_to_users`; it never waits and never reaches another node). Returns
         the number of connections reached."""
         reached = 0
-        pressed = False
         registry = self.registry
         for user_id in user_ids:
             for session in registry.live(user_id):
                 session.deliver(method, data, form_id=form_id)
                 reached += 1
-                pressed = pressed or session.unsent > self._press_at
-        if pressed:  # the next send_to_users yields, so that the writers run
-            self._pressed = True
         return reached
+
+    def note_unsent(self, unsent: int) -> None:
+        """What a session tells as its messages reach its write buffer (on the lean
+        asyncio stream once per loop iteration, elsewhere per message): with more than an
+        eighth of ``max_write_buffer`` unsent, the next :meth:`send_to_users` yields, so
+        that the writers run."""
+        if unsent > self._press_at:
+            self._pressed = True
 
     async def send_to_users(
         self,

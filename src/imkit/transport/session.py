@@ -388,6 +388,7 @@ class ServerSession(HeldFanOut):
             # A NoAck frame sets no timer in the core (nothing to resend or give up): its
             # send cannot bring the next deadline forward.
             self._collect(now, timers=acked)
+            self.server.note_unsent(self._writer.buffered)
         return frame
 
     def deliver(self, method: str, data: Any, *, form_id: str = "") -> None:
@@ -410,6 +411,7 @@ class ServerSession(HeldFanOut):
                 lean.produce_soon(self)
         else:
             self._collect(now)
+            self.server.note_unsent(self._writer.buffered)
 
     def produce_output(self) -> None:
         """The lean stream's callback before it writes (:meth:`AsyncioSocketStream.
@@ -418,6 +420,9 @@ class ServerSession(HeldFanOut):
         now = self._now()
         self.conn.flush(now)
         self._collect(now)
+        lean = self._lean
+        assert lean is not None  # (only the lean stream calls it)
+        self.server.note_unsent(lean.write_buffered)
 
     def send_error(self, code: str, message: str, frame_id: str = "", **extra: Any) -> None:
         """Send an ``Err`` frame (ignored once the connection is closed)."""
