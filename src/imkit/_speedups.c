@@ -625,6 +625,9 @@ has_at(int kind, const void *data, Py_ssize_t len, Py_ssize_t at, const char *li
     if (at + n > len) {
         return 0;
     }
+    if (kind == PyUnicode_1BYTE_KIND) {
+        return memcmp((const Py_UCS1 *)data + at, lit, (size_t)n) == 0;
+    }
     for (Py_ssize_t i = 0; i < n; i++) {
         if (PyUnicode_READ(kind, data, at + i) != (Py_UCS4)(unsigned char)lit[i]) {
             return 0;
@@ -729,6 +732,544 @@ read_control(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t narg
     return result;
 }
 
+/*
+ * read_frame: a frame's fields read off its JSON text, as imkit.core.frames reads them
+ * with json (_decode_fields), for the JSON clients commonly write: objects, arrays,
+ * strings (json's escapes; a surrogate escaped only in pairs), integers of at most 18
+ * digits, true, false, null, at most MAX_DEPTH levels, whitespace between tokens.
+ * Anything else (a float, a bigger int, NaN, a lone surrogate escape, a control character in
+ * a string, a top-level key with an escape, text that is not JSON) and every envelope the
+ * Python reader refuses or reads with a default of its own (a field of another type or
+ * null, an unknown frameType, a negative ackSeq) is None: the Python reader reads it and
+ * says what is wrong. The envelope's object is never built: its eight fields are kept as
+ * they are read (a repeated key: the last one, as json's dict keeps), other keys' values
+ * are read and dropped.
+ */
+typedef struct {
+    PyObject *text;
+    int kind;
+    const void *data;
+    Py_ssize_t len;
+    Py_ssize_t pos;
+} json_in;
+
+/* A reader's answers: a new reference; NULL with an exception set (memory); or NULL
+   with none: not for this reader (DECLINED). */
+#define DECLINED NULL
+
+static inline Py_UCS4
+peek(const json_in *in)
+{
+    return in->pos < in->len ? PyUnicode_READ(in->kind, in->data, in->pos) : 0;
+}
+
+static inline void
+skip_ws(json_in *in)
+{
+    while (in->pos < in->len) {
+        Py_UCS4 c = PyUnicode_READ(in->kind, in->data, in->pos);
+        if (c != ' ' && c != '\t' && c != '\n' && c != '\r') {
+            return;
+        }
+        in->pos++;
+    }
+}
+
+/* The value of the hex digit c, or -1. */
+static int
+hex_value(Py_UCS4 c)
+{
+    if (c >= '0' && c <= '9') {
+        return (int)(c - '0');
+    }
+    if (c >= 'a' && c <= 'f') {
+        return (int)(c - 'a' + 10);
+    }
+    if (c >= 'A' && c <= 'F') {
+        return (int)(c - 'A' + 10);
+    }
+    return -1;
+}
+
+/* The code unit of the \uXXXX escape at text[at] (its backslash), or -1. */
+static long
+unit_at(const json_in *in, Py_ssize_t at)
+{
+    long value = 0;
+
+    if (at + 6 > in->len || PyUnicode_READ(in->kind, in->data, at) != '\\'
+        || PyUnicode_READ(in->kind, in->data, at + 1) != 'u') {
+        return -1;
+    }
+    for (Py_ssize_t i = at + 2; i < at + 6; i++) {
+        int digit = hex_value(PyUnicode_READ(in->kind, in->data, i));
+        if (digit < 0) {
+            return -1;
+        }
+        value = (value << 4) | digit;
+    }
+    return value;
+}
+
+/* The character an escape at text[at] (its backslash) stands for, and its length in
+   *size: json's escapes, a surrogate pair (\ud83d\ude00, as json.dumps writes what is
+   beyond the BMP) as one character. 0 (NUL itself comes back as NUL_CHAR) for an escape
+   this reader leaves to json: an unknown one, a short or bad \u, a lone surrogate. */
+#define NUL_CHAR 0x110000
+static Py_UCS4
+unescape(const json_in *in, Py_ssize_t at, Py_ssize_t *size)
+{
+    long high, low;
+
+    if (at + 1 >= in->len) {
+        return 0;
+    }
+    *size = 2;
+    switch (PyUnicode_READ(in->kind, in->data, at + 1)) {
+    case '"': return '"';
+    case '\\': return '\\';
+    case '/': return '/';
+    case 'b': return '\b';
+    case 'f': return '\f';
+    case 'n': return '\n';
+    case 'r': return '\r';
+    case 't': return '\t';
+    case 'u':
+        high = unit_at(in, at);
+        if (high < 0 || (high >= 0xDC00 && high <= 0xDFFF)) {
+            return 0;
+        }
+        if (high < 0xD800 || high > 0xDBFF) {
+            *size = 6;
+            return high == 0 ? NUL_CHAR : (Py_UCS4)high;
+        }
+        low = unit_at(in, at + 6);
+        if (low < 0xDC00 || low > 0xDFFF) {
+            return 0;
+        }
+        *size = 12;
+        return (Py_UCS4)(0x10000 + ((high - 0xD800) << 10) + (low - 0xDC00));
+    default:
+        return 0;
+    }
+}
+
+/* The string whose opening quote is at in->pos. */
+static PyObject *
+read_string(json_in *in)
+{
+    Py_ssize_t start = in->pos + 1, at = start, count = 0, size;
+    Py_UCS4 c, maxchar = 0;
+    int escaped = 0;
+    PyObject *result;
+
+    if (in->kind == PyUnicode_1BYTE_KIND) { /* the common run: no quote, escape, control */
+        const Py_UCS1 *chars = in->data;
+        Py_ssize_t run = at;
+        while (at < in->len && chars[at] != '"' && chars[at] != '\\' && chars[at] >= 0x20) {
+            if (chars[at] > maxchar) {
+                maxchar = chars[at];
+            }
+            at++;
+        }
+        count = at - run;
+    }
+    for (;; count++) {
+        if (at >= in->len) {
+            return DECLINED;
+        }
+        c = PyUnicode_READ(in->kind, in->data, at);
+        if (c == '"') {
+            break;
+        }
+        if (c < 0x20) {
+            return DECLINED;
+        }
+        if (c == '\\') {
+            c = unescape(in, at, &size);
+            if (c == 0) {
+                return DECLINED;
+            }
+            if (c == NUL_CHAR) {
+                c = 0;
+            }
+            escaped = 1;
+            at += size;
+        }
+        else {
+            at++;
+        }
+        if (c > maxchar) {
+            maxchar = c;
+        }
+    }
+    in->pos = at + 1;
+    if (!escaped) {
+        return PyUnicode_Substring(in->text, start, at);
+    }
+    result = PyUnicode_New(count, maxchar);
+    if (result == NULL) {
+        return NULL;
+    }
+    {
+        int out_kind = PyUnicode_KIND(result);
+        void *out = PyUnicode_DATA(result);
+        Py_ssize_t i = start, n = 0;
+        while (n < count) {
+            c = PyUnicode_READ(in->kind, in->data, i);
+            if (c == '\\') {
+                c = unescape(in, i, &size);
+                if (c == NUL_CHAR) {
+                    c = 0;
+                }
+                i += size;
+            }
+            else {
+                i++;
+            }
+            PyUnicode_WRITE(out_kind, out, n++, c);
+        }
+    }
+    return result;
+}
+
+/* An integer of at most 18 digits, at in->pos (a '-' or a digit). */
+static PyObject *
+read_int(json_in *in)
+{
+    long long value = 0;
+    int negative = 0, digits = 0;
+    Py_UCS4 c = peek(in);
+
+    if (c == '-') {
+        negative = 1;
+        in->pos++;
+    }
+    for (; in->pos < in->len; in->pos++, digits++) {
+        c = PyUnicode_READ(in->kind, in->data, in->pos);
+        if (c < '0' || c > '9') {
+            break;
+        }
+        if (digits == 18 || (digits == 1 && value == 0)) {
+            return DECLINED; /* more than 18 digits, or a leading zero */
+        }
+        value = value * 10 + (long long)(c - '0');
+    }
+    c = peek(in);
+    if (digits == 0 || c == '.' || c == 'e' || c == 'E') {
+        return DECLINED; /* not a number here, or a float: json reads it */
+    }
+    return PyLong_FromLongLong(negative ? -value : value);
+}
+
+static PyObject *read_value(json_in *in, int depth);
+
+static PyObject *
+read_array(json_in *in, int depth)
+{
+    PyObject *list = PyList_New(0), *item;
+
+    if (list == NULL) {
+        return NULL;
+    }
+    in->pos++;
+    skip_ws(in);
+    if (peek(in) == ']') {
+        in->pos++;
+        return list;
+    }
+    for (;;) {
+        item = read_value(in, depth + 1);
+        if (item == NULL || PyList_Append(list, item) < 0) {
+            Py_XDECREF(item);
+            Py_DECREF(list);
+            return NULL;
+        }
+        Py_DECREF(item);
+        skip_ws(in);
+        if (peek(in) == ',') {
+            in->pos++;
+            skip_ws(in);
+            continue;
+        }
+        if (peek(in) == ']') {
+            in->pos++;
+            return list;
+        }
+        Py_DECREF(list);
+        return DECLINED;
+    }
+}
+
+/* The object at in->pos, as a dict (a repeated key: the last value, as json's). */
+static PyObject *
+read_object(json_in *in, int depth)
+{
+    PyObject *dict = PyDict_New(), *key = NULL, *value = NULL;
+
+    if (dict == NULL) {
+        return NULL;
+    }
+    in->pos++;
+    skip_ws(in);
+    if (peek(in) == '}') {
+        in->pos++;
+        return dict;
+    }
+    for (;;) {
+        if (peek(in) != '"' || (key = read_string(in)) == NULL) {
+            break;
+        }
+        skip_ws(in);
+        if (peek(in) != ':') {
+            break;
+        }
+        in->pos++;
+        skip_ws(in);
+        if ((value = read_value(in, depth + 1)) == NULL || PyDict_SetItem(dict, key, value) < 0) {
+            break;
+        }
+        Py_CLEAR(key);
+        Py_CLEAR(value);
+        skip_ws(in);
+        if (peek(in) == ',') {
+            in->pos++;
+            skip_ws(in);
+            continue;
+        }
+        if (peek(in) == '}') {
+            in->pos++;
+            return dict;
+        }
+        break;
+    }
+    Py_XDECREF(key);
+    Py_XDECREF(value);
+    Py_DECREF(dict);
+    return NULL;
+}
+
+static PyObject *
+read_value(json_in *in, int depth)
+{
+    Py_UCS4 c;
+
+    if (depth > MAX_DEPTH) {
+        return DECLINED;
+    }
+    c = peek(in);
+    if (c == '"') {
+        return read_string(in);
+    }
+    if (c == '{') {
+        return read_object(in, depth);
+    }
+    if (c == '[') {
+        return read_array(in, depth);
+    }
+    if (c == '-' || (c >= '0' && c <= '9')) {
+        return read_int(in);
+    }
+    if (has_at(in->kind, in->data, in->len, in->pos, "true", 4)) {
+        in->pos += 4;
+        Py_RETURN_TRUE;
+    }
+    if (has_at(in->kind, in->data, in->len, in->pos, "false", 5)) {
+        in->pos += 5;
+        Py_RETURN_FALSE;
+    }
+    if (has_at(in->kind, in->data, in->len, in->pos, "null", 4)) {
+        in->pos += 4;
+        Py_RETURN_NONE;
+    }
+    return DECLINED;
+}
+
+/* The envelope's fields, in the order of Frame's (and of FIELD_NAMES). */
+#define FIELD_COUNT 8
+static const char *const FIELD_NAMES[FIELD_COUNT] = {
+    "frameType", "id", "ackSeq", "method", "formId", "transpondUid", "data", "replyTo",
+};
+static const Py_ssize_t FIELD_LENGTHS[FIELD_COUNT] = {9, 2, 6, 6, 6, 12, 4, 7};
+enum { F_TYPE, F_ID, F_SEQ, F_METHOD, F_FORM, F_TRANSPOND, F_DATA, F_REPLY };
+
+/* The field a top-level key written without escapes names (its characters at
+   text[at:at+n]), or -1. */
+static int
+field_named(const json_in *in, Py_ssize_t at, Py_ssize_t n)
+{
+    for (int i = 0; i < FIELD_COUNT; i++) {
+        if (FIELD_LENGTHS[i] == n
+            && has_at(in->kind, in->data, in->len, at, FIELD_NAMES[i], n)) {
+            return i;
+        }
+    }
+    return -1;
+}
+
+/* The envelope object at in->pos, its eight fields kept in fields (new references); 0 if
+   it is not for this reader (or memory ran out: an exception is set then). */
+static int
+read_envelope(json_in *in, PyObject **fields)
+{
+    Py_ssize_t at;
+    Py_UCS4 c;
+    PyObject *value;
+    int field;
+
+    in->pos++;
+    skip_ws(in);
+    if (peek(in) == '}') {
+        in->pos++;
+        return 1;
+    }
+    for (;;) {
+        if (peek(in) != '"') {
+            return 0;
+        }
+        for (at = in->pos + 1;; at++) {
+            if (at >= in->len) {
+                return 0;
+            }
+            c = PyUnicode_READ(in->kind, in->data, at);
+            if (c == '"') {
+                break;
+            }
+            if (c == '\\' || c < 0x20) {
+                return 0; /* an escape in a top-level key: json reads it */
+            }
+        }
+        field = field_named(in, in->pos + 1, at - in->pos - 1);
+        in->pos = at + 1;
+        skip_ws(in);
+        if (peek(in) != ':') {
+            return 0;
+        }
+        in->pos++;
+        skip_ws(in);
+        value = read_value(in, 1);
+        if (value == NULL) {
+            return 0;
+        }
+        if (field < 0) {
+            Py_DECREF(value); /* a key the reader does not look at */
+        }
+        else {
+            Py_XSETREF(fields[field], value); /* a repeated key: the last one */
+        }
+        skip_ws(in);
+        if (peek(in) == ',') {
+            in->pos++;
+            skip_ws(in);
+            continue;
+        }
+        if (peek(in) == '}') {
+            in->pos++;
+            return 1;
+        }
+        return 0;
+    }
+}
+
+PyDoc_STRVAR(read_frame_doc,
+"read_frame(text, data_form_id, types, form_types, /)\n--\n\n"
+"The fields of the frame whose JSON text is text, as imkit.core.frames._decode_fields\n"
+"reads them: (types[frameType], id, ackSeq, method, formId, transpondUid, data,\n"
+"replyTo), formId being data_form_id for a frameType whose bit is set in form_types\n"
+"(unless data_form_id is None). None for a text this reader leaves to json (see the\n"
+"source), or whose envelope json's reader refuses or reads otherwise.");
+
+static PyObject *
+read_frame(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *fields[FIELD_COUNT] = {NULL}, *result = NULL, *types, *known, *form_id;
+    json_in in;
+    long long frame_type = 0, form_types;
+    int i;
+
+    if (!check_nargs("read_frame", nargs, 4)) {
+        return NULL;
+    }
+    types = args[2];
+    if (!PyUnicode_Check(args[0]) || !PyTuple_Check(types) || !PyLong_Check(args[3])
+        || (args[1] != Py_None && !PyUnicode_Check(args[1]))) {
+        PyErr_SetString(PyExc_TypeError,
+                        "read_frame() takes (str, str or None, tuple, int)");
+        return NULL;
+    }
+    form_types = PyLong_AsLongLong(args[3]);
+    if (form_types == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    in.text = args[0];
+    in.kind = PyUnicode_KIND(in.text);
+    in.data = PyUnicode_DATA(in.text);
+    in.len = PyUnicode_GET_LENGTH(in.text);
+    in.pos = 0;
+    skip_ws(&in);
+    if (peek(&in) != '{' || !read_envelope(&in, fields)) {
+        goto done;
+    }
+    skip_ws(&in);
+    if (in.pos != in.len) {
+        goto done; /* more after the object */
+    }
+    /* Each field absent or of its type: exact int for frameType and ackSeq, exact str
+       for the others (data: anything). */
+    for (i = 0; i < FIELD_COUNT; i++) {
+        PyObject *value = fields[i];
+        if (value == NULL || i == F_DATA) {
+            continue;
+        }
+        if (i == F_TYPE || i == F_SEQ ? !PyLong_CheckExact(value) : !PyUnicode_CheckExact(value)) {
+            goto done;
+        }
+    }
+    if (fields[F_TYPE] != NULL) {
+        int overflow;
+        frame_type = PyLong_AsLongLongAndOverflow(fields[F_TYPE], &overflow);
+        if (overflow) {
+            goto done;
+        }
+    }
+    if (frame_type < 0 || frame_type >= PyTuple_GET_SIZE(types)
+        || PyTuple_GET_ITEM(types, frame_type) == Py_None) {
+        goto done; /* an unknown frameType */
+    }
+    known = PyTuple_GET_ITEM(types, frame_type);
+    if (fields[F_SEQ] != NULL && PyLong_AsLongLong(fields[F_SEQ]) < 0) {
+        goto done; /* a negative ackSeq (read_int made it: it fits) */
+    }
+    form_id = fields[F_FORM];
+    if (args[1] != Py_None && frame_type < 63 && (form_types >> frame_type) & 1) {
+        form_id = args[1];
+    }
+    {
+        PyObject *empty = PyUnicode_FromStringAndSize(NULL, 0), *zero = PyLong_FromLong(0);
+        if (empty == NULL || zero == NULL) {
+            Py_XDECREF(empty);
+            Py_XDECREF(zero);
+            goto done;
+        }
+#define OR(v, d) ((v) != NULL ? (v) : (d))
+        result = PyTuple_Pack(8, known, OR(fields[F_ID], empty), OR(fields[F_SEQ], zero),
+                              OR(fields[F_METHOD], empty), OR(form_id, empty),
+                              OR(fields[F_TRANSPOND], empty), OR(fields[F_DATA], Py_None),
+                              OR(fields[F_REPLY], empty));
+#undef OR
+        Py_DECREF(empty);
+        Py_DECREF(zero);
+    }
+done:
+    for (i = 0; i < FIELD_COUNT; i++) {
+        Py_XDECREF(fields[i]);
+    }
+    if (result == NULL && !PyErr_Occurred()) {
+        Py_RETURN_NONE;
+    }
+    return result;
+}
+
 static PyMethodDef speedups_methods[] = {
     {"read_text", (PyCFunction)(void (*)(void))read_text, METH_FASTCALL, read_text_doc},
     {"frame_texts", (PyCFunction)(void (*)(void))frame_texts, METH_FASTCALL,
@@ -737,6 +1278,7 @@ static PyMethodDef speedups_methods[] = {
      encode_frame_doc},
     {"read_control", (PyCFunction)(void (*)(void))read_control, METH_FASTCALL,
      read_control_doc},
+    {"read_frame", (PyCFunction)(void (*)(void))read_frame, METH_FASTCALL, read_frame_doc},
     {NULL, NULL, 0, NULL},
 };
 

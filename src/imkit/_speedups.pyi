@@ -21,3 +21,6 @@ def encode_frame(
 def read_control(
     text: str, ack: Any, ping: Any, /
 ) -> tuple[Any, str, int, str, str, str, None, str] | None: ...
+def read_frame(
+    text: str, data_form_id: str | None, types: tuple[Any, ...], form_types: int, /
+) -> tuple[Any, str, int, str, str, str, Any, str] | None: ...

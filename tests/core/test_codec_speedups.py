@@ -1,7 +1,7 @@
 """The C codec functions of ``imkit._speedups`` against the Python ones.
 
 The frame encoder (``encode_frame``) first, then the reading of Acks and Pings
-(``read_control``).
+(``read_control``), then the reading of whole frames (``read_frame``).
 
 ``encode_frame`` asks the C encoder first and writes in Python only what it declines
 (it answers ``None``). So two things must hold: for the data the server's own frames
@@ -29,6 +29,7 @@ from imkit.core.frames import (
     FrameType,
     _decode_fields,
     encode_frame,
+    py_decode_fields,
     py_encode_frame,
     py_read_control,
 )
@@ -300,3 +301,205 @@ def test_the_reading_follows_the_choice() -> None:
         assert frames._read_control is speedups().read_control
     else:
         assert frames._read_control is py_read_control
+
+
+# ------------------------------------------------------------------ read_frame
+def c_read(text: str, form_id: str | None = "alice") -> Any:
+    """What the C reader makes of ``text`` (as the server reads, formId ``form_id``)."""
+    return speedups().read_frame(text, form_id, frames._FRAME_TYPES, frames._FORM_TYPES)
+
+
+def typed(value: Any) -> Any:
+    """``value`` with the type of every part spelled out: ``1``, ``1.0`` and ``True`` are
+    equal in Python, not on the wire."""
+    if isinstance(value, dict):
+        return ("dict", [(typed(k), typed(v)) for k, v in value.items()])
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, [typed(v) for v in value])
+    if isinstance(value, FrameType):
+        return ("FrameType", int(value))
+    return (type(value).__name__, value)
+
+
+def same_reading(text: str, form_id: str | None = "alice") -> Any:
+    """The C reading of ``text``, checked against the Python one where C reads it."""
+    got = c_read(text, form_id)
+    if got is not None:
+        expected = py_decode_fields(text, form_id)
+        assert typed(got) == typed(expected), text
+        assert got[0] is expected[0]  # type: ignore[index]
+        assert frames._decode_fields(text, form_id) == got
+    return got
+
+
+# What clients write: ints within 18 digits, every kind of str (no lone surrogate: a
+# client's UTF-8 cannot carry one), nested objects and arrays.
+SMALL_INT = st.integers(min_value=-(10**18) + 1, max_value=10**18 - 1)
+client_texts = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs",)), max_size=12
+) | st.sampled_from(["", "é", "中文", "\U0001f600", 'q"\\/', "\x00\x1f\n\r\t\b\f", "\u2028"])
+client_data = st.recursive(
+    st.none() | st.booleans() | SMALL_INT | client_texts,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(client_texts, inner, max_size=4),
+    max_leaves=12,
+)
+ENVELOPE = {
+    "frameType": st.sampled_from([0, 1, 2, 3, 6, 9]),
+    "id": client_texts,
+    "ackSeq": st.integers(0, 10**18 - 1),
+    "method": client_texts,
+    "formId": client_texts,
+    "transpondUid": client_texts,
+    "data": client_data,
+    "replyTo": client_texts,
+}
+
+
+@st.composite
+def client_frames(draw: st.DrawFn) -> str:
+    """A frame as a client may write it: any of the fields, in any order, with json's
+    spacing or none, its non-ASCII characters escaped or not."""
+    names = draw(st.lists(st.sampled_from(sorted(ENVELOPE)), unique=True))
+    obj = {name: draw(ENVELOPE[name]) for name in names}
+    spaced = draw(st.booleans())
+    return json.dumps(
+        obj,
+        ensure_ascii=draw(st.booleans()),
+        separators=(", ", ": ") if spaced else (",", ":"),
+        indent=draw(st.sampled_from([None, None, 1])),
+    )
+
+
+@given(text=client_frames())
+@example(text='{"frameType":0,"id":"d1","method":"m","data":{"n":-0,"s":"\\u00e9\\u0000\\/"}}')
+@example(text='{"data":["\\ud83d\\ude00", "\\udbff\\udfff", "\\ud800\\udc00"]}')
+@example(text=' \t{"id":"x"}\r\n')
+@example(text='{"id":"a","id":"b","other":[1,{"k":null}],"data":[],"data":{}}')
+@example(text='{"frameType":3,"formId":"me","data":"x"}')
+@example(text="{}")
+def test_the_c_reader_reads_what_clients_write_as_python_does(text: str) -> None:
+    assert same_reading(text) is not None  # read in C, not handed back
+    assert same_reading(text, None) is not None
+
+
+@given(text=client_frames(), data=st.data())
+def test_a_mangled_frame_is_read_as_python_reads_it_or_left_to_python(
+    text: str, data: st.DataObject
+) -> None:
+    same_reading(mangled(text, data))
+
+
+LEFT_TO_PYTHON = [
+    # not JSON, or more than one value
+    "",
+    "[]",
+    '"text"',
+    "{",
+    '{"id":"a"',
+    '{"id":"a",}',
+    '{"id":"a"} {}',
+    '{"id" "a"}',
+    '{"data":[1,]}',
+    '{"data":[1 2]}',
+    '{"data":{"a" 1}}',
+    '{"data":{"a":1,}}',
+    '{"data":{1:2}}',
+    '{"data":tru}',
+    "{'id':'a'}",
+    # numbers json reads otherwise, or refuses
+    '{"data":1.5}',
+    '{"data":1e5}',
+    '{"data":1E5}',
+    '{"data":-}',
+    '{"data":01}',
+    '{"data":-01}',
+    '{"data":NaN}',
+    '{"data":Infinity}',
+    '{"data":-Infinity}',
+    '{"data":1000000000000000000}',
+    '{"data":-1000000000000000000}',
+    # strings: a control character, an unknown or short escape, a surrogate escape
+    '{"data":"a\x01b"}',
+    '{"data":"a\\qb"}',
+    '{"data":"a\\u12"}',
+    '{"data":"a\\u12g4"}',
+    '{"data":"\\udc00"}',
+    '{"data":"\\ud83d"}',
+    '{"data":"\\ud83dx"}',
+    '{"data":"\\ud83d\\u0041"}',
+    '{"data":"\\ud83d\\udbff"}',
+    '{"data":"\\ud83d\\ude0"}',
+    '{"data":"open',
+    '{"data":"ends with a backslash\\',
+    # a top-level key with an escape (json reads "\\u0069d" as "id")
+    '{"\\u0069d":"x"}',
+    '{"id\\n":"x"}',
+    # envelopes the Python reader refuses or reads with its own defaults
+    '{"frameType":null}',
+    '{"frameType":true}',
+    '{"frameType":"0"}',
+    '{"frameType":4}',
+    '{"frameType":-1}',
+    '{"frameType":99999999999999999}',
+    '{"id":null}',
+    '{"id":5}',
+    '{"ackSeq":-1}',
+    '{"ackSeq":"1"}',
+    '{"method":null}',
+    '{"formId":[]}',
+    '{"transpondUid":{}}',
+    '{"replyTo":false}',
+    # nesting past the C reader's limit
+    '{"data":' + "[" * 40 + "]" * 40 + "}",
+]
+
+
+@pytest.mark.parametrize("text", LEFT_TO_PYTHON, ids=repr)
+def test_what_the_c_reader_leaves_to_python_is_read_in_python(text: str) -> None:
+    assert c_read(text) is None
+    assert c_read(text, None) is None
+    assert frames._decode_fields(text, "alice") == py_decode_fields(text, "alice")
+
+
+def test_nesting_up_to_the_c_limit_is_read_in_c() -> None:
+    deepest = '{"data":' + "[" * 32 + "]" * 32 + "}"
+    assert same_reading(deepest) is not None
+    assert c_read('{"data":' + "[" * 33 + "]" * 33 + "}") is None
+
+
+def test_a_chat_message_is_read_in_c_with_the_servers_form_id() -> None:
+    text = (
+        '{"frameType":0,"id":"c-1","ackSeq":0,"method":"conversation.chat","formId":"mallory",'
+        '"transpondUid":"","data":{"recvId":"bob","chatType":1,"msgId":"m-1",'
+        '"msg":{"mType":1,"content":"héllo 中 \\ud83d"}}}'
+    )
+    assert c_read(text) is None  # (a surrogate escape: left to Python)
+    text = text.replace("\\ud83d", "\U0001f600\\n")
+    fields = same_reading(text)
+    assert fields[:6] == (FrameType.DATA, "c-1", 0, "conversation.chat", "alice", "")
+    assert fields[6]["msg"] == {"mType": 1, "content": "héllo 中 \U0001f600\n"}
+    # Only Data and NoAck frames take the server's formId; a client's own reading keeps it.
+    assert same_reading(text, None)[4] == "mallory"
+    err = '{"frameType":9,"id":"e","formId":"x","data":{"code":"c","message":"m"}}'
+    assert same_reading(err)[4] == "x"
+
+
+def test_the_c_reader_checks_its_arguments() -> None:
+    c = speedups()
+    with pytest.raises(TypeError, match="4 positional arguments"):
+        c.read_frame("{}")
+    with pytest.raises(TypeError, match="takes"):
+        c.read_frame(b"{}", None, frames._FRAME_TYPES, 0)
+    with pytest.raises(TypeError, match="takes"):
+        c.read_frame("{}", 1, frames._FRAME_TYPES, 0)
+    with pytest.raises(TypeError, match="takes"):
+        c.read_frame("{}", None, list(frames._FRAME_TYPES), 0)
+    with pytest.raises(OverflowError):
+        c.read_frame("{}", None, frames._FRAME_TYPES, 2**70)
+
+
+def test_the_frame_reading_follows_the_choice() -> None:
+    if _framing.SPEEDUPS:
+        assert frames._decode_fields is frames._decode_fields_c
+    else:
+        assert frames._decode_fields is py_decode_fields

@@ -363,6 +363,18 @@ _read_control: Callable[[str, Any, Any], _Fields | None] = getattr(
 )
 
 
+# A whole frame read in C (imkit._speedups.read_frame) when the extension is chosen: the
+# JSON clients commonly write (no floats, no surrogate escapes; see its source) in an
+# envelope py_decode_fields takes as it is; anything else is None, and py_decode_fields
+# reads it (a Hypothesis test compares the two). It is given the frame types by value
+# and, as bits, those whose formId the server sets.
+_read_frame: Any = getattr(_speedups, "read_frame", None)
+_FRAME_TYPES: tuple[FrameType | None, ...] = tuple(
+    _FRAME_TYPE_OF.get(n) for n in range(max(_FRAME_TYPE_OF) + 1)
+)
+_FORM_TYPES = (1 << FrameType.DATA) | (1 << FrameType.NO_ACK)
+
+
 def _encodable(value: Any) -> bool:
     """Whether ``value`` re-encodes as UTF-8 JSON (no lone surrogate anywhere in it)."""
     try:
@@ -389,15 +401,31 @@ def _decode_frame(text: str | bytes, data_form_id: str | None) -> Frame | Decode
     return _new_frame(*fields)
 
 
-def _decode_fields(text: str | bytes, data_form_id: str | None) -> _Fields | DecodeError:
-    """:func:`_decode_frame`, up to the frame: its fields (``_new_frame(*fields)`` is the
-    frame), for a caller that needs only some of them."""
+def _decode_fields_c(text: str | bytes, data_form_id: str | None) -> _Fields | DecodeError:
+    """:func:`py_decode_fields`, read in C when the C readings take the text (an Ack or
+    Ping as imkit writes it; a frame of the JSON clients commonly write)."""
+    if type(text) is str:
+        if (
+            text[13:14] in _CONTROL_DIGITS
+            and (control := _read_control(text, _ACK_TYPE, _PING_TYPE)) is not None
+        ):
+            return control
+        fields = _read_frame(text, data_form_id, _FRAME_TYPES, _FORM_TYPES)
+        if fields is not None:
+            return fields  # type: ignore[no-any-return]
+    return py_decode_fields(text, data_form_id)
+
+
+def py_decode_fields(text: str | bytes, data_form_id: str | None) -> _Fields | DecodeError:
+    """:func:`_decode_frame`, up to the frame, in Python: its fields (``_new_frame(*fields)``
+    is the frame), for a caller that needs only some of them. The reference for the C
+    reading (and what reads every frame without the C extension)."""
     try:
         if isinstance(text, bytes):
             text = text.decode("utf-8")
         if (
             text[13:14] in _CONTROL_DIGITS
-            and (control := _read_control(text, _ACK_TYPE, _PING_TYPE)) is not None
+            and (control := py_read_control(text, _ACK_TYPE, _PING_TYPE)) is not None
         ):
             return control
         # _DECODER.decode(text): one value from the start; a message that is exactly one
@@ -463,6 +491,12 @@ def _decode_fields(text: str | bytes, data_form_id: str | None) -> _Fields | Dec
     if data_form_id is not None and (known_type is _DATA or known_type is _NO_ACK):
         form_id = data_form_id
     return known_type, message_id, ack_seq, method, form_id, transpond_uid, get("data"), reply_to
+
+
+# The reading chosen at import: in C first with the extension, else in Python.
+_decode_fields: Callable[[str | bytes, str | None], _Fields | DecodeError] = (
+    _decode_fields_c if _read_frame is not None else py_decode_fields
+)
 
 
 def error_frame(code: str, message: str, frame_id: str = "", **extra: Any) -> Frame:
