@@ -11,6 +11,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -1270,6 +1271,94 @@ done:
     return result;
 }
 
+/*
+ * new_frame: an instance of imkit.core.frames.Frame (an attrs class with slots, frozen)
+ * with its eight slots set, in one call: what object.__new__ and the eight slot
+ * descriptors' __set__ do (frames._new_frame in Python), without the nine calls. The
+ * class and its slots' offsets are given once (bind_frame), from the slots' member
+ * descriptors, and checked then.
+ */
+#ifdef Py_T_OBJECT_EX
+#define SLOT_TYPE Py_T_OBJECT_EX
+#else
+#define SLOT_TYPE T_OBJECT_EX
+#endif
+#define FRAME_SLOTS 8
+static PyTypeObject *bound_frame = NULL;
+static Py_ssize_t frame_offsets[FRAME_SLOTS];
+
+PyDoc_STRVAR(bind_frame_doc,
+"bind_frame(cls, slots, /)\n--\n\n"
+"Make new_frame build instances of cls, setting the slots whose member descriptors\n"
+"slots holds (eight, in the order of new_frame's arguments). Raises TypeError unless\n"
+"each is an object slot of cls.");
+
+static PyObject *
+bind_frame(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *cls, *slots;
+    Py_ssize_t offsets[FRAME_SLOTS];
+
+    if (!check_nargs("bind_frame", nargs, 2)) {
+        return NULL;
+    }
+    cls = args[0];
+    slots = args[1];
+    if (!PyType_Check(cls) || !PyTuple_Check(slots) || PyTuple_GET_SIZE(slots) != FRAME_SLOTS) {
+        PyErr_SetString(PyExc_TypeError, "bind_frame() takes a class and a tuple of 8 slots");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < FRAME_SLOTS; i++) {
+        PyObject *slot = PyTuple_GET_ITEM(slots, i);
+        PyMemberDef *member;
+        if (!Py_IS_TYPE(slot, &PyMemberDescr_Type)
+            || ((PyDescrObject *)slot)->d_type != (PyTypeObject *)cls) {
+            PyErr_SetString(PyExc_TypeError, "bind_frame(): each slot must be one of the class's");
+            return NULL;
+        }
+        member = ((PyMemberDescrObject *)slot)->d_member;
+        if (member->type != SLOT_TYPE || (member->flags & READONLY)
+            || member->offset < (Py_ssize_t)sizeof(PyObject)
+            || member->offset + (Py_ssize_t)sizeof(PyObject *)
+                   > ((PyTypeObject *)cls)->tp_basicsize) {
+            PyErr_SetString(PyExc_TypeError, "bind_frame(): each slot must hold an object");
+            return NULL;
+        }
+        offsets[i] = member->offset;
+    }
+    memcpy(frame_offsets, offsets, sizeof offsets);
+    Py_XSETREF(bound_frame, (PyTypeObject *)Py_NewRef(cls));
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(new_frame_doc,
+"new_frame(frame_type, id, ack_seq, method, form_id, transpond_uid, data, reply_to, /)\n"
+"--\n\n"
+"An instance of the class given to bind_frame with these slots set.");
+
+static PyObject *
+new_frame(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *frame;
+
+    if (!check_nargs("new_frame", nargs, FRAME_SLOTS)) {
+        return NULL;
+    }
+    if (bound_frame == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "new_frame() before bind_frame()");
+        return NULL;
+    }
+    frame = bound_frame->tp_alloc(bound_frame, 0);
+    if (frame == NULL) {
+        return NULL;
+    }
+    /* (Nothing is allocated from here on: the slots are set before anyone sees them.) */
+    for (Py_ssize_t i = 0; i < FRAME_SLOTS; i++) {
+        *(PyObject **)((char *)frame + frame_offsets[i]) = Py_NewRef(args[i]);
+    }
+    return frame;
+}
+
 static PyMethodDef speedups_methods[] = {
     {"read_text", (PyCFunction)(void (*)(void))read_text, METH_FASTCALL, read_text_doc},
     {"frame_texts", (PyCFunction)(void (*)(void))frame_texts, METH_FASTCALL,
@@ -1279,6 +1368,8 @@ static PyMethodDef speedups_methods[] = {
     {"read_control", (PyCFunction)(void (*)(void))read_control, METH_FASTCALL,
      read_control_doc},
     {"read_frame", (PyCFunction)(void (*)(void))read_frame, METH_FASTCALL, read_frame_doc},
+    {"bind_frame", (PyCFunction)(void (*)(void))bind_frame, METH_FASTCALL, bind_frame_doc},
+    {"new_frame", (PyCFunction)(void (*)(void))new_frame, METH_FASTCALL, new_frame_doc},
     {NULL, NULL, 0, NULL},
 };
 

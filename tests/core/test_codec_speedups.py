@@ -1,7 +1,8 @@
 """The C codec functions of ``imkit._speedups`` against the Python ones.
 
 The frame encoder (``encode_frame``) first, then the reading of Acks and Pings
-(``read_control``), then the reading of whole frames (``read_frame``).
+(``read_control``), then the reading of whole frames (``read_frame``), then the making of
+``Frame`` objects (``new_frame``).
 
 ``encode_frame`` asks the C encoder first and writes in Python only what it declines
 (it answers ``None``). So two things must hold: for the data the server's own frames
@@ -12,6 +13,7 @@ frame is still written (or refused) as the Python encoder does.
 
 from __future__ import annotations
 
+import gc
 import json
 from enum import IntEnum
 from typing import Any
@@ -31,6 +33,7 @@ from imkit.core.frames import (
     encode_frame,
     py_decode_fields,
     py_encode_frame,
+    py_new_frame,
     py_read_control,
 )
 
@@ -503,3 +506,79 @@ def test_the_frame_reading_follows_the_choice() -> None:
         assert frames._decode_fields is frames._decode_fields_c
     else:
         assert frames._decode_fields is py_decode_fields
+
+
+# ------------------------------------------------------------------ new_frame
+@given(
+    frame_type=st.sampled_from(FrameType),
+    message_id=texts,
+    ack_seq=INT64,
+    method=texts,
+    form_id=texts,
+    transpond_uid=texts,
+    data=supported,
+    reply_to=texts,
+)
+def test_new_frame_makes_the_frame_python_makes(
+    frame_type: FrameType,
+    message_id: str,
+    ack_seq: int,
+    method: str,
+    form_id: str,
+    transpond_uid: str,
+    data: Any,
+    reply_to: str,
+) -> None:
+    fields = (frame_type, message_id, ack_seq, method, form_id, transpond_uid, data, reply_to)
+    frame = speedups().new_frame(*fields)
+    assert type(frame) is Frame
+    assert frame == py_new_frame(*fields) == Frame(*fields)
+    made = attrs.astuple(frame, recurse=False)
+    assert made == fields
+    assert all(got is given for got, given in zip(made, fields, strict=True))
+
+
+def test_a_c_made_frame_is_an_ordinary_frozen_frame() -> None:
+    data = {"k": ["v"]}
+    frame = speedups().new_frame(FrameType.ACK, "a", 1, "m", "f", "t", data, "r")
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        frame.id = "b"  # type: ignore[misc]
+    assert attrs.evolve(frame, id="b").id == "b"
+    assert data in gc.get_referents(frame)  # the collector sees what it holds
+    assert gc.is_tracked(frame)
+
+
+class Other:
+    __slots__ = ("a",)
+
+
+class Properties:
+    id = property(lambda self: "")
+
+
+def test_bind_frame_takes_only_the_object_slots_of_the_class() -> None:
+    c = speedups()
+    slots = tuple(Frame.__dict__[name] for name in frames._FIELDS)
+    with pytest.raises(TypeError, match="2 positional arguments"):
+        c.bind_frame(Frame)
+    with pytest.raises(TypeError, match="a class and a tuple of 8"):
+        c.bind_frame("Frame", slots)
+    with pytest.raises(TypeError, match="a class and a tuple of 8"):
+        c.bind_frame(Frame, slots[:7])
+    with pytest.raises(TypeError, match="one of the class's"):
+        c.bind_frame(Frame, (Other.__dict__["a"], *slots[1:]))
+    with pytest.raises(TypeError, match="one of the class's"):
+        c.bind_frame(Frame, (Properties.__dict__["id"], *slots[1:]))
+    with pytest.raises(TypeError, match="must hold an object"):  # a read-only Py_ssize_t
+        c.bind_frame(type, (type.__dict__["__basicsize__"], *slots[1:]))
+    # (A refusal changes nothing: frames are still made.)
+    assert c.new_frame(FrameType.DATA, "", 0, "", "", "", None, "") == Frame()
+    with pytest.raises(TypeError, match="8 positional arguments"):
+        c.new_frame(FrameType.DATA)
+
+
+def test_the_frame_making_follows_the_choice() -> None:
+    if _framing.SPEEDUPS:
+        assert frames._new_frame is speedups().new_frame
+    else:
+        assert frames._new_frame is py_new_frame

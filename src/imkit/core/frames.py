@@ -127,6 +127,7 @@ def _slot_setters(cls: type, names: tuple[str, ...]) -> tuple[Any, ...]:
     return tuple(cls.__dict__[name].__set__ for name in names)
 
 
+_FIELDS = ("frame_type", "id", "ack_seq", "method", "form_id", "transpond_uid", "data", "reply_to")
 _new = object.__new__
 (
     _set_frame_type,
@@ -137,13 +138,10 @@ _new = object.__new__
     _set_transpond_uid,
     _set_data,
     _set_reply_to,
-) = _slot_setters(
-    Frame,
-    ("frame_type", "id", "ack_seq", "method", "form_id", "transpond_uid", "data", "reply_to"),
-)
+) = _slot_setters(Frame, _FIELDS)
 
 
-def _new_frame(
+def py_new_frame(
     frame_type: FrameType,
     message_id: str,
     ack_seq: int,
@@ -206,10 +204,21 @@ def _encode_json(value: Any) -> str:
 _quote = json.encoder.encode_basestring
 
 
-# The C encoder of imkit._speedups, when it is built and not switched off: the same text
-# for the frames the server itself makes (str, 64-bit int, bool, None, dicts with str
-# keys, lists); None for any other, which the Python encoder writes.
 _speedups: Any = load_speedups(os.environ)
+"""imkit._speedups when it is built and not switched off, else ``None``."""
+
+# Its new_frame makes py_new_frame's object in one call (the slots' offsets come from
+# their descriptors, checked as they are bound).
+_c_new_frame: Any = getattr(_speedups, "new_frame", None)
+if _c_new_frame is not None:
+    _speedups.bind_frame(Frame, tuple(Frame.__dict__[name] for name in _FIELDS))
+_new_frame: Callable[[FrameType, str, int, str, str, str, Any, str], Frame] = (
+    _c_new_frame if _c_new_frame is not None else py_new_frame
+)
+
+# Its encoder: the same text for the frames the server itself makes (str, 64-bit int,
+# bool, None, dicts with str keys, lists); None for any other, which the Python encoder
+# writes.
 _c_encode_frame: Any = getattr(_speedups, "encode_frame", None)
 
 
