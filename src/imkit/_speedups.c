@@ -1272,48 +1272,106 @@ done:
 }
 
 /*
- * new_frame: an instance of imkit.core.frames.Frame (an attrs class with slots, frozen)
- * with its eight slots set, in one call: what object.__new__ and the eight slot
- * descriptors' __set__ do (frames._new_frame in Python), without the nine calls. The
- * class and its slots' offsets are given once (bind_frame), from the slots' member
- * descriptors, and checked then.
+ * slot_maker(cls, slots): a callable that makes an instance of cls (a class with
+ * __slots__, such as the frozen attrs classes Frame and the core's events) with the given
+ * slots set to its positional arguments, in one call: what object.__new__ and each slot
+ * descriptor's __set__ do (imkit.core.frames.py_new_frame in Python), without a call per
+ * slot. The slots' offsets come from their member descriptors, checked when the maker is
+ * made.
  */
 #ifdef Py_T_OBJECT_EX
 #define SLOT_TYPE Py_T_OBJECT_EX
 #else
 #define SLOT_TYPE T_OBJECT_EX
 #endif
-#define FRAME_SLOTS 8
-static PyTypeObject *bound_frame = NULL;
-static Py_ssize_t frame_offsets[FRAME_SLOTS];
+#define MAX_SLOTS 8
 
-PyDoc_STRVAR(bind_frame_doc,
-"bind_frame(cls, slots, /)\n--\n\n"
-"Make new_frame build instances of cls, setting the slots whose member descriptors\n"
-"slots holds (eight, in the order of new_frame's arguments). Raises TypeError unless\n"
-"each is an object slot of cls.");
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyTypeObject *cls;
+    Py_ssize_t count;
+    Py_ssize_t offsets[MAX_SLOTS];
+} SlotMaker;
 
 static PyObject *
-bind_frame(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+maker_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    SlotMaker *maker = (SlotMaker *)self;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    PyObject *made;
+
+    if (nargs != maker->count || (kwnames != NULL && PyTuple_GET_SIZE(kwnames))) {
+        PyErr_Format(PyExc_TypeError, "a maker of %s takes %zd positional arguments",
+                     maker->cls->tp_name, maker->count);
+        return NULL;
+    }
+    made = maker->cls->tp_alloc(maker->cls, 0);
+    if (made == NULL) {
+        return NULL;
+    }
+    /* (Nothing is allocated from here on: the slots are set before anyone sees them.) */
+    for (Py_ssize_t i = 0; i < nargs; i++) {
+        *(PyObject **)((char *)made + maker->offsets[i]) = Py_NewRef(args[i]);
+    }
+    return made;
+}
+
+static void
+maker_dealloc(PyObject *self)
+{
+    Py_XDECREF(((SlotMaker *)self)->cls);
+    Py_TYPE(self)->tp_free(self);
+}
+
+static PyTypeObject SlotMakerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "imkit._speedups.SlotMaker",
+    .tp_basicsize = sizeof(SlotMaker),
+    .tp_dealloc = maker_dealloc,
+    .tp_vectorcall_offset = offsetof(SlotMaker, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "Makes instances of one class with its slots set (see slot_maker).",
+};
+
+PyDoc_STRVAR(slot_maker_doc,
+"slot_maker(cls, slots, /)\n--\n\n"
+"A callable that makes an instance of cls with the slots whose member descriptors slots\n"
+"holds (1 to 8, in the order of its positional arguments) set to its arguments; the\n"
+"others are left unset. Raises TypeError unless each is an object slot of cls.");
+
+static PyObject *
+slot_maker(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
     PyObject *cls, *slots;
-    Py_ssize_t offsets[FRAME_SLOTS];
+    SlotMaker *maker;
+    Py_ssize_t count;
 
-    if (!check_nargs("bind_frame", nargs, 2)) {
+    if (!check_nargs("slot_maker", nargs, 2)) {
         return NULL;
     }
     cls = args[0];
     slots = args[1];
-    if (!PyType_Check(cls) || !PyTuple_Check(slots) || PyTuple_GET_SIZE(slots) != FRAME_SLOTS) {
-        PyErr_SetString(PyExc_TypeError, "bind_frame() takes a class and a tuple of 8 slots");
+    count = PyTuple_Check(slots) ? PyTuple_GET_SIZE(slots) : 0;
+    if (!PyType_Check(cls) || count < 1 || count > MAX_SLOTS) {
+        PyErr_SetString(PyExc_TypeError, "slot_maker() takes a class and a tuple of 1 to 8 slots");
         return NULL;
     }
-    for (Py_ssize_t i = 0; i < FRAME_SLOTS; i++) {
+    maker = PyObject_New(SlotMaker, &SlotMakerType);
+    if (maker == NULL) {
+        return NULL;
+    }
+    maker->vectorcall = maker_call;
+    maker->cls = NULL;
+    maker->count = count;
+    for (Py_ssize_t i = 0; i < count; i++) {
         PyObject *slot = PyTuple_GET_ITEM(slots, i);
         PyMemberDef *member;
         if (!Py_IS_TYPE(slot, &PyMemberDescr_Type)
             || ((PyDescrObject *)slot)->d_type != (PyTypeObject *)cls) {
-            PyErr_SetString(PyExc_TypeError, "bind_frame(): each slot must be one of the class's");
+            PyErr_SetString(PyExc_TypeError, "slot_maker(): each slot must be one of the class's");
+            Py_DECREF(maker);
             return NULL;
         }
         member = ((PyMemberDescrObject *)slot)->d_member;
@@ -1321,42 +1379,14 @@ bind_frame(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
             || member->offset < (Py_ssize_t)sizeof(PyObject)
             || member->offset + (Py_ssize_t)sizeof(PyObject *)
                    > ((PyTypeObject *)cls)->tp_basicsize) {
-            PyErr_SetString(PyExc_TypeError, "bind_frame(): each slot must hold an object");
+            PyErr_SetString(PyExc_TypeError, "slot_maker(): each slot must hold an object");
+            Py_DECREF(maker);
             return NULL;
         }
-        offsets[i] = member->offset;
+        maker->offsets[i] = member->offset;
     }
-    memcpy(frame_offsets, offsets, sizeof offsets);
-    Py_XSETREF(bound_frame, (PyTypeObject *)Py_NewRef(cls));
-    Py_RETURN_NONE;
-}
-
-PyDoc_STRVAR(new_frame_doc,
-"new_frame(frame_type, id, ack_seq, method, form_id, transpond_uid, data, reply_to, /)\n"
-"--\n\n"
-"An instance of the class given to bind_frame with these slots set.");
-
-static PyObject *
-new_frame(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
-{
-    PyObject *frame;
-
-    if (!check_nargs("new_frame", nargs, FRAME_SLOTS)) {
-        return NULL;
-    }
-    if (bound_frame == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "new_frame() before bind_frame()");
-        return NULL;
-    }
-    frame = bound_frame->tp_alloc(bound_frame, 0);
-    if (frame == NULL) {
-        return NULL;
-    }
-    /* (Nothing is allocated from here on: the slots are set before anyone sees them.) */
-    for (Py_ssize_t i = 0; i < FRAME_SLOTS; i++) {
-        *(PyObject **)((char *)frame + frame_offsets[i]) = Py_NewRef(args[i]);
-    }
-    return frame;
+    maker->cls = (PyTypeObject *)Py_NewRef(cls);
+    return (PyObject *)maker;
 }
 
 static PyMethodDef speedups_methods[] = {
@@ -1368,12 +1398,21 @@ static PyMethodDef speedups_methods[] = {
     {"read_control", (PyCFunction)(void (*)(void))read_control, METH_FASTCALL,
      read_control_doc},
     {"read_frame", (PyCFunction)(void (*)(void))read_frame, METH_FASTCALL, read_frame_doc},
-    {"bind_frame", (PyCFunction)(void (*)(void))bind_frame, METH_FASTCALL, bind_frame_doc},
-    {"new_frame", (PyCFunction)(void (*)(void))new_frame, METH_FASTCALL, new_frame_doc},
+    {"slot_maker", (PyCFunction)(void (*)(void))slot_maker, METH_FASTCALL, slot_maker_doc},
     {NULL, NULL, 0, NULL},
 };
 
+static int
+speedups_exec(PyObject *module)
+{
+    if (PyType_Ready(&SlotMakerType) < 0) {
+        return -1;
+    }
+    return PyModule_AddObjectRef(module, "SlotMaker", (PyObject *)&SlotMakerType);
+}
+
 static PyModuleDef_Slot speedups_slots[] = {
+    {Py_mod_exec, speedups_exec},
     {0, NULL},
 };
 

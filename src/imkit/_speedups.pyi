@@ -24,15 +24,10 @@ def read_control(
 def read_frame(
     text: str, data_form_id: str | None, types: tuple[Any, ...], form_types: int, /
 ) -> tuple[Any, str, int, str, str, str, Any, str] | None: ...
-def bind_frame(cls: type, slots: tuple[Any, ...], /) -> None: ...
-def new_frame(
-    frame_type: Any,
-    id: str,
-    ack_seq: int,
-    method: str,
-    form_id: str,
-    transpond_uid: str,
-    data: Any,
-    reply_to: str,
-    /,
-) -> Any: ...
+
+class SlotMaker:
+    """Makes instances of one class with its slots set (see ``slot_maker``)."""
+
+    def __call__(self, *values: Any) -> Any: ...
+
+def slot_maker(cls: type, slots: tuple[Any, ...], /) -> SlotMaker: ...

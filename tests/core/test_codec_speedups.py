@@ -2,7 +2,7 @@
 
 The frame encoder (``encode_frame``) first, then the reading of Acks and Pings
 (``read_control``), then the reading of whole frames (``read_frame``), then the making of
-``Frame`` objects (``new_frame``).
+frames and events in one call (``slot_maker``).
 
 ``encode_frame`` asks the C encoder first and writes in Python only what it declines
 (it answers ``None``). So two things must hold: for the data the server's own frames
@@ -25,7 +25,8 @@ from hypothesis import strategies as st
 from tests.core.helpers import speedups
 from tests.core.test_frames import control_texts
 
-from imkit.core import _framing, frames
+from imkit.core import _framing, events, frames
+from imkit.core.events import Delivered, MessageReceived, RawMessageReceived
 from imkit.core.frames import (
     Frame,
     FrameType,
@@ -508,7 +509,7 @@ def test_the_frame_reading_follows_the_choice() -> None:
         assert frames._decode_fields is py_decode_fields
 
 
-# ------------------------------------------------------------------ new_frame
+# ------------------------------------------------------------------ slot_maker
 @given(
     frame_type=st.sampled_from(FrameType),
     message_id=texts,
@@ -519,7 +520,7 @@ def test_the_frame_reading_follows_the_choice() -> None:
     data=supported,
     reply_to=texts,
 )
-def test_new_frame_makes_the_frame_python_makes(
+def test_the_c_maker_makes_the_frame_python_makes(
     frame_type: FrameType,
     message_id: str,
     ack_seq: int,
@@ -530,7 +531,9 @@ def test_new_frame_makes_the_frame_python_makes(
     reply_to: str,
 ) -> None:
     fields = (frame_type, message_id, ack_seq, method, form_id, transpond_uid, data, reply_to)
-    frame = speedups().new_frame(*fields)
+    make = frames._slot_maker(Frame, frames._FIELDS)
+    assert make is not None
+    frame = make(*fields)
     assert type(frame) is Frame
     assert frame == py_new_frame(*fields) == Frame(*fields)
     made = attrs.astuple(frame, recurse=False)
@@ -540,12 +543,28 @@ def test_new_frame_makes_the_frame_python_makes(
 
 def test_a_c_made_frame_is_an_ordinary_frozen_frame() -> None:
     data = {"k": ["v"]}
-    frame = speedups().new_frame(FrameType.ACK, "a", 1, "m", "f", "t", data, "r")
+    frame = frames._new_frame(FrameType.ACK, "a", 1, "m", "f", "t", data, "r")
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         frame.id = "b"  # type: ignore[misc]
     assert attrs.evolve(frame, id="b").id == "b"
     assert data in gc.get_referents(frame)  # the collector sees what it holds
     assert gc.is_tracked(frame)
+
+
+def test_the_core_events_are_made_in_c_as_in_python() -> None:
+    frame = Frame(id="f1")
+    pairs = [
+        (events._message_received, events._py_message_received, MessageReceived, frame),
+        (events._delivered, events._py_delivered, Delivered, frame),
+        (events._raw_message_received, events._py_raw_message_received, RawMessageReceived, "t"),
+    ]
+    for chosen, python, cls, value in pairs:
+        assert type(chosen(value)) is cls
+        assert chosen(value) == python(value) == cls(value)
+        if _framing.SPEEDUPS:
+            assert type(chosen) is speedups().SlotMaker
+        else:
+            assert chosen is python
 
 
 class Other:
@@ -556,29 +575,36 @@ class Properties:
     id = property(lambda self: "")
 
 
-def test_bind_frame_takes_only_the_object_slots_of_the_class() -> None:
+def test_a_maker_takes_only_object_slots_of_its_class() -> None:
     c = speedups()
     slots = tuple(Frame.__dict__[name] for name in frames._FIELDS)
     with pytest.raises(TypeError, match="2 positional arguments"):
-        c.bind_frame(Frame)
-    with pytest.raises(TypeError, match="a class and a tuple of 8"):
-        c.bind_frame("Frame", slots)
-    with pytest.raises(TypeError, match="a class and a tuple of 8"):
-        c.bind_frame(Frame, slots[:7])
+        c.slot_maker(Frame)
+    for cls, wrong in (("Frame", slots), (Frame, ()), (Frame, slots + slots[:1]), (Frame, [])):
+        with pytest.raises(TypeError, match="a class and a tuple of 1 to 8"):
+            c.slot_maker(cls, wrong)
     with pytest.raises(TypeError, match="one of the class's"):
-        c.bind_frame(Frame, (Other.__dict__["a"], *slots[1:]))
+        c.slot_maker(Frame, (Other.__dict__["a"], *slots[1:]))
     with pytest.raises(TypeError, match="one of the class's"):
-        c.bind_frame(Frame, (Properties.__dict__["id"], *slots[1:]))
+        c.slot_maker(Properties, (Properties.__dict__["id"],))
     with pytest.raises(TypeError, match="must hold an object"):  # a read-only Py_ssize_t
-        c.bind_frame(type, (type.__dict__["__basicsize__"], *slots[1:]))
-    # (A refusal changes nothing: frames are still made.)
-    assert c.new_frame(FrameType.DATA, "", 0, "", "", "", None, "") == Frame()
-    with pytest.raises(TypeError, match="8 positional arguments"):
-        c.new_frame(FrameType.DATA)
+        c.slot_maker(type, (type.__dict__["__basicsize__"],))
+    make = c.slot_maker(Frame, slots[:2])  # the other slots stay unset
+    partial = make(FrameType.PING, "p")
+    assert partial.id == "p"
+    with pytest.raises(AttributeError):
+        partial.method  # noqa: B018
+    with pytest.raises(TypeError, match="takes 2 positional arguments"):
+        make(FrameType.PING)
+    with pytest.raises(TypeError, match="takes 2 positional arguments"):
+        make(FrameType.PING, id="p")
+    with pytest.raises(TypeError, match="takes 2 positional arguments"):
+        make(FrameType.PING, "p", id="p")
 
 
 def test_the_frame_making_follows_the_choice() -> None:
+    assert frames._slot_maker(Frame, frames._FIELDS, None) is None
     if _framing.SPEEDUPS:
-        assert frames._new_frame is speedups().new_frame
+        assert type(frames._new_frame) is speedups().SlotMaker
     else:
         assert frames._new_frame is py_new_frame

@@ -7,11 +7,11 @@ silently.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import attrs
 
-from imkit.core.frames import Frame, _new, _slot_setters
+from imkit.core.frames import Frame, _new, _slot_maker, _slot_setters
 from imkit.core.interfaces import HandshakeRequest
 
 __all__ = (
@@ -150,28 +150,38 @@ Event = (
 )
 
 
-# The events of every message, made through their slots (see frames._slot_setters).
+# The events of every message, made through their slots (see frames._slot_setters), or in
+# one call by the C extension's makers (frames._slot_maker).
 (_set_received_frame,) = _slot_setters(MessageReceived, ("frame",))
 (_set_delivered_frame,) = _slot_setters(Delivered, ("frame",))
 (_set_raw_data,) = _slot_setters(RawMessageReceived, ("data",))
 
 
-def _message_received(frame: Frame) -> MessageReceived:
+def _py_message_received(frame: Frame) -> MessageReceived:
     """``MessageReceived(frame)``, for less."""
     event: MessageReceived = _new(MessageReceived)
     _set_received_frame(event, frame)
     return event
 
 
-def _delivered(frame: Frame) -> Delivered:
+def _py_delivered(frame: Frame) -> Delivered:
     """``Delivered(frame)``, for less."""
     event: Delivered = _new(Delivered)
     _set_delivered_frame(event, frame)
     return event
 
 
-def _raw_message_received(data: str | bytes) -> RawMessageReceived:
+def _py_raw_message_received(data: str | bytes) -> RawMessageReceived:
     """``RawMessageReceived(data)``, for less."""
     event: RawMessageReceived = _new(RawMessageReceived)
     _set_raw_data(event, data)
     return event
+
+
+_message_received: Callable[[Frame], MessageReceived] = (
+    _slot_maker(MessageReceived, ("frame",)) or _py_message_received
+)
+_delivered: Callable[[Frame], Delivered] = _slot_maker(Delivered, ("frame",)) or _py_delivered
+_raw_message_received: Callable[[str | bytes], RawMessageReceived] = (
+    _slot_maker(RawMessageReceived, ("data",)) or _py_raw_message_received
+)

@@ -207,13 +207,24 @@ _quote = json.encoder.encode_basestring
 _speedups: Any = load_speedups(os.environ)
 """imkit._speedups when it is built and not switched off, else ``None``."""
 
-# Its new_frame makes py_new_frame's object in one call (the slots' offsets come from
-# their descriptors, checked as they are bound).
-_c_new_frame: Any = getattr(_speedups, "new_frame", None)
-if _c_new_frame is not None:
-    _speedups.bind_frame(Frame, tuple(Frame.__dict__[name] for name in _FIELDS))
+
+def _slot_maker(
+    cls: type, names: tuple[str, ...], speedups: Any = _speedups
+) -> Callable[..., Any] | None:
+    """The extension's maker of ``cls`` objects (``slot_maker``): one call, given the values
+    of the fields ``names`` (all of the attrs class's, in order), makes what ``cls(*values)``
+    makes; ``None`` without the extension (``speedups``)."""
+    _slot_setters(cls, names)  # (checks the names)
+    if speedups is None:
+        return None
+    maker: Callable[..., Any] = speedups.slot_maker(
+        cls, tuple(cls.__dict__[name] for name in names)
+    )
+    return maker
+
+
 _new_frame: Callable[[FrameType, str, int, str, str, str, Any, str], Frame] = (
-    _c_new_frame if _c_new_frame is not None else py_new_frame
+    _slot_maker(Frame, _FIELDS) or py_new_frame
 )
 
 # Its encoder: the same text for the frames the server itself makes (str, 64-bit int,
