@@ -308,7 +308,7 @@ typedef struct {
     Py_ssize_t pos;
 } json_out;
 
-static void
+static inline void
 put_ascii(json_out *out, const char *text, Py_ssize_t n)
 {
     if (!out->writing) {
@@ -338,6 +338,21 @@ static const unsigned char EXTRA[256] = {
     0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0,
     /* 0x60 and above: 0 */
 };
+
+/* Whether any of the eight bytes of v is below 0x20, '"' or '\' (a character json
+   escapes): each test is "some byte is below k" (k <= 0x80; "is zero" after an xor),
+   exact for the word as a whole. */
+#define BYTES(b) (0x0101010101010101ULL * (b))
+static inline int
+word_escapes(uint64_t v)
+{
+    uint64_t quote = v ^ BYTES('"'), backslash = v ^ BYTES('\\');
+    uint64_t below = (v - BYTES(0x20)) & ~v;              /* a byte below 0x20 */
+    uint64_t quoted = (quote - BYTES(1)) & ~quote;         /* a byte that is '"' */
+    uint64_t escaped = (backslash - BYTES(1)) & ~backslash; /* a byte that is '\\' */
+
+    return ((below | quoted | escaped) & BYTES(0x80)) != 0;
+}
 
 /* json's escape of a character c with EXTRA[c] > 0, in esc; its length. */
 static Py_ssize_t
@@ -378,7 +393,16 @@ put_str(json_out *out, PyObject *text)
         Py_ssize_t size = n + 2;
         if (kind == PyUnicode_1BYTE_KIND) {
             const Py_UCS1 *chars = data;
-            for (i = 0; i < n; i++) {
+            uint64_t word;
+            for (i = 0; i + 8 <= n; i += 8) { /* a word without escapes adds nothing */
+                memcpy(&word, chars + i, 8);
+                if (word_escapes(word)) {
+                    for (Py_ssize_t j = i; j < i + 8; j++) {
+                        size += EXTRA[chars[j]];
+                    }
+                }
+            }
+            for (; i < n; i++) {
                 size += EXTRA[chars[i]];
             }
         }
@@ -398,12 +422,20 @@ put_str(json_out *out, PyObject *text)
     }
     put_ascii(out, "\"", 1);
     if (kind == PyUnicode_1BYTE_KIND && out->kind == PyUnicode_1BYTE_KIND) {
-        /* Runs without escapes are copied whole. */
+        /* Runs without escapes are copied whole (found a word at a time). */
         const Py_UCS1 *chars = data;
         Py_UCS1 *dst = out->data;
         Py_ssize_t run = 0;
+        uint64_t word;
         for (i = 0; i < n; i++) {
-            if (EXTRA[chars[i]]) {
+            while (i + 8 <= n) {
+                memcpy(&word, chars + i, 8);
+                if (word_escapes(word)) {
+                    break;
+                }
+                i += 8;
+            }
+            if (i < n && EXTRA[chars[i]]) {
                 memcpy(dst + out->pos, chars + run, (size_t)(i - run));
                 out->pos += i - run;
                 put_ascii(out, esc, escape_of(chars[i], esc));
