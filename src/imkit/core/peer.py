@@ -46,6 +46,7 @@ from imkit.core.frames import (
     ErrorCode,
     Frame,
     FrameType,
+    _c_encode_frame,
     _decode_fields,
     _encode_ack,
     _encode_ping,
@@ -368,22 +369,23 @@ class Peer:
         encoded as strict JSON in UTF-8, and
         :class:`~imkit.exceptions.LocalProtocolError` for an id that is still in use.
         """
-        frame = _new_frame(
-            _DATA if acked else _NO_ACK,
-            message_id if message_id is not None else self.new_id(),
-            0,
-            method,
-            form_id,
-            "",
-            data,
-            reply_to,
-        )
+        frame_type = _DATA if acked else _NO_ACK
+        if message_id is None:
+            message_id = self.new_id()
+        frame = _new_frame(frame_type, message_id, 0, method, form_id, "", data, reply_to)
         if self.closed:
             self._events.append(DeliveryFailed(frame, "closed"))
             return frame
         # Encode first: data that cannot go on the wire fails here, before the ack machine
-        # holds a frame that every later resend would fail to encode.
-        text = encode_frame(frame)
+        # holds a frame that every later resend would fail to encode. (The C encoder is
+        # called with the fields at hand; what it declines, encode_frame writes.)
+        text = (
+            None
+            if _c_encode_frame is None
+            else _c_encode_frame(frame_type, message_id, 0, method, form_id, "", data, reply_to)
+        )
+        if text is None:
+            text = encode_frame(frame)
         if not text.isascii():
             text.encode("utf-8")  # a lone surrogate raises UnicodeEncodeError (a ValueError)
         if not acked:
