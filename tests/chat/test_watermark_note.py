@@ -1,14 +1,17 @@
 """The delivered-watermark bookkeeping of :class:`~imkit.chat.service.ChatService`:
-the fast path for one seq at a time gives what the general path gives."""
+the path for one seq at a time (``_advance_one``) gives what the general path
+(``_advance_now`` with a list, through ``_note``'s loops) gives."""
 
 from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
 
+from imkit.chat.memory import MemoryStore
 from imkit.chat.service import ChatService, _Device
 
 CONVERSATION = "p:alice:bob"
+KEY = ("alice", "phone")
 
 # One step: a seq acked or answered (True: sent by the device's own user); a set of seqs
 # the store said the peer sent (what _climb records); or a seq 1-3 above the watermark
@@ -39,11 +42,34 @@ def _state(device: _Device) -> tuple[object, ...]:
     )
 
 
-@given(start=st.integers(0, 3), steps=_steps)
-def test_one_seq_at_a_time_as_the_general_path(start: int, steps: list[tuple[object, ...]]) -> None:
+def _service(device: _Device, now: list[float]) -> ChatService:
+    """A service whose only connected device is ``device`` (as ``KEY``), on the clock
+    ``now[0]``, writing a watermark every 4 messages or 5 s after the last write."""
+    service = ChatService(
+        MemoryStore(), flush_every=4, watermark_interval=5.0, monotonic=lambda: now[0]
+    )
+    service._devices[KEY] = device
+    return service
+
+
+@given(
+    start=st.integers(0, 3),
+    steps=_steps,
+    expect=st.integers(0, 14),
+    written=st.none() | st.integers(0, 3),
+)
+def test_one_seq_at_a_time_as_the_general_path(
+    start: int, steps: list[tuple[object, ...]], expect: int, written: int | None
+) -> None:
     fast, general = _Device(), _Device()
+    now = [100.0]
+    one, many = _service(fast, now), _service(general, now)
     for device in (fast, general):
         device.level[CONVERSATION] = start
+        device.expect[CONVERSATION] = expect
+        if written is not None:
+            device.written[CONVERSATION] = written
+            device.written_at[CONVERSATION] = 97.0
     for step in steps:
         if step[0] == "own":
             above = step[1]
@@ -60,25 +86,42 @@ def test_one_seq_at_a_time_as_the_general_path(start: int, steps: list[tuple[obj
             continue
         _, seq, own = step
         assert isinstance(seq, int) and isinstance(own, bool)
-        # A tuple of one pair may take the fast path; a list never does.
-        got = ChatService._note(fast, CONVERSATION, fast.level[CONVERSATION], ((seq, own),))
-        want = ChatService._note(general, CONVERSATION, general.level[CONVERSATION], [(seq, own)])
-        assert got == want
+        got = one._advance_one(KEY, CONVERSATION, seq, own)
+        want = many._advance_now(KEY, CONVERSATION, [(seq, own)])
+        # Both answer None (done), () (a write is due) or the seqs to note under the lock.
+        assert (got is None, got == ()) == (want is None, want == ())
+        if got:
+            assert list(got) == list(want or ())
         assert _state(fast) == _state(general)
+        now[0] += 1.0
+
+
+def test_one_seq_goes_the_general_way_while_the_device_is_busy() -> None:
+    device = _Device()
+    device.level[CONVERSATION] = 4
+    service = _service(device, [0.0])
+    assert service._advance_one(("bob", "x"), CONVERSATION, 5, False) is None  # not here
+    assert service._advance_one(KEY, "p:alice:carol", 1, False) == ((1, False),)  # no level
+    assert service._advance_one(KEY, CONVERSATION, 5, True) is None
+    assert device.level[CONVERSATION] == 5
 
 
 def test_the_next_seq_moves_the_watermark_and_marks_a_peer_message() -> None:
     device = _Device()
     device.level[CONVERSATION] = 4
-    assert ChatService._note(device, CONVERSATION, 4, ((5, True),)) == 5
+    service = _service(device, [0.0])
+    assert service._advance_one(KEY, CONVERSATION, 5, True) is None
+    assert device.level[CONVERSATION] == 5
     assert CONVERSATION not in device.dirty  # the device's own message: nothing to write
-    assert ChatService._note(device, CONVERSATION, 5, ((6, False),)) == 6
+    assert service._advance_one(KEY, CONVERSATION, 6, False) == ()  # never written: due
+    assert device.level[CONVERSATION] == 6
     assert CONVERSATION in device.dirty  # the peer's message passed: write it in time
-    assert ChatService._note(device, CONVERSATION, 6, ((3, False),)) == 6  # old: no change
-    assert ChatService._note(device, CONVERSATION, 6, ((8, False),)) == 6  # a hole at 7
-    assert device.acked[CONVERSATION] == {8}
+    device.written[CONVERSATION], device.written_at[CONVERSATION] = 6, 0.0
+    assert service._advance_one(KEY, CONVERSATION, 3, False) is None  # old: no change
+    assert service._advance_one(KEY, CONVERSATION, 8, False) == ()  # a hole at 7: general
+    assert device.acked[CONVERSATION] == {8} and device.level[CONVERSATION] == 6
     assert ChatService._note(device, CONVERSATION, 6, ((7, True),)) == 8
     assert not device.acked[CONVERSATION] and not device.own[CONVERSATION]
     device.own[CONVERSATION].add(9)  # the device's user sent 9 (_answer notes it)
-    assert ChatService._note(device, CONVERSATION, 8, ((9, True),)) == 9
-    assert not device.own[CONVERSATION]
+    assert service._advance_one(KEY, CONVERSATION, 9, True) is None
+    assert device.level[CONVERSATION] == 9 and not device.own[CONVERSATION]

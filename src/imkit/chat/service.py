@@ -466,7 +466,7 @@ class ChatService:
         conversation, seq = stored.conversation_id, stored.seq
         steps: list[_Step] = []
         if self.no_ack or not acked:
-            self._advance_later(steps, (sender, session.device_id), conversation, ((seq, True),))
+            self._advance_one_later(steps, (sender, session.device_id), conversation, seq, True)
         # Pushed again on a resend too: the first push may never have gone out. Clients
         # drop what they already have by (conversationId, seq).
         users = [recv_id] if recv_id == sender or not self.echo_to_sender else [recv_id, sender]
@@ -489,7 +489,7 @@ class ChatService:
                 functools.partial(forward, users, PUSH_METHOD, wire, form_id=sender, here=False)
             )
         for key in live:  # NoAck: handed to the connection counts as delivered
-            self._advance_later(steps, key, conversation, ((seq, key[0] == sender),))
+            self._advance_one_later(steps, key, conversation, seq, key[0] == sender)
         return steps
 
     def _advance_later(
@@ -497,6 +497,14 @@ class ChatService:
     ) -> None:
         """:meth:`_advance` without awaiting: what needs the store is added to ``steps``."""
         rest = self._advance_now(key, conversation, seqs)
+        if rest is not None:
+            steps.append(functools.partial(self._advance_slow, key, conversation, rest))
+
+    def _advance_one_later(
+        self, steps: list[_Step], key: Key, conversation: str, seq: int, is_own: bool
+    ) -> None:
+        """:meth:`_advance_later` for one seq (through :meth:`_advance_one`)."""
+        rest = self._advance_one(key, conversation, seq, is_own)
         if rest is not None:
             steps.append(functools.partial(self._advance_slow, key, conversation, rest))
 
@@ -739,7 +747,7 @@ class ChatService:
             if isinstance(conversation, str) and isinstance(seq, int) and seq > 0:
                 if self._is_member(key, conversation):
                     own = method == CHAT_METHOD or data.get("sendId") == user
-                    rest = self._advance_now(key, conversation, ((seq, own),))
+                    rest = self._advance_one(key, conversation, seq, own)
                     if rest is not None:
                         return self._advance_slow(key, conversation, rest)
             return None
@@ -829,6 +837,48 @@ class ChatService:
             return None
         return ()
 
+    def _advance_one(
+        self, key: Key, conversation: str, seq: int, is_own: bool
+    ) -> Iterable[tuple[int, bool]] | None:
+        """:meth:`_advance_now` for one seq (``is_own``: sent by the device's user).
+
+        Nearly every call: the next seq of a conversation whose watermark is known, with
+        nothing noted above the watermark but (for the sender's device) that seq as its
+        own. That is done here in one call, with the outcome of :meth:`_note`'s loops (a
+        test compares the two); anything else goes to :meth:`_advance_now`."""
+        device = self._devices.get(key)
+        if device is not None and not device.lock.locked():
+            level = device.level.get(conversation)
+            if (
+                level is not None
+                and not device.acked.get(conversation)
+                and not device.peer.get(conversation)
+            ):
+                own = device.own.get(conversation)
+                if not own:
+                    if seq == level + 1:
+                        device.level[conversation] = seq
+                        if not is_own:
+                            device.dirty.add(conversation)
+                            return () if self._due(device, conversation, seq) else None
+                        return self._due_rest(device, conversation, seq)
+                    if seq <= level:
+                        return self._due_rest(device, conversation, level)
+                elif seq == level + 1 and len(own) == 1 and seq in own:
+                    own.clear()
+                    device.level[conversation] = seq
+                    return self._due_rest(device, conversation, seq)
+        return self._advance_now(key, conversation, ((seq, is_own),))
+
+    def _due_rest(
+        self, device: _Device, conversation: str, level: int
+    ) -> Iterable[tuple[int, bool]] | None:
+        """What :meth:`_advance_now` answers once the seqs are noted with nothing acked
+        above the watermark: ``()`` when a write is due, else ``None``."""
+        if conversation in device.dirty and self._due(device, conversation, level):
+            return ()
+        return None
+
     async def _advance_slow(
         self, key: Key, conversation: str, seqs: Iterable[tuple[int, bool]]
     ) -> None:
@@ -857,23 +907,6 @@ class ChatService:
         acked = device.acked.get(conversation)
         own = device.own.get(conversation)
         peer = device.peer.get(conversation)
-        if not (acked or peer) and type(seqs) is tuple and len(seqs) == 1:
-            # Nearly every call: one seq, the next, with nothing noted above the watermark
-            # but (for the sender's device) that seq as its own. The same outcome as below
-            # without the loops (a test compares the two).
-            seq, is_own = seqs[0]
-            if not own:
-                if seq <= level:
-                    return level
-                if seq == level + 1:
-                    device.level[conversation] = seq
-                    if not is_own:
-                        device.dirty.add(conversation)
-                    return seq
-            elif seq == level + 1 and len(own) == 1 and seq in own:
-                own.clear()
-                device.level[conversation] = seq
-                return seq
         if acked is None:
             acked = device.acked[conversation] = set()
         if own is None:
