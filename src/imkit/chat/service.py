@@ -860,24 +860,20 @@ class ChatService:
                         device.level[conversation] = seq
                         if not is_own:
                             device.dirty.add(conversation)
-                            return () if self._due(device, conversation, seq) else None
-                        return self._due_rest(device, conversation, seq)
-                    if seq <= level:
-                        return self._due_rest(device, conversation, level)
+                    elif seq > level:
+                        return self._advance_now(key, conversation, ((seq, is_own),))
                 elif seq == level + 1 and len(own) == 1 and seq in own:
                     own.clear()
                     device.level[conversation] = seq
-                    return self._due_rest(device, conversation, seq)
+                else:
+                    return self._advance_now(key, conversation, ((seq, is_own),))
+                # Noted, nothing acked above the watermark: () when a write is due.
+                if conversation in device.dirty and self._due(
+                    device, conversation, device.level[conversation]
+                ):
+                    return ()
+                return None
         return self._advance_now(key, conversation, ((seq, is_own),))
-
-    def _due_rest(
-        self, device: _Device, conversation: str, level: int
-    ) -> Iterable[tuple[int, bool]] | None:
-        """What :meth:`_advance_now` answers once the seqs are noted with nothing acked
-        above the watermark: ``()`` when a write is due, else ``None``."""
-        if conversation in device.dirty and self._due(device, conversation, level):
-            return ()
-        return None
 
     async def _advance_slow(
         self, key: Key, conversation: str, seqs: Iterable[tuple[int, bool]]

@@ -60,7 +60,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Literal, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -364,7 +364,7 @@ def _append_all(
     one of the messages already stored under the batch's ids, then the inserts and the
     new last seqs each as one ``executemany`` (a statement per message costs the loop
     more than the writing does)."""
-    conversations = list(dict.fromkeys(append.conversation_id for append in appends))
+    conversations = list(dict.fromkeys([append.conversation_id for append in appends]))
     last: dict[str, int] = {}
     members: dict[str, set[str]] = {}
     for chunk in _chunks(conversations, _MAX_PARAMS):
@@ -639,7 +639,7 @@ class SQLiteStore(StoreLifecycle):
                 end += 1  # appends side by side: run together
             try:
                 if end - start > 1:
-                    appends = [cast(_Append, job.fn) for job in writes[start:end]]
+                    appends: list[_Append] = [job.fn for job in writes[start:end]]  # type: ignore[misc]
                     for job, result in zip(
                         writes[start:end], _append_all(conn, appends), strict=True
                     ):
