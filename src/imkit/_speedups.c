@@ -997,21 +997,48 @@ read_int(json_in *in)
 
 static PyObject *read_value(json_in *in, int depth);
 
+/* At an object's or array's opening bracket: past it and the whitespace after it; 1 if
+   it is empty (its closing bracket, close, read too), else 0. */
+static int
+open_container(json_in *in, Py_UCS4 close)
+{
+    in->pos++;
+    skip_ws(in);
+    if (peek(in) == close) {
+        in->pos++;
+        return 1;
+    }
+    return 0;
+}
+
+/* After a member of an object or array: 1 if another follows (the ',' read), 0 if that
+   was the last (the closing bracket, close, read), -1 if neither (not for this reader). */
+static int
+next_member(json_in *in, Py_UCS4 close)
+{
+    skip_ws(in);
+    if (peek(in) == ',') {
+        in->pos++;
+        skip_ws(in);
+        return 1;
+    }
+    if (peek(in) == close) {
+        in->pos++;
+        return 0;
+    }
+    return -1;
+}
+
 static PyObject *
 read_array(json_in *in, int depth)
 {
     PyObject *list = PyList_New(0), *item;
+    int more;
 
-    if (list == NULL) {
-        return NULL;
-    }
-    in->pos++;
-    skip_ws(in);
-    if (peek(in) == ']') {
-        in->pos++;
+    if (list == NULL || open_container(in, ']')) {
         return list;
     }
-    for (;;) {
+    do {
         item = read_value(in, depth + 1);
         if (item == NULL || PyList_Append(list, item) < 0) {
             Py_XDECREF(item);
@@ -1019,67 +1046,50 @@ read_array(json_in *in, int depth)
             return NULL;
         }
         Py_DECREF(item);
-        skip_ws(in);
-        if (peek(in) == ',') {
-            in->pos++;
-            skip_ws(in);
-            continue;
-        }
-        if (peek(in) == ']') {
-            in->pos++;
-            return list;
-        }
+    } while ((more = next_member(in, ']')) == 1);
+    if (more < 0) {
         Py_DECREF(list);
         return DECLINED;
     }
+    return list;
 }
 
 /* The object at in->pos, as a dict (a repeated key: the last value, as json's). */
 static PyObject *
 read_object(json_in *in, int depth)
 {
-    PyObject *dict = PyDict_New(), *key = NULL, *value = NULL;
+    PyObject *dict = PyDict_New(), *key, *value;
+    int more;
 
-    if (dict == NULL) {
-        return NULL;
-    }
-    in->pos++;
-    skip_ws(in);
-    if (peek(in) == '}') {
-        in->pos++;
+    if (dict == NULL || open_container(in, '}')) {
         return dict;
     }
-    for (;;) {
+    do {
         if (peek(in) != '"' || (key = read_string(in)) == NULL) {
-            break;
+            Py_DECREF(dict);
+            return NULL;
         }
         skip_ws(in);
-        if (peek(in) != ':') {
-            break;
-        }
-        in->pos++;
-        skip_ws(in);
-        if ((value = read_value(in, depth + 1)) == NULL || PyDict_SetItem(dict, key, value) < 0) {
-            break;
-        }
-        Py_CLEAR(key);
-        Py_CLEAR(value);
-        skip_ws(in);
-        if (peek(in) == ',') {
+        value = NULL;
+        if (peek(in) == ':') {
             in->pos++;
             skip_ws(in);
-            continue;
+            value = read_value(in, depth + 1);
         }
-        if (peek(in) == '}') {
-            in->pos++;
-            return dict;
+        if (value == NULL || PyDict_SetItem(dict, key, value) < 0) {
+            Py_DECREF(key);
+            Py_XDECREF(value);
+            Py_DECREF(dict);
+            return NULL;
         }
-        break;
+        Py_DECREF(key);
+        Py_DECREF(value);
+    } while ((more = next_member(in, '}')) == 1);
+    if (more < 0) {
+        Py_DECREF(dict);
+        return DECLINED;
     }
-    Py_XDECREF(key);
-    Py_XDECREF(value);
-    Py_DECREF(dict);
-    return NULL;
+    return dict;
 }
 
 static PyObject *
@@ -1148,15 +1158,12 @@ read_envelope(json_in *in, PyObject **fields)
     Py_ssize_t at;
     Py_UCS4 c;
     PyObject *value;
-    int field;
+    int field, more;
 
-    in->pos++;
-    skip_ws(in);
-    if (peek(in) == '}') {
-        in->pos++;
+    if (open_container(in, '}')) {
         return 1;
     }
-    for (;;) {
+    do {
         if (peek(in) != '"') {
             return 0;
         }
@@ -1190,18 +1197,8 @@ read_envelope(json_in *in, PyObject **fields)
         else {
             Py_XSETREF(fields[field], value); /* a repeated key: the last one */
         }
-        skip_ws(in);
-        if (peek(in) == ',') {
-            in->pos++;
-            skip_ws(in);
-            continue;
-        }
-        if (peek(in) == '}') {
-            in->pos++;
-            return 1;
-        }
-        return 0;
-    }
+    } while ((more = next_member(in, '}')) == 1);
+    return more == 0;
 }
 
 PyDoc_STRVAR(read_frame_doc,

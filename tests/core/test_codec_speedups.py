@@ -26,7 +26,6 @@ from tests.core.helpers import speedups
 from tests.core.test_frames import control_texts
 
 from imkit.core import _framing, events, frames
-from imkit.core.events import Delivered, MessageReceived, RawMessageReceived
 from imkit.core.frames import (
     Frame,
     FrameType,
@@ -510,37 +509,8 @@ def test_the_frame_reading_follows_the_choice() -> None:
 
 
 # ------------------------------------------------------------------ slot_maker
-@given(
-    frame_type=st.sampled_from(FrameType),
-    message_id=texts,
-    ack_seq=INT64,
-    method=texts,
-    form_id=texts,
-    transpond_uid=texts,
-    data=supported,
-    reply_to=texts,
-)
-def test_the_c_maker_makes_the_frame_python_makes(
-    frame_type: FrameType,
-    message_id: str,
-    ack_seq: int,
-    method: str,
-    form_id: str,
-    transpond_uid: str,
-    data: Any,
-    reply_to: str,
-) -> None:
-    fields = (frame_type, message_id, ack_seq, method, form_id, transpond_uid, data, reply_to)
-    make = frames._slot_maker(Frame, frames._FIELDS)
-    assert make is not None
-    frame = make(*fields)
-    assert type(frame) is Frame
-    assert frame == py_new_frame(*fields) == Frame(*fields)
-    made = attrs.astuple(frame, recurse=False)
-    assert made == fields
-    assert all(got is given for got, given in zip(made, fields, strict=True))
-
-
+# (Frames and events made by the chosen makers and by the Python ones are held to the
+# usual ones in test_core_differential.py.)
 def test_a_c_made_frame_is_an_ordinary_frozen_frame() -> None:
     data = {"k": ["v"]}
     frame = frames._new_frame(FrameType.ACK, "a", 1, "m", "f", "t", data, "r")
@@ -551,16 +521,13 @@ def test_a_c_made_frame_is_an_ordinary_frozen_frame() -> None:
     assert gc.is_tracked(frame)
 
 
-def test_the_core_events_are_made_in_c_as_in_python() -> None:
-    frame = Frame(id="f1")
+def test_the_core_events_are_made_by_the_chosen_makers() -> None:
     pairs = [
-        (events._message_received, events._py_message_received, MessageReceived, frame),
-        (events._delivered, events._py_delivered, Delivered, frame),
-        (events._raw_message_received, events._py_raw_message_received, RawMessageReceived, "t"),
+        (events._message_received, events._py_message_received),
+        (events._delivered, events._py_delivered),
+        (events._raw_message_received, events._py_raw_message_received),
     ]
-    for chosen, python, cls, value in pairs:
-        assert type(chosen(value)) is cls
-        assert chosen(value) == python(value) == cls(value)
+    for chosen, python in pairs:
         if _framing.SPEEDUPS:
             assert type(chosen) is speedups().SlotMaker
         else:
