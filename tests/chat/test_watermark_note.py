@@ -4,6 +4,7 @@ the path for one seq at a time (``_advance_one``) gives what the general path
 
 from __future__ import annotations
 
+import anyio
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -125,3 +126,30 @@ def test_the_next_seq_moves_the_watermark_and_marks_a_peer_message() -> None:
     device.own[CONVERSATION].add(9)  # the device's user sent 9 (_answer notes it)
     assert service._advance_one(KEY, CONVERSATION, 9, True) is None
     assert device.level[CONVERSATION] == 9 and not device.own[CONVERSATION]
+
+
+def test_a_due_write_is_queued_once_until_its_run_starts() -> None:
+    """With a write due, the ack that found it hands it to _advance_slow (``()``); the
+    acks read before that runs queue nothing more (``None``); once it has run (and
+    written), the next due write is queued again. A disconnect's flush clears a queued
+    write that never ran."""
+    device = _Device()
+    device.level[CONVERSATION] = 0
+    device.expect[CONVERSATION] = 100  # more was sent: only flush_every (4) makes it due
+    service = _service(device, [0.0])
+
+    def acks(seqs: range) -> list[object]:
+        return [service._advance_one(KEY, CONVERSATION, seq, False) for seq in seqs]
+
+    async def main() -> None:
+        async with service.store:
+            assert acks(range(1, 8)) == [None, None, None, (), None, None, None]
+            assert CONVERSATION in device.queued
+            await service._advance_slow(KEY, CONVERSATION, ())
+            assert CONVERSATION not in device.queued
+            assert device.written[CONVERSATION] == 7  # (set once the store took it)
+            assert acks(range(8, 12)) == [None, None, None, ()]  # 11 - 7 >= 4: queued again
+            await service._flush(KEY, device)
+            assert not device.queued and device.written[CONVERSATION] == 11
+
+    anyio.run(main)

@@ -190,7 +190,9 @@ class _Device:
     to be sent by the device's user, or by the peer), ``expect`` (the highest seq this node
     has sent the device), ``dirty`` (watermarks that passed a peer's message since they
     were last written: only those matter to :meth:`MessageStore.pending`), ``writing``
-    (watermarks being written now: none is due again until that write is done).
+    (watermarks being written now: none is due again until that write is done),
+    ``queued`` (a write found due and handed to :meth:`ChatService._advance_slow`, which
+    has not run yet: the acks read meanwhile queue no other).
     """
 
     __slots__ = (
@@ -204,6 +206,7 @@ class _Device:
         "members",
         "own",
         "peer",
+        "queued",
         "sessions",
         "writing",
         "written",
@@ -220,6 +223,7 @@ class _Device:
         self.expect: dict[str, int] = {}
         self.dirty: set[str] = set()
         self.writing: set[str] = set()
+        self.queued: set[str] = set()
         self.members: set[str] = set()
         self.sessions: set[str] = set()
         self.live: set[str] = set()
@@ -831,11 +835,12 @@ class ChatService:
         level = self._note(device, conversation, device.level[conversation], seqs)
         # (Nearly always: nothing acked above a hole and nothing to write; both answered
         # without calling _hole or _due.)
-        if (not device.acked.get(conversation) or not self._hole(device, conversation, level)) and (
-            conversation not in device.dirty or not self._due(device, conversation, level)
-        ):
-            return None
-        return ()
+        if device.acked.get(conversation) and self._hole(device, conversation, level):
+            return ()
+        if conversation in device.dirty and self._due(device, conversation, level):
+            device.queued.add(conversation)
+            return ()
+        return None
 
     def _advance_one(
         self, key: Key, conversation: str, seq: int, is_own: bool
@@ -871,6 +876,7 @@ class ChatService:
                 if conversation in device.dirty and self._due(
                     device, conversation, device.level[conversation]
                 ):
+                    device.queued.add(conversation)
                     return ()
                 return None
         return self._advance_now(key, conversation, ((seq, is_own),))
@@ -884,6 +890,7 @@ class ChatService:
         device = self._devices.get(key)
         if device is None:
             return
+        device.queued.discard(conversation)  # (this is the run a due write was queued for)
         async with _locked(device.lock):
             level = await self._level(key, device, conversation)
             level = self._note(device, conversation, level, seqs)
@@ -941,7 +948,11 @@ class ChatService:
         """Whether the watermark must be written now: ``flush_every`` acked messages ahead
         of the store, or everything sent acked and the last write ``watermark_interval``
         ago (otherwise a later ack, the disconnect or the shutdown writes it)."""
-        if conversation not in device.dirty or conversation in device.writing:
+        if (
+            conversation not in device.dirty
+            or conversation in device.writing
+            or conversation in device.queued
+        ):
             return False
         if level - device.written.get(conversation, 0) >= self.flush_every:
             return True
@@ -1011,6 +1022,9 @@ class ChatService:
             for conversation, level in list(device.level.items()):
                 if level > device.written.get(conversation, 0):
                     await self._write(key, device, conversation)
+            # Written: a write queued by a connection that ended before it ran (its
+            # messages' ends dropped) holds back no later one.
+            device.queued.clear()
 
     async def disconnected(self, session: Session, server: ServerAPI) -> None:
         """Save the device's watermarks; forget it when its last connection is gone."""
