@@ -284,7 +284,7 @@ class ServerSession(HeldFanOut):
         On the lean asyncio stream the messages sent with :meth:`send_now` and
         :meth:`deliver` are moved to the stream once per event-loop iteration (their
         bytes count from then on; ``max_write_buffer`` is checked then too)."""
-        lean = self._lean  # read per push by send_to_users: straight from the stream
+        lean = self._lean  # (straight from the stream)
         return lean.write_buffered if lean is not None else self._writer.buffered
 
     def send_raw(self, data: str | bytes) -> None:
