@@ -263,6 +263,33 @@ async def test_a_sessions_messages_of_one_iteration_reach_the_stream_together(
     assert produced, "the session's output went through produce_output"
 
 
+async def test_messages_sent_just_before_a_close_reach_the_client_before_the_close() -> None:
+    """A route sends five messages and closes the connection in the same iteration (its
+    messages still wait to be moved to the stream): the client reads the five, in
+    order, then the close frame."""
+    app, _seen = make_app(options=PeerOptions(rate_limit=None))
+
+    @app.route("bye")
+    async def bye(ctx: imkit.Context) -> None:
+        for n in range(5):
+            ctx.session.send_now("n", {"n": n}, acked=False)
+        await ctx.session.close(1000, "bye")
+
+    async with serve_tcp(app) as server:
+        assert server.port is not None
+        stream = await anyio.connect_tcp("127.0.0.1", server.port)
+        async with stream:
+            client = RawWS(stream)
+            with anyio.fail_after(5):
+                await client.handshake("/ws?userId=leaving")
+                await client.send_json({"frameType": 0, "id": "b1", "method": "bye"})
+                got = [await client.recv_json() for _ in range(6)]
+                closed = await client.wait_closed()
+    assert got[0] is not None and (got[0]["frameType"], got[0]["id"]) == (2, "b1")  # the ack
+    assert [f["data"] for f in got[1:] if f is not None] == [{"n": n} for n in range(5)]
+    assert (closed.code, closed.reason) == (1000, "bye")
+
+
 async def test_receive_splits_a_chunk_larger_than_max_bytes() -> None:
     async with pair() as (server, client):
         await client.send(b"abcdefgh")
