@@ -221,6 +221,20 @@ async def test_wait_flushed_writes_what_a_due_producer_makes() -> None:
         assert await read_exactly(client, 4) == b"made"
 
 
+@asynccontextmanager
+async def open_client(app: imkit.App, user_id: str) -> AsyncIterator[RawWS]:
+    """``app`` served on 127.0.0.1 (the lean stream), and a raw client of ``user_id``
+    past its handshake; everything within 5 s."""
+    async with serve_tcp(app) as server:
+        assert server.port is not None
+        stream = await anyio.connect_tcp("127.0.0.1", server.port)
+        async with stream:
+            client = RawWS(stream)
+            with anyio.fail_after(5):
+                assert await client.handshake(f"/ws?userId={user_id}") == 101
+                yield client
+
+
 async def test_a_sessions_messages_of_one_iteration_reach_the_stream_together(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -246,15 +260,9 @@ async def test_a_sessions_messages_of_one_iteration_reach_the_stream_together(
         during.append(len(produced) - before)
         await ctx.reply("done")
 
-    async with serve_tcp(app) as server:
-        assert server.port is not None
-        stream = await anyio.connect_tcp("127.0.0.1", server.port)
-        async with stream:
-            client = RawWS(stream)
-            with anyio.fail_after(5):
-                await client.handshake("/ws?userId=bursty")
-                await client.send_json({"frameType": 0, "id": "b1", "method": "burst"})
-                got = [await client.recv_json() for _ in range(32)]
+    async with open_client(app, "bursty") as client:
+        await client.send_json({"frameType": 0, "id": "b1", "method": "burst"})
+        got = [await client.recv_json() for _ in range(32)]
     assert all(frame is not None for frame in got)
     assert got[0] is not None and (got[0]["frameType"], got[0]["id"]) == (2, "b1")  # the ack
     assert [f["data"] for f in got[1:31] if f is not None] == [{"n": n} for n in range(30)]
@@ -275,16 +283,10 @@ async def test_messages_sent_just_before_a_close_reach_the_client_before_the_clo
             ctx.session.send_now("n", {"n": n}, acked=False)
         await ctx.session.close(1000, "bye")
 
-    async with serve_tcp(app) as server:
-        assert server.port is not None
-        stream = await anyio.connect_tcp("127.0.0.1", server.port)
-        async with stream:
-            client = RawWS(stream)
-            with anyio.fail_after(5):
-                await client.handshake("/ws?userId=leaving")
-                await client.send_json({"frameType": 0, "id": "b1", "method": "bye"})
-                got = [await client.recv_json() for _ in range(6)]
-                closed = await client.wait_closed()
+    async with open_client(app, "leaving") as client:
+        await client.send_json({"frameType": 0, "id": "b1", "method": "bye"})
+        got = [await client.recv_json() for _ in range(6)]
+        closed = await client.wait_closed()
     assert got[0] is not None and (got[0]["frameType"], got[0]["id"]) == (2, "b1")  # the ack
     assert [f["data"] for f in got[1:] if f is not None] == [{"n": n} for n in range(5)]
     assert (closed.code, closed.reason) == (1000, "bye")
