@@ -140,6 +140,61 @@ async def test_concurrent_appends_share_commits(tmp_path: Path) -> None:
         assert [m.seq for m in stored] == list(range(1, 102))
 
 
+async def test_a_round_reads_its_ids_only_when_it_holds_a_resend(tmp_path: Path) -> None:
+    """A round of new messages is written without first reading the messages stored
+    under its ids; one that holds the resend of a message stored in an earlier round is
+    rolled back to its savepoint and written again after that read. The resend gets the
+    stored message (created false), the new ones the next seqs, without a gap."""
+    results: list[tuple[str, int, bool]] = []
+    expected = 0
+    done = anyio.Event()
+
+    def report(result: tuple[StoredMessage, bool] | None, error: BaseException | None) -> None:
+        assert result is not None, error
+        results.append((result[0].msg_id, result[0].seq, result[1]))
+        if len(results) == expected:
+            done.set()
+
+    async def round_of(store: SQLiteStore, *msg_ids: str) -> list[str]:
+        nonlocal expected, done
+        expected, done = len(msg_ids), anyio.Event()
+        statements: list[str] = []
+        conn = store._conn
+        assert conn is not None
+        conn.set_trace_callback(statements.append)
+        results.clear()
+        for msg_id in msg_ids:  # queued before the round begins: one round
+            store.append_nowait(
+                conversation_id="a_b",
+                sender_id="a",
+                recv_id="b",
+                msg_id=msg_id,
+                chat_type=2,
+                m_type=0,
+                content=msg_id,
+                send_time=1,
+                done=report,
+            )
+        with anyio.fail_after(10):
+            await done.wait()
+        conn.set_trace_callback(None)
+        return statements
+
+    async with SQLiteStore(tmp_path / "chat.db") as store:
+        new = await round_of(store, "m1", "m2")
+        assert results == [("m1", 1, True), ("m2", 2, True)]
+        assert not any("WITH k" in sql for sql in new)
+        assert not any("ROLLBACK" in sql for sql in new)
+
+        again = await round_of(store, "m3", "m1", "m4")
+        assert results == [("m3", 3, True), ("m1", 1, False), ("m4", 4, True)]
+        assert sum("ROLLBACK TO imkit_appends" in sql for sql in again) == 1
+        assert sum("WITH k" in sql for sql in again) == 1
+        assert "ROLLBACK" not in again  # (the round was not run again a write at a time)
+        stored = await store.read_after("a_b", 0, limit=10)
+        assert [(m.seq, m.msg_id) for m in stored] == [(1, "m1"), (2, "m2"), (3, "m3"), (4, "m4")]
+
+
 async def test_a_read_waits_for_the_write_round_in_progress(tmp_path: Path) -> None:
     """A read asked while a write round waits for its transaction runs after that round's
     COMMIT: it sees the round's writes, never the connection halfway through them (the

@@ -103,6 +103,11 @@ _APPEND_LOOKUP = (
 _NEW_CONVERSATION = "INSERT INTO imkit_conversations (conversation_id, last_seq) VALUES (?, 1)"
 _NEXT_SEQ = "UPDATE imkit_conversations SET last_seq = ? WHERE conversation_id = ?"
 _INSERT_MESSAGE = f"INSERT INTO imkit_messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+# The same, skipping a message already stored under its id (the unique index): how many
+# rows it inserted tells whether the batch held one (_append_all).
+_INSERT_NEW_MESSAGE = (
+    _INSERT_MESSAGE + " ON CONFLICT (conversation_id, sender_id, msg_id) DO NOTHING"
+)
 _ADD_MEMBERS = (
     "INSERT OR IGNORE INTO imkit_members (user_id, conversation_id) VALUES (?, ?), (?, ?)"
 )
@@ -361,9 +366,30 @@ def _append_all(
 ) -> list[tuple[StoredMessage, bool]]:
     """Run ``appends`` in order, with the results of calling each in turn, in a fixed
     number of statements: one read of the conversations' last seqs, one of their members,
-    one of the messages already stored under the batch's ids, then the inserts and the
-    new last seqs each as one ``executemany`` (a statement per message costs the loop
-    more than the writing does)."""
+    then the inserts and the new last seqs each as one ``executemany`` (a statement per
+    message costs the loop more than the writing does).
+
+    Nearly every batch holds only new messages: it is first written without looking up
+    its ids, under a savepoint, and the unique index on ``(conversation_id, sender_id,
+    msg_id)`` says whether one was stored before (an insert it skipped). Then the
+    savepoint is rolled back and the batch runs again with one more read: the messages
+    already stored under its ids, which are answered as they are."""
+    conn.execute("SAVEPOINT imkit_appends")
+    results = _append_batch(conn, appends, probe=False)
+    if results is None:  # a resend of a message stored in an earlier round
+        conn.execute("ROLLBACK TO imkit_appends")
+        results = _append_batch(conn, appends, probe=True)
+        assert results is not None  # (every stored id was read first: no insert skipped)
+    conn.execute("RELEASE imkit_appends")
+    return results
+
+
+def _append_batch(
+    conn: sqlite3.Connection, appends: Sequence[_Append], *, probe: bool
+) -> list[tuple[StoredMessage, bool]] | None:
+    """:func:`_append_all`'s statements; ``probe``: read the messages already stored under
+    the batch's ids first. Without it, ``None`` when one was (nothing to keep of what this
+    call wrote: the caller rolls it back)."""
     conversations = list(dict.fromkeys([append.conversation_id for append in appends]))
     last: dict[str, int] = {}
     members: dict[str, set[str]] = {}
@@ -373,11 +399,12 @@ def _append_all(
         for conversation_id, user_id in conn.execute(_MEMBERS_OF.format(marks), chunk):
             members.setdefault(conversation_id, set()).add(user_id)
     known: dict[tuple[str, str, str], StoredMessage] = {}
-    for part in _chunks(appends, _MAX_PARAMS // 3):
-        params = [v for a in part for v in (a.conversation_id, a.sender_id, a.msg_id)]
-        marks = ", ".join(["(?, ?, ?)"] * len(part))
-        for row in conn.execute(_STORED_UNDER.format(marks), params):
-            known[(row[0], row[2], row[4])] = _row_to_message(row)
+    if probe:
+        for part in _chunks(appends, _MAX_PARAMS // 3):
+            params = [v for a in part for v in (a.conversation_id, a.sender_id, a.msg_id)]
+            marks = ", ".join(["(?, ?, ?)"] * len(part))
+            for row in conn.execute(_STORED_UNDER.format(marks), params):
+                known[(row[0], row[2], row[4])] = _row_to_message(row)
     results: list[tuple[StoredMessage, bool]] = []
     rows: list[tuple[str, int, str, str, str, int, int, str, int]] = []
     seqs: dict[str, int] = {}
@@ -402,7 +429,10 @@ def _append_all(
                 have.add(user)
                 joined.append((user, conversation_id))
     if rows:
-        conn.executemany(_INSERT_MESSAGE, rows)
+        if probe:
+            conn.executemany(_INSERT_MESSAGE, rows)
+        elif conn.executemany(_INSERT_NEW_MESSAGE, rows).rowcount != len(rows):
+            return None
         conn.executemany(_SET_LAST_SEQ, seqs.items())
     if joined:
         conn.executemany(_ADD_MEMBER, joined)
