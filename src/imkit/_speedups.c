@@ -12,6 +12,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
+#include <limits.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -1418,6 +1419,64 @@ slot_maker(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     return (PyObject *)maker;
 }
 
+/* ------------------------------------------------------------------ plain_append */
+
+/* Whether v is an exact str, non-empty unless allowed, ASCII, and (when no_nul) without
+   NUL: the common case of an id or a text (imkit.chat.store.check_append). */
+static int
+plain_ascii(PyObject *v, int allow_empty, int no_nul)
+{
+    if (!PyUnicode_CheckExact(v) || !PyUnicode_IS_ASCII(v)) {
+        return 0;
+    }
+    Py_ssize_t size = PyUnicode_GET_LENGTH(v);
+    if (size == 0) {
+        return allow_empty;
+    }
+    return !no_nul || memchr(PyUnicode_DATA(v), 0, (size_t)size) == NULL;
+}
+
+/* Whether v is an exact int within [lo, hi]. */
+static int
+plain_range(PyObject *v, long long lo, long long hi)
+{
+    if (!PyLong_CheckExact(v)) {
+        return 0;
+    }
+    int overflow = 0;
+    long long value = PyLong_AsLongLongAndOverflow(v, &overflow);
+    if (overflow != 0 || (value == -1 && PyErr_Occurred())) {
+        PyErr_Clear();
+        return 0;
+    }
+    return lo <= value && value <= hi;
+}
+
+PyDoc_STRVAR(plain_append_doc,
+"plain_append(conversation_id, sender_id, recv_id, msg_id, chat_type, m_type, content,\n"
+"             send_time, /)\n"
+"--\n\n"
+"True when the arguments of MessageStore.append are of the common, valid kind, as\n"
+"imkit.chat.store's _py_plain_append answers: the four ids exact, non-empty, ASCII\n"
+"str without NUL, content an exact ASCII str, chat_type and m_type exact 32-bit ints,\n"
+"send_time an exact 64-bit int. False otherwise (the Python checks then say what is\n"
+"wrong, or accept what is valid but not of this kind).");
+
+static PyObject *
+plain_append(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "plain_append() takes 8 arguments");
+        return NULL;
+    }
+    int plain = plain_ascii(args[0], 0, 1) && plain_ascii(args[1], 0, 1)
+                && plain_ascii(args[2], 0, 1) && plain_ascii(args[3], 0, 1)
+                && plain_range(args[4], INT32_MIN, INT32_MAX)
+                && plain_range(args[5], INT32_MIN, INT32_MAX)
+                && plain_ascii(args[6], 1, 0) && plain_range(args[7], LLONG_MIN, LLONG_MAX);
+    return Py_NewRef(plain ? Py_True : Py_False);
+}
+
 static PyMethodDef speedups_methods[] = {
     {"read_text", (PyCFunction)(void (*)(void))read_text, METH_FASTCALL, read_text_doc},
     {"frame_texts", (PyCFunction)(void (*)(void))frame_texts, METH_FASTCALL,
@@ -1428,6 +1487,8 @@ static PyMethodDef speedups_methods[] = {
      read_control_doc},
     {"read_frame", (PyCFunction)(void (*)(void))read_frame, METH_FASTCALL, read_frame_doc},
     {"slot_maker", (PyCFunction)(void (*)(void))slot_maker, METH_FASTCALL, slot_maker_doc},
+    {"plain_append", (PyCFunction)(void (*)(void))plain_append, METH_FASTCALL,
+     plain_append_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -31,3 +31,14 @@ class SlotMaker:
     def __call__(self, *values: Any) -> Any: ...
 
 def slot_maker(cls: type, slots: tuple[Any, ...], /) -> SlotMaker: ...
+def plain_append(
+    conversation_id: Any,
+    sender_id: Any,
+    recv_id: Any,
+    msg_id: Any,
+    chat_type: Any,
+    m_type: Any,
+    content: Any,
+    send_time: Any,
+    /,
+) -> bool: ...

@@ -62,11 +62,14 @@ Queued appends (optional)
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, NamedTuple, Protocol, TypeVar, runtime_checkable
 
 import attrs
+
+from imkit.core._framing import load_speedups
 
 __all__ = (
     "SCHEMA_VERSION",
@@ -396,21 +399,21 @@ def draft_message(
     )
 
 
-def check_append(
-    *,
-    conversation_id: str,
-    sender_id: str,
-    recv_id: str,
-    msg_id: str,
-    chat_type: int,
-    m_type: int,
-    content: str,
-    send_time: int,
-) -> None:
-    """Raise ``TypeError``/``ValueError`` for arguments :meth:`MessageStore.append` refuses."""
-    # Nearly every call: ASCII ids and content, 32-bit types, a 64-bit time. Checked in
-    # one expression; anything else goes through the checks that say what is wrong.
-    if (
+def _py_plain_append(
+    conversation_id: object,
+    sender_id: object,
+    recv_id: object,
+    msg_id: object,
+    chat_type: object,
+    m_type: object,
+    content: object,
+    send_time: object,
+) -> bool:
+    """Whether the arguments of :meth:`MessageStore.append` are of the common, valid
+    kind: the four ids exact, non-empty, ASCII ``str`` without NUL, ``content`` an exact
+    ASCII ``str``, ``chat_type`` and ``m_type`` exact 32-bit ints, ``send_time`` an exact
+    64-bit int (the C extension's ``plain_append`` answers the same)."""
+    return bool(
         type(conversation_id) is str
         and type(sender_id) is str
         and type(recv_id) is str
@@ -435,6 +438,30 @@ def check_append(
         and _INT32[0] <= chat_type <= _INT32[1]
         and _INT32[0] <= m_type <= _INT32[1]
         and _INT64[0] <= send_time <= _INT64[1]
+    )
+
+
+_plain_append: Callable[..., bool] = getattr(
+    load_speedups(os.environ), "plain_append", _py_plain_append
+)
+
+
+def check_append(
+    *,
+    conversation_id: str,
+    sender_id: str,
+    recv_id: str,
+    msg_id: str,
+    chat_type: int,
+    m_type: int,
+    content: str,
+    send_time: int,
+) -> None:
+    """Raise ``TypeError``/``ValueError`` for arguments :meth:`MessageStore.append` refuses."""
+    # Nearly every call: ASCII ids and content, 32-bit types, a 64-bit time, answered by
+    # one call; anything else goes through the checks that say what is wrong.
+    if _plain_append(
+        conversation_id, sender_id, recv_id, msg_id, chat_type, m_type, content, send_time
     ):
         return
     check_text("conversation_id", conversation_id)
