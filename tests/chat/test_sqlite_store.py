@@ -8,6 +8,7 @@ import sqlite3
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -33,19 +34,24 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
     return backend
 
 
+def message(msg_id: str, content: str = "hi", *, conversation: str = "a_b") -> dict[str, Any]:
+    """The arguments of an append from ``a`` to ``b``."""
+    return {
+        "conversation_id": conversation,
+        "sender_id": "a",
+        "recv_id": "b",
+        "msg_id": msg_id,
+        "chat_type": 2,
+        "m_type": 0,
+        "content": content,
+        "send_time": 1,
+    }
+
+
 async def send(
     store: SQLiteStore, msg_id: str, content: str = "hi", *, conversation: str = "a_b"
 ) -> tuple[StoredMessage, bool]:
-    return await store.append(
-        conversation_id=conversation,
-        sender_id="a",
-        recv_id="b",
-        msg_id=msg_id,
-        chat_type=2,
-        m_type=0,
-        content=content,
-        send_time=1,
-    )
+    return await store.append(**message(msg_id, content, conversation=conversation))
 
 
 def python_env() -> dict[str, str]:
@@ -164,17 +170,7 @@ async def test_a_round_reads_its_ids_only_when_it_holds_a_resend(tmp_path: Path)
         conn.set_trace_callback(statements.append)
         results.clear()
         for msg_id in msg_ids:  # queued before the round begins: one round
-            store.append_nowait(
-                conversation_id="a_b",
-                sender_id="a",
-                recv_id="b",
-                msg_id=msg_id,
-                chat_type=2,
-                m_type=0,
-                content=msg_id,
-                send_time=1,
-                done=report,
-            )
+            store.append_nowait(**message(msg_id, msg_id), done=report)
         with anyio.fail_after(10):
             await done.wait()
         conn.set_trace_callback(None)

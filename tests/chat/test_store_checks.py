@@ -52,34 +52,36 @@ _ints = st.one_of(
 _contents = st.one_of(_ids, st.text(max_size=20))
 
 
+_NAMES = (
+    "conversation_id",
+    "sender_id",
+    "recv_id",
+    "msg_id",
+    "chat_type",
+    "m_type",
+    "content",
+    "send_time",
+)
+
+
 def _arguments() -> st.SearchStrategy[tuple[Any, ...]]:
     return st.tuples(_ids, _ids, _ids, _ids, _ints, _ints, _contents, _ints)
 
 
 def _refused(args: tuple[Any, ...]) -> Exception | None:
     """What check_append's full checks raise for ``args`` (``None``: accepted)."""
-    names = (
-        "conversation_id",
-        "sender_id",
-        "recv_id",
-        "msg_id",
-        "chat_type",
-        "m_type",
-        "content",
-        "send_time",
-    )
     try:
         # (The fast answer skipped: a False from it runs exactly these.)
-        store.check_text(names[0], args[0])
-        store.check_text(names[1], args[1])
-        store.check_text(names[2], args[2])
-        store.check_text(names[3], args[3])
-        store.check_int(names[4], args[4], bits=32)
-        store.check_int(names[5], args[5], bits=32)
+        store.check_text(_NAMES[0], args[0])
+        store.check_text(_NAMES[1], args[1])
+        store.check_text(_NAMES[2], args[2])
+        store.check_text(_NAMES[3], args[3])
+        store.check_int(_NAMES[4], args[4], bits=32)
+        store.check_int(_NAMES[5], args[5], bits=32)
         if not isinstance(args[6], str):
             raise TypeError("content must be a str")
-        store.check_unicode(names[6], args[6])
-        store.check_int(names[7], args[7])
+        store.check_unicode(_NAMES[6], args[6])
+        store.check_int(_NAMES[7], args[7])
     except (TypeError, ValueError) as exc:
         return exc
     return None
@@ -115,22 +117,12 @@ def test_the_common_case_answer_accepts_only_what_the_checks_accept(
 def test_check_append_raises_what_the_full_checks_raise(args: tuple[Any, ...]) -> None:
     """Whichever answers the common case, check_append accepts what the full checks
     accept and raises the same error for the rest."""
-    names = (
-        "conversation_id",
-        "sender_id",
-        "recv_id",
-        "msg_id",
-        "chat_type",
-        "m_type",
-        "content",
-        "send_time",
-    )
     expected = _refused(args)
     if expected is None:
-        check_append(**dict(zip(names, args, strict=True)))
+        check_append(**dict(zip(_NAMES, args, strict=True)))
     else:
         with pytest.raises(type(expected)) as raised:
-            check_append(**dict(zip(names, args, strict=True)))
+            check_append(**dict(zip(_NAMES, args, strict=True)))
         assert str(raised.value).split(" ")[0] == str(expected).split(" ")[0]  # the field
 
 
