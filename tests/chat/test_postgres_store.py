@@ -19,7 +19,7 @@ import anyio
 import pytest
 
 import imkit
-from imkit.chat.store import StoredMessage
+from imkit.chat.store import SCHEMA_VERSION, StoredMessage
 from imkit.exceptions import ConfigurationError, StoreError, StoreUnavailable
 from services import require_postgres_dsn
 
@@ -75,7 +75,7 @@ async def test_nodes_starting_together_share_one_schema(schema: tuple[str, str])
             version = await conn.fetchval(f'SELECT version FROM "{name}".imkit_schema_version')
         finally:
             await conn.close()
-        assert version == 1
+        assert version == SCHEMA_VERSION == 1
     finally:
         for store in stores:
             await store.close()

@@ -66,9 +66,128 @@ async def test_creates_a_versioned_wal_database(tmp_path: Path) -> None:
         await send(store, "1")
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("SELECT version FROM imkit_schema_version").fetchall() == [(1,)]
+        assert conn.execute("SELECT version FROM imkit_schema_version").fetchall() == [(2,)]
         assert conn.execute("SELECT msg_id FROM imkit_messages").fetchall() == [("1",)]
+        # Version 2: no index of messages by time (send times never decrease in a
+        # conversation; history by time bisects the seqs).
+        indexes = {row[1] for row in conn.execute("PRAGMA index_list(imkit_messages)")}
+        assert "imkit_messages_by_time" not in indexes
     conn.close()
+
+
+_V1_SCHEMA = """
+CREATE TABLE imkit_schema_version (id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL);
+INSERT INTO imkit_schema_version (id, version) VALUES (1, 1);
+CREATE TABLE imkit_conversations (
+    conversation_id TEXT PRIMARY KEY, last_seq INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE imkit_messages (
+    conversation_id TEXT NOT NULL, seq INTEGER NOT NULL, sender_id TEXT NOT NULL,
+    recv_id TEXT NOT NULL, msg_id TEXT NOT NULL, chat_type INTEGER NOT NULL,
+    m_type INTEGER NOT NULL, content TEXT NOT NULL, send_time INTEGER NOT NULL,
+    PRIMARY KEY (conversation_id, seq));
+CREATE UNIQUE INDEX imkit_messages_by_msg_id ON imkit_messages (conversation_id, sender_id, msg_id);
+CREATE INDEX imkit_messages_by_time ON imkit_messages (conversation_id, send_time);
+"""
+
+
+async def test_a_version_1_database_keeps_its_index_by_time(tmp_path: Path) -> None:
+    """A database made at schema version 1 may hold send times that go down along the
+    seqs (nothing kept them from it then): it is moved to version 2 with its index by
+    time kept, and history by time reads that index, finding every message in range."""
+    path = tmp_path / "chat.db"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(_V1_SCHEMA)
+        times = [300, 100, 200, 100, 400]
+        conn.executemany(
+            "INSERT INTO imkit_messages VALUES ('a_b', ?, 'a', 'b', ?, 2, 0, 'x', ?)",
+            [(seq, f"m{seq}", t) for seq, t in enumerate(times, 1)],
+        )
+        conn.execute("INSERT INTO imkit_conversations VALUES ('a_b', 5)")
+    conn.close()
+    async with SQLiteStore(path) as store:
+        assert store._time_index
+        assert [m.seq for m in await store.history("a_b", start_time=100, end_time=200)] == [
+            2,
+            3,
+            4,
+        ]
+        # New messages keep to the rule from now on: not below the last one (400).
+        message, _ = await send(store, "6")
+        assert (message.seq, message.send_time) == (6, 400)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT version FROM imkit_schema_version").fetchall() == [(2,)]
+        indexes = {row[1] for row in conn.execute("PRAGMA index_list(imkit_messages)")}
+        assert "imkit_messages_by_time" in indexes
+    conn.close()
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    times=st.lists(st.integers(0, 30), max_size=40),
+    bounds=st.lists(
+        st.tuples(
+            st.one_of(st.none(), st.integers(-1, 32)),
+            st.one_of(st.none(), st.integers(-1, 32)),
+            st.one_of(st.none(), st.integers(0, 42)),
+            st.integers(1, 50),
+            st.booleans(),
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+)
+def test_history_by_time_without_the_index_reads_what_a_scan_reads(
+    times: list[int], bounds: list[tuple[int | None, int | None, int | None, int, bool]]
+) -> None:
+    """Without the index by time (a version 2 database), history by time bisects the
+    seqs for the range (send times never decrease along them) and gives what the
+    in-memory store's scan gives, for any send times (raised where they went down), any
+    time and seq bounds, limit and order."""
+    import tempfile
+
+    from imkit.chat.memory import MemoryStore
+
+    async def main(path: Path) -> None:
+        reference = MemoryStore()
+        await reference.open()
+        async with SQLiteStore(path) as store:
+            assert not store._time_index
+            for i, t in enumerate(times):
+                fields = message(f"m{i}")
+                fields["send_time"] = t
+                assert await store.append(**fields) == await reference.append(**fields)
+            for start_time, end_time, start_seq, limit, descending in bounds:
+                query = {
+                    "start_time": start_time,
+                    "end_time": end_time,
+                    "start_seq": start_seq,
+                    "limit": limit,
+                    "descending": descending,
+                }
+                assert await store.history("a_b", **query) == await reference.history(
+                    "a_b", **query
+                )
+        await reference.close()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        anyio.run(main, Path(tmp) / "chat.db")
+
+
+async def test_a_missing_row_makes_history_by_time_read_by_time_alone(tmp_path: Path) -> None:
+    """A seq with no row (a database edited by hand) cannot be bisected over: history by
+    time then reads the range by its send times alone, and still finds every message."""
+    path = tmp_path / "chat.db"
+    async with SQLiteStore(path) as store:
+        for i in range(1, 9):
+            fields = message(f"m{i}")
+            fields["send_time"] = 10 * i
+            await store.append(**fields)
+    with sqlite3.connect(path) as conn:
+        conn.execute("DELETE FROM imkit_messages WHERE seq = 4")
+    conn.close()
+    async with SQLiteStore(path) as store:
+        found = await store.history("a_b", start_time=20, end_time=70)
+        assert [m.seq for m in found] == [2, 3, 5, 6, 7]
 
 
 async def test_refuses_a_newer_schema(tmp_path: Path) -> None:

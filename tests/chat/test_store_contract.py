@@ -220,6 +220,50 @@ async def test_history_bounds_are_inclusive(store: MessageStore) -> None:
     assert await store.history("x_y") == []
 
 
+async def test_send_times_never_decrease_within_a_conversation(store: MessageStore) -> None:
+    """A send time below the conversation's last is raised to it (a node's clock stepped
+    back): the message is stored and returned so, a resend gets it back as stored, and
+    history by time finds it where its seq is. Other conversations are not touched."""
+    got = [
+        (m.seq, m.send_time, created)
+        for m, created in [
+            await send(store, "a_b", "a", "b", "1", send_time=100),
+            await send(store, "a_b", "b", "a", "2", send_time=50),  # raised to 100
+            await send(store, "a_b", "a", "b", "3", send_time=120),
+            await send(store, "a_b", "a", "b", "4", send_time=120),  # equal: kept
+            await send(store, "a_b", "b", "a", "5", send_time=110),  # raised to 120
+            await send(store, "a_c", "a", "c", "1", send_time=10),  # another conversation
+            await send(store, "a_b", "b", "a", "2", send_time=999),  # a resend: as stored
+        ]
+    ]
+    assert got == [
+        (1, 100, True),
+        (2, 100, True),
+        (3, 120, True),
+        (4, 120, True),
+        (5, 120, True),
+        (1, 10, True),
+        (2, 100, False),
+    ]
+    assert [m.send_time for m in await store.read_after("a_b", 0, limit=10)] == [
+        100,
+        100,
+        120,
+        120,
+        120,
+    ]
+
+    async def seqs(**kwargs: Any) -> list[int]:
+        return [m.seq for m in await store.history("a_b", **kwargs)]
+
+    assert await seqs(start_time=100, end_time=100) == [1, 2]
+    assert await seqs(start_time=101) == [3, 4, 5]
+    assert await seqs(end_time=119) == [1, 2]
+    assert await seqs(start_time=120, descending=True, limit=2) == [5, 4]
+    assert await seqs(start_time=121) == []
+    assert await seqs(end_time=99) == []
+
+
 async def test_membership(store: MessageStore) -> None:
     assert not await store.is_member("a_b", "a")
     await send(store, "a_b", "a", "b", "1")
@@ -625,6 +669,34 @@ async def test_queued_appends_take_seqs_and_report_in_call_order(store: MessageS
     assert await store.last_seq("a_b") == 5
     assert [m.msg_id for m in await store.read_after("a_b", 0, limit=10)] == [
         f"m{i}" for i in range(5)
+    ]
+
+
+async def test_queued_appends_keep_send_times_from_decreasing(store: MessageStore) -> None:
+    """Appends queued together (one round) raise a send time below the one before them,
+    in the round and across rounds."""
+    queued = _queued(store)
+    await send(store, "a_b", "a", "b", "first", send_time=500)
+    times: list[int] = []
+    done = anyio.Event()
+
+    def record(result: tuple[StoredMessage, bool] | None, error: BaseException | None) -> None:
+        assert result is not None, error
+        times.append(result[0].send_time)
+        if len(times) == 4:
+            done.set()
+
+    for i, send_time in enumerate([400, 600, 550, 700]):
+        queued.append_nowait(**_fields(f"m{i}", send_time=send_time), done=record)
+    with anyio.fail_after(5):
+        await done.wait()
+    assert times == [500, 600, 600, 700]
+    assert [m.send_time for m in await store.read_after("a_b", 0, limit=10)] == [
+        500,
+        500,
+        600,
+        600,
+        700,
     ]
 
 

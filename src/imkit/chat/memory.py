@@ -153,6 +153,8 @@ class MemoryStore(StoreLifecycle):
         existing = conv.by_msg_id.get((sender_id, msg_id))
         if existing is not None:
             return existing, False
+        if conv.messages and send_time < conv.messages[-1].send_time:
+            send_time = conv.messages[-1].send_time  # never below the message before
         message = StoredMessage(
             conversation_id,
             len(conv.messages) + 1,

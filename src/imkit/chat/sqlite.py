@@ -17,9 +17,9 @@ Threading
 Group commit
     One write round at a time: the worker opens a transaction, the loop runs every write
     waiting at that moment (up to ``max_batch``; the appends among them together, in a
-    fixed number of statements: reads of the conversations' last seqs, their members and
-    the ids already stored, then one ``executemany`` of the rows), and the worker commits
-    once. A write that fails on its own (a constraint) rolls the round back and the
+    fixed number of statements: reads of the conversations' last seqs and send times
+    and their members, then one ``executemany`` of the rows; the ids already stored are
+    read only when a row was skipped as one of them), and the worker commits once. A write that fails on its own (a constraint) rolls the round back and the
     round runs again with a savepoint around each write, so that it fails alone. Writes
     that arrive while a round is in progress wait for it and then share the next one, so
     a burst of N concurrent appends costs a handful of commits, not N. Nobody hears
@@ -34,6 +34,14 @@ Durability
     power cut may lose the last transactions (the database stays consistent). Losing
     them would mean reusing seqs clients have already seen, hence FULL by default; group
     commit keeps its cost to one fsync per batch.
+
+History by time
+    A message's send time is never below the one before it in its conversation
+    (:mod:`imkit.chat.store`), so the seqs of a time range are found by bisection over
+    the conversation's seqs (a few primary-key reads) and no index of messages by time
+    is kept: one B-tree less to write per message, a quarter of the pages a round
+    writes. A file made at schema version 1 may hold send times that go down; it keeps
+    its index, which history by time then reads.
 
 Several processes
     Seqs are assigned inside the ``BEGIN IMMEDIATE`` transaction from the committed
@@ -66,7 +74,7 @@ import anyio
 import anyio.to_thread
 
 from imkit.chat.store import (
-    SCHEMA_VERSION,
+    SQLITE_SCHEMA_VERSION,
     AppendDone,
     ConversationSummary,
     StoredMessage,
@@ -92,10 +100,16 @@ _Waker = Callable[[Callable[[], None]], object]
 _COLUMNS = "conversation_id, seq, sender_id, recv_id, msg_id, chat_type, m_type, content, send_time"
 _M_COLUMNS = ", ".join(f"m.{c.strip()}" for c in _COLUMNS.split(","))
 
+# The send time of a conversation's last message (``c`` its imkit_conversations row): a new
+# message's is never below it.
+_LAST_TIME = (
+    "(SELECT send_time FROM imkit_messages WHERE conversation_id = c.conversation_id"
+    " AND seq = c.last_seq)"
+)
 _APPEND_LOOKUP = (
     "SELECT c.last_seq, (SELECT count(*) FROM imkit_members WHERE"
     "  conversation_id = c.conversation_id AND user_id IN (?, ?)),"
-    f" {_M_COLUMNS} FROM imkit_conversations c"
+    f" {_LAST_TIME}, {_M_COLUMNS} FROM imkit_conversations c"
     " LEFT JOIN imkit_messages m ON m.conversation_id = c.conversation_id"
     "  AND m.sender_id = ? AND m.msg_id = ?"
     " WHERE c.conversation_id = ?"
@@ -113,7 +127,8 @@ _ADD_MEMBERS = (
 )
 # A round's appends together (_append_all); {} is a list of "?" marks.
 _LAST_SEQS = (
-    "SELECT conversation_id, last_seq FROM imkit_conversations WHERE conversation_id IN ({})"
+    f"SELECT c.conversation_id, c.last_seq, {_LAST_TIME} FROM imkit_conversations c"
+    " WHERE c.conversation_id IN ({})"
 )
 _MEMBERS_OF = "SELECT conversation_id, user_id FROM imkit_members WHERE conversation_id IN ({})"
 _STORED_UNDER = (
@@ -140,7 +155,6 @@ CREATE TABLE IF NOT EXISTS imkit_messages (
     PRIMARY KEY (conversation_id, seq));
 CREATE UNIQUE INDEX IF NOT EXISTS imkit_messages_by_msg_id
     ON imkit_messages (conversation_id, sender_id, msg_id);
-CREATE INDEX IF NOT EXISTS imkit_messages_by_time ON imkit_messages (conversation_id, send_time);
 CREATE TABLE IF NOT EXISTS imkit_members (
     user_id TEXT NOT NULL, conversation_id TEXT NOT NULL,
     PRIMARY KEY (user_id, conversation_id)) WITHOUT ROWID;
@@ -319,8 +333,9 @@ class _Append:
         self.content = content
         self.send_time = send_time
 
-    def row(self, seq: int) -> tuple[str, int, str, str, str, int, int, str, int]:
-        """The message's row under ``seq``, in the order of StoredMessage's fields."""
+    def row(self, seq: int, send_time: int) -> tuple[str, int, str, str, str, int, int, str, int]:
+        """The message's row under ``seq`` and ``send_time`` (its own, or the higher one of
+        the message before), in the order of StoredMessage's fields."""
         return (
             self.conversation_id,
             seq,
@@ -330,7 +345,7 @@ class _Append:
             self.chat_type,
             self.m_type,
             self.content,
-            self.send_time,
+            send_time,
         )
 
     def __call__(self, conn: sqlite3.Connection) -> tuple[StoredMessage, bool]:
@@ -341,15 +356,18 @@ class _Append:
         row = conn.execute(
             _APPEND_LOOKUP, (sender_id, recv_id, sender_id, self.msg_id, conversation_id)
         ).fetchone()
+        send_time = self.send_time
         if row is None:
             seq, members = 1, 0
             conn.execute(_NEW_CONVERSATION, (conversation_id,))
-        elif row[2] is not None:
-            return _row_to_message(row[2:]), False
+        elif row[3] is not None:
+            return _row_to_message(row[3:]), False
         else:
             seq, members = row[0] + 1, row[1]
+            if row[2] is not None and send_time < row[2]:
+                send_time = row[2]  # never below the message before (store.py)
             conn.execute(_NEXT_SEQ, (seq, conversation_id))
-        values = self.row(seq)
+        values = self.row(seq, send_time)
         conn.execute(_INSERT_MESSAGE, values)
         if members < (1 if sender_id == recv_id else 2):
             conn.execute(_ADD_MEMBERS, (sender_id, conversation_id, recv_id, conversation_id))
@@ -392,10 +410,14 @@ def _append_batch(
     call wrote: the caller rolls it back)."""
     conversations = list(dict.fromkeys([append.conversation_id for append in appends]))
     last: dict[str, int] = {}
+    times: dict[str, int] = {}  # the send time of each conversation's last message
     members: dict[str, set[str]] = {}
     for chunk in _chunks(conversations, _MAX_PARAMS):
         marks = ", ".join("?" * len(chunk))
-        last.update(conn.execute(_LAST_SEQS.format(marks), chunk))
+        for conversation_id, last_seq, last_time in conn.execute(_LAST_SEQS.format(marks), chunk):
+            last[conversation_id] = last_seq
+            if last_time is not None:
+                times[conversation_id] = last_time
         for conversation_id, user_id in conn.execute(_MEMBERS_OF.format(marks), chunk):
             members.setdefault(conversation_id, set()).add(user_id)
     known: dict[tuple[str, str, str], StoredMessage] = {}
@@ -417,7 +439,12 @@ def _append_batch(
             results.append((stored, False))
             continue
         seq = seqs[conversation_id] = last[conversation_id] = last.get(conversation_id, 0) + 1
-        row = append.row(seq)
+        send_time = append.send_time
+        before = times.get(conversation_id)
+        if before is not None and send_time < before:
+            send_time = before  # never below the message before (store.py)
+        times[conversation_id] = send_time
+        row = append.row(seq, send_time)
         rows.append(row)
         stored = known[key] = _row_to_message(row)
         results.append((stored, True))
@@ -437,6 +464,51 @@ def _append_batch(
     if joined:
         conn.executemany(_ADD_MEMBER, joined)
     return results
+
+
+_TIME_AT = "SELECT send_time FROM imkit_messages WHERE conversation_id = ? AND seq = ?"
+
+
+def _time_seqs(
+    conn: sqlite3.Connection, conversation_id: str, start_time: int | None, end_time: int | None
+) -> tuple[int, int] | None:
+    """The seqs whose send times lie in ``[start_time, end_time]`` (either bound may be
+    ``None``), as ``(first, last)`` (``first > last`` when none), found by bisection over
+    the conversation's seqs ``1 .. last_seq``: send times never decrease along them. A
+    probe that finds no row (a store that broke its own gapless rule) gives ``None``: the
+    caller then reads the range by time alone."""
+    row = conn.execute(
+        "SELECT last_seq FROM imkit_conversations WHERE conversation_id = ?", (conversation_id,)
+    ).fetchone()
+    if row is None:
+        return 1, 0
+
+    def first_seq_from(time: int, above: bool) -> int | None:
+        # The first seq whose send time is >= time (above: > time); last_seq + 1 if none.
+        lo, hi = 1, row[0] + 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            found = conn.execute(_TIME_AT, (conversation_id, mid)).fetchone()
+            if found is None:
+                return None
+            if found[0] > time or (found[0] == time and not above):
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    first, last = 1, row[0]
+    if start_time is not None:
+        seq = first_seq_from(start_time, above=False)
+        if seq is None:
+            return None
+        first = seq
+    if end_time is not None:
+        seq = first_seq_from(end_time, above=True)
+        if seq is None:
+            return None
+        last = seq - 1
+    return first, last
 
 
 class SQLiteStore(StoreLifecycle):
@@ -485,6 +557,10 @@ class SQLiteStore(StoreLifecycle):
         self._parked: list[_Job] = []  # reads waiting for the round's COMMIT
         self._round: _Round | None = None
         self._careful = False  # the next round runs each write under a savepoint
+        # Whether the database has imkit_messages_by_time (made at schema version 1): then
+        # history by time reads it; else send times never decrease along the seqs, and the
+        # seqs of a time range are found by bisection (_time_seqs).
+        self._time_index = False
         self._idle = Flag()
         self._transactions = 0
         self._writes_done = 0
@@ -870,21 +946,28 @@ class SQLiteStore(StoreLifecycle):
             )
             row = conn.execute("SELECT version FROM imkit_schema_version WHERE id = 1").fetchone()
             version = row[0] if row else 0
-            if version > SCHEMA_VERSION:
+            if version > SQLITE_SCHEMA_VERSION:
                 raise StoreError(
                     f"{self._path} has schema version {version}; "
-                    f"this imkit supports up to {SCHEMA_VERSION}"
+                    f"this imkit supports up to {SQLITE_SCHEMA_VERSION}"
                 )
-            if version < SCHEMA_VERSION:
+            if version < SQLITE_SCHEMA_VERSION:
                 for statement in filter(str.strip, _SCHEMA.split(";")):
                     conn.execute(statement)
                 conn.execute(
                     "INSERT INTO imkit_schema_version (id, version) VALUES (1, ?)"
                     " ON CONFLICT (id) DO UPDATE SET version = excluded.version",
-                    (SCHEMA_VERSION,),
+                    (SQLITE_SCHEMA_VERSION,),
                 )
-                logger.info("%s: created schema version %d", self._path, SCHEMA_VERSION)
+                logger.info("%s: created schema version %d", self._path, SQLITE_SCHEMA_VERSION)
             conn.execute("COMMIT")
+            self._time_index = (
+                conn.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'index'"
+                    " AND name = 'imkit_messages_by_time'"
+                ).fetchone()
+                is not None
+            )
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -993,13 +1076,25 @@ class SQLiteStore(StoreLifecycle):
             if value is not None:
                 where.append(clause)
                 params.append(value)
-        params.append(limit)
         order = "DESC" if descending else "ASC"
-        return await self._select(
-            f"SELECT {_COLUMNS} FROM imkit_messages WHERE {' AND '.join(where)}"
-            f" ORDER BY seq {order} LIMIT ?",
-            tuple(params),
-        )
+        tail = f" ORDER BY seq {order} LIMIT ?"
+        if (start_time is None and end_time is None) or self._time_index:
+            return await self._select(
+                f"SELECT {_COLUMNS} FROM imkit_messages WHERE {' AND '.join(where)}{tail}",
+                (*params, limit),
+            )
+
+        def run(conn: sqlite3.Connection) -> list[StoredMessage]:
+            # No index by time: the seqs of the time range first, then those seqs (the
+            # time bounds stay in the query: a row is returned only if its time is in).
+            extra, values = "", []
+            seqs = _time_seqs(conn, conversation_id, start_time, end_time)
+            if seqs is not None:
+                extra, values = " AND seq >= ? AND seq <= ?", list(seqs)
+            sql = f"SELECT {_COLUMNS} FROM imkit_messages WHERE {' AND '.join(where)}{extra}"
+            return list(map(_row_to_message, conn.execute(sql + tail, (*params, *values, limit))))
+
+        return await self._call(_Kind.READ, run)
 
     async def _select(self, sql: str, params: tuple[object, ...]) -> list[StoredMessage]:
         def run(conn: sqlite3.Connection) -> list[StoredMessage]:

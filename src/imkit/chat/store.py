@@ -22,6 +22,12 @@ Durability
     means it may or may not have been stored; the caller retries with the same
     ``msg_id`` and the store dedupes. No method reports success for something not stored.
 
+Send times
+    Within a conversation a message's ``send_time`` is never below the one of the
+    message before it: ``append`` raises a lower ``send_time`` to the conversation's last
+    (the clock of a node stepped back, or nodes disagree) and returns the message as
+    stored. History by time can then be found along the seqs.
+
 Membership
     ``append`` records the sender and the recipient as members of the conversation.
     :meth:`MessageStore.pending` and :meth:`MessageStore.conversations` cover exactly
@@ -73,6 +79,7 @@ from imkit.core._framing import load_speedups
 
 __all__ = (
     "SCHEMA_VERSION",
+    "SQLITE_SCHEMA_VERSION",
     "AppendDone",
     "ConversationSummary",
     "MessageStore",
@@ -82,8 +89,13 @@ __all__ = (
 
 _logger = logging.getLogger("imkit.chat.store")
 
-#: The version of the persistent schema the SQL stores create and expect.
+#: The version of the persistent schema the PostgreSQL store creates and expects.
 SCHEMA_VERSION = 1
+
+#: The version of the SQLite store's file. 2: a new file has no index of messages by time
+#: (send times never decrease within a conversation, so history by time is found along
+#: the seqs); a file made at version 1 keeps its index, and is marked 2 when opened.
+SQLITE_SCHEMA_VERSION = 2
 
 _INT32 = (-(2**31), 2**31 - 1)
 _INT64 = (-(2**63), 2**63 - 1)
@@ -167,7 +179,8 @@ class MessageStore(Protocol):
         """Store a message under the conversation's next seq; ``(message, created)``.
 
         A repeated ``(sender_id, msg_id)`` in the conversation returns the stored
-        message and ``False``.
+        message and ``False``. A ``send_time`` below the one of the conversation's last
+        message is stored (and returned) as that one.
         """
         ...
 

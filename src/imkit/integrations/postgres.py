@@ -343,16 +343,20 @@ class PostgresStore(StoreLifecycle):
                         )
                         if row is not None:
                             return _row_to_message(row), False
-                        seq = await conn.fetchval(
+                        # The send time is never below the one of the message before
+                        # (store.py): GREATEST with it.
+                        stored = await conn.fetchrow(
                             f"WITH s AS (UPDATE {self._conv} SET last_seq = last_seq + 1"
                             "   WHERE conversation_id = $1 RETURNING last_seq),"
                             f" ins AS (INSERT INTO {self._msgs} ({_COLUMNS})"
-                            "   SELECT $1, s.last_seq, $2, $3, $4, $5, $6, $7, $8 FROM s"
-                            "   RETURNING seq),"
+                            "   SELECT $1, s.last_seq, $2, $3, $4, $5, $6, $7,"
+                            f"   GREATEST($8, (SELECT p.send_time FROM {self._msgs} p"
+                            "     WHERE p.conversation_id = $1 AND p.seq = s.last_seq - 1))"
+                            "   FROM s RETURNING seq, send_time),"
                             f" mem AS (INSERT INTO {self._members} (user_id, conversation_id)"
                             "   SELECT DISTINCT u, $1 FROM unnest(ARRAY[$2, $3]::text[]) AS u"
                             "   ON CONFLICT DO NOTHING)"
-                            " SELECT seq FROM ins",
+                            " SELECT seq, send_time FROM ins",
                             conversation_id,
                             sender_id,
                             recv_id,
@@ -362,7 +366,10 @@ class PostgresStore(StoreLifecycle):
                             content.encode("utf-8"),
                             send_time,
                         )
-                    return draft._replace(seq=int(seq)), True
+                    assert stored is not None
+                    return draft._replace(
+                        seq=int(stored["seq"]), send_time=int(stored["send_time"])
+                    ), True
                 except asyncpg.UniqueViolationError:
                     # Cannot happen while every writer takes the row lock; retry anyway.
                     logger.warning("append raced on %r (attempt %d)", msg_id, attempt + 1)
