@@ -19,10 +19,11 @@ Group commit
     waiting at that moment (up to ``max_batch``; the appends among them together, in a
     fixed number of statements: reads of the conversations' last seqs and send times
     and their members, then one ``executemany`` of the rows; the ids already stored are
-    read only when a row was skipped as one of them), and the worker commits once. A write that fails on its own (a constraint) rolls the round back and the
-    round runs again with a savepoint around each write, so that it fails alone. Writes
-    that arrive while a round is in progress wait for it and then share the next one, so
-    a burst of N concurrent appends costs a handful of commits, not N. Nobody hears
+    read only when a row was skipped as one of them), and the worker commits once. A
+    write that fails on its own (a constraint) rolls the round back and the round runs
+    again with a savepoint around each write, so that it fails alone. Writes that
+    arrive while a round is in progress wait for it and then share the next one, so a
+    burst of N concurrent appends costs a handful of commits, not N. Nobody hears
     "stored" before the commit that stored it succeeded; if the commit fails every write
     in the round fails.
 
