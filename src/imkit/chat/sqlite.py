@@ -467,6 +467,7 @@ def _append_batch(
     return results
 
 
+_LAST_SEQ = "SELECT last_seq FROM imkit_conversations WHERE conversation_id = ?"
 _TIME_AT = "SELECT send_time FROM imkit_messages WHERE conversation_id = ? AND seq = ?"
 
 
@@ -478,9 +479,7 @@ def _time_seqs(
     the conversation's seqs ``1 .. last_seq``: send times never decrease along them. A
     probe that finds no row (a store that broke its own gapless rule) gives ``None``: the
     caller then reads the range by time alone."""
-    row = conn.execute(
-        "SELECT last_seq FROM imkit_conversations WHERE conversation_id = ?", (conversation_id,)
-    ).fetchone()
+    row = conn.execute(_LAST_SEQ, (conversation_id,)).fetchone()
     if row is None:
         return 1, 0
 
@@ -1123,10 +1122,7 @@ class SQLiteStore(StoreLifecycle):
     async def last_seq(self, conversation_id: str) -> int:
         """The conversation's highest seq (0 when it has no messages)."""
         check_text("conversation_id", conversation_id)
-        seq = await self._scalar(
-            "SELECT last_seq FROM imkit_conversations WHERE conversation_id = ?",
-            (conversation_id,),
-        )
+        seq = await self._scalar(_LAST_SEQ, (conversation_id,))
         return int(seq or 0)
 
     async def get_delivered(self, user_id: str, device_id: str, conversation_id: str) -> int:
