@@ -931,6 +931,11 @@ class SQLiteStore(StoreLifecycle):
             if mode != "wal" and self._path != ":memory:":
                 logger.warning("%s: journal_mode is %s, not wal", self._path, mode)
             conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+            # Savepoint and statement journals in memory: SQLite's default puts them in a
+            # temporary file as soon as they pass 64 KiB, and a write round's savepoint
+            # (_append_all) copies every page it touches there first: a system call per
+            # page, as many as the commit's own.
+            conn.execute("PRAGMA temp_store = MEMORY")
             self._migrate(conn)
         except BaseException:
             conn.close()
