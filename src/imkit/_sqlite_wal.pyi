@@ -1,0 +1,6 @@
+"""Type stubs of the optional C extension ``imkit._sqlite_wal`` (see its source)."""
+
+VFS_NAME: str
+
+def register(sqlite3_module_path: str, /) -> bool: ...
+def counts() -> tuple[int, int, int]: ...
