@@ -75,6 +75,23 @@ async def test_creates_a_versioned_wal_database(tmp_path: Path) -> None:
     conn.close()
 
 
+async def test_the_connection_keeps_journals_in_memory_and_checkpoints_rarely(
+    tmp_path: Path,
+) -> None:
+    """The store's own connection: savepoint and statement journals in memory (no
+    temporary file per round), the log checkpointed every 10,000 pages."""
+    async with SQLiteStore(tmp_path / "chat.db") as store:
+
+        def pragmas(conn: sqlite3.Connection) -> tuple[int, int, str]:
+            return (
+                conn.execute("PRAGMA temp_store").fetchone()[0],
+                conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0],
+                conn.execute("PRAGMA journal_mode").fetchone()[0],
+            )
+
+        assert await store._call(_Kind.READ, pragmas) == (2, 10_000, "wal")  # 2: MEMORY
+
+
 _V1_SCHEMA = """
 CREATE TABLE imkit_schema_version (id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL);
 INSERT INTO imkit_schema_version (id, version) VALUES (1, 1);
