@@ -284,9 +284,10 @@ async def test_concurrent_appends_share_commits(tmp_path: Path) -> None:
 
 async def test_a_round_reads_its_ids_only_when_it_holds_a_resend(tmp_path: Path) -> None:
     """A round of new messages is written without first reading the messages stored
-    under its ids; one that holds the resend of a message stored in an earlier round is
-    rolled back to its savepoint and written again after that read. The resend gets the
-    stored message (created false), the new ones the next seqs, without a gap."""
+    under its ids, and with no savepoint; one that holds the resend of a message stored
+    in an earlier round is rolled back and runs again in a new transaction, its appends
+    still together, after that read. The resend gets the stored message (created
+    false), the new ones the next seqs, without a gap."""
     results: list[tuple[str, int, bool]] = []
     expected = 0
     done = anyio.Event()
@@ -316,15 +317,24 @@ async def test_a_round_reads_its_ids_only_when_it_holds_a_resend(tmp_path: Path)
         new = await round_of(store, "m1", "m2")
         assert results == [("m1", 1, True), ("m2", 2, True)]
         assert not any("WITH k" in sql for sql in new)
-        assert not any("ROLLBACK" in sql for sql in new)
+        assert not any("ROLLBACK" in sql or "SAVEPOINT" in sql for sql in new)
 
+        transactions = store.write_transactions
         again = await round_of(store, "m3", "m1", "m4")
         assert results == [("m3", 3, True), ("m1", 1, False), ("m4", 4, True)]
-        assert sum("ROLLBACK TO imkit_appends" in sql for sql in again) == 1
+        assert again.count("ROLLBACK") == 1
         assert sum("WITH k" in sql for sql in again) == 1
-        assert "ROLLBACK" not in again  # (the round was not run again a write at a time)
+        after = again[again.index("ROLLBACK") :]
+        assert after.count("BEGIN IMMEDIATE") == 1 and after.count("COMMIT") == 1
+        # (run again with its appends together: not a write at a time under savepoints)
+        assert not any("SAVEPOINT" in sql for sql in again)
+        assert store.write_transactions - transactions == 1
+        # The next round of new messages reads no ids again.
+        latest = await round_of(store, "m5", "m6")
+        assert not any("WITH k" in sql or "ROLLBACK" in sql for sql in latest)
         stored = await store.read_after("a_b", 0, limit=10)
-        assert [(m.seq, m.msg_id) for m in stored] == [(1, "m1"), (2, "m2"), (3, "m3"), (4, "m4")]
+        assert [m.msg_id for m in stored] == ["m1", "m2", "m3", "m4", "m5", "m6"]
+        assert [m.seq for m in stored] == [1, 2, 3, 4, 5, 6]
 
 
 async def test_a_read_waits_for_the_write_round_in_progress(tmp_path: Path) -> None:
@@ -711,12 +721,12 @@ def test_one_rounds_appends_run_together_as_if_one_at_a_time(
             created,
         )
 
-    batches: list[int] = []
+    batches: list[tuple[int, bool, bool]] = []  # (appends, probe, ran to the end)
     real = sqlite_module._append_all
 
-    def counted(conn: sqlite3.Connection, appends: list[object]) -> object:
-        results = real(conn, appends)  # type: ignore[arg-type]
-        batches.append(len(appends))  # ran to the end: not re-run one at a time
+    def counted(conn: sqlite3.Connection, appends: list[object], *, probe: bool) -> object:
+        results = real(conn, appends, probe=probe)  # type: ignore[arg-type]
+        batches.append((len(appends), probe, results is not None))
         return results
 
     async def main(path: Path) -> None:
@@ -764,7 +774,16 @@ def test_one_rounds_appends_run_together_as_if_one_at_a_time(
     with pytest.MonkeyPatch.context() as patch, tempfile.TemporaryDirectory() as tmp:
         patch.setattr(sqlite_module, "_append_all", counted)
         anyio.run(main, Path(tmp) / "chat.db")
-    assert batches == [len(batch)]
+
+    # Never re-run one at a time; written again after reading the stored ids exactly when
+    # the round resends a message stored in an earlier round.
+    def key(item: _Append) -> tuple[str, str, int]:
+        sender, recv = _USERS[item[0]], _USERS[item[1]]
+        return (private_conversation_id(sender, recv), sender, item[2])
+
+    resends = not {key(item) for item in batch}.isdisjoint(key(item) for item in before)
+    n = len(batch)
+    assert batches == ([(n, False, False), (n, True, True)] if resends else [(n, False, True)])
 
 
 async def test_a_round_larger_than_one_statement_s_parameters(

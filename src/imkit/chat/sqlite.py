@@ -19,7 +19,8 @@ Group commit
     waiting at that moment (up to ``max_batch``; the appends among them together, in a
     fixed number of statements: reads of the conversations' last seqs and send times
     and their members, then one ``executemany`` of the rows; the ids already stored are
-    read only when a row was skipped as one of them), and the worker commits once. A
+    read only when a row was skipped as one of them: then the round is rolled back and
+    runs again, reading them first), and the worker commits once. A
     write that fails on its own (a constraint) rolls the round back and the round runs
     again with a savepoint around each write, so that it fails alone. Writes that
     arrive while a round is in progress wait for it and then share the next one, so a
@@ -392,34 +393,19 @@ def _chunks(items: Sequence[_T], size: int) -> Iterator[Sequence[_T]]:
 
 
 def _append_all(
-    conn: sqlite3.Connection, appends: Sequence[_Append]
-) -> list[tuple[StoredMessage, bool]]:
+    conn: sqlite3.Connection, appends: Sequence[_Append], *, probe: bool
+) -> list[tuple[StoredMessage, bool]] | None:
     """Run ``appends`` in order, with the results of calling each in turn, in a fixed
     number of statements: one read of the conversations' last seqs, one of their members,
     then the inserts and the new last seqs each as one ``executemany`` (a statement per
     message costs the loop more than the writing does).
 
-    Nearly every batch holds only new messages: it is first written without looking up
-    its ids, under a savepoint, and the unique index on ``(conversation_id, sender_id,
-    msg_id)`` says whether one was stored before (an insert it skipped). Then the
-    savepoint is rolled back and the batch runs again with one more read: the messages
-    already stored under its ids, which are answered as they are."""
-    conn.execute("SAVEPOINT imkit_appends")
-    results = _append_batch(conn, appends, probe=False)
-    if results is None:  # a resend of a message stored in an earlier round
-        conn.execute("ROLLBACK TO imkit_appends")
-        results = _append_batch(conn, appends, probe=True)
-        assert results is not None  # (every stored id was read first: no insert skipped)
-    conn.execute("RELEASE imkit_appends")
-    return results
-
-
-def _append_batch(
-    conn: sqlite3.Connection, appends: Sequence[_Append], *, probe: bool
-) -> list[tuple[StoredMessage, bool]] | None:
-    """:func:`_append_all`'s statements; ``probe``: read the messages already stored under
-    the batch's ids first. Without it, ``None`` when one was (nothing to keep of what this
-    call wrote: the caller rolls it back)."""
+    Nearly every batch holds only new messages: without ``probe`` it is written without
+    looking up its ids, and the unique index on ``(conversation_id, sender_id, msg_id)``
+    says whether one was stored before (an insert it skipped): then this returns
+    ``None``, and what it wrote must be rolled back (the caller rolls back the round's
+    transaction and runs the round again). With ``probe`` it first reads the messages
+    already stored under the batch's ids, which are answered as they are."""
     conversations = list(dict.fromkeys([append.conversation_id for append in appends]))
     last: dict[str, int] = {}
     times: dict[str, int] = {}  # the send time of each conversation's last message
@@ -593,6 +579,7 @@ class SQLiteStore(StoreLifecycle):
         self._parked: list[_Job] = []  # reads waiting for the round's COMMIT
         self._round: _Round | None = None
         self._careful = False  # the next round runs each write under a savepoint
+        self._probe = False  # the next round reads its appends' stored ids first
         # Whether the database has imkit_messages_by_time (made at schema version 1): then
         # history by time reads it; else send times never decrease along the seqs, and the
         # seqs of a time range are found by bisection (_time_seqs).
@@ -751,8 +738,7 @@ class SQLiteStore(StoreLifecycle):
                 failure, retry = self._abandon(conn, exc), False
             else:
                 failure = None
-            if retry:  # a write failed on its own: again, each under a savepoint
-                self._careful = True
+            if retry:  # rolled back: the round runs again (_run_optimistic says how)
                 self._writes.extendleft(reversed(batch))
                 self._end_round([])
                 return
@@ -770,10 +756,12 @@ class SQLiteStore(StoreLifecycle):
 
     def _run_optimistic(self, conn: sqlite3.Connection, writes: list[_Job]) -> bool:
         """Run ``writes`` in the open transaction without savepoints (two statements per
-        write saved), appends queued side by side together (:func:`_append_all`); if one
-        fails on its own (a constraint, a bug in it), roll back and return False: the round
-        runs again with a savepoint around each write. I/O, lock and memory trouble
-        raises."""
+        write saved), appends queued side by side together (:func:`_append_all`). Roll
+        back and return False when the round must run again: a write failed on its own
+        (a constraint, a bug in it: it runs again with a savepoint around each write), or
+        its appends held the resend of a message stored before (it runs again reading
+        its appends' stored ids first). I/O, lock and memory trouble raises."""
+        probe, self._probe = self._probe, False
         start, count = 0, len(writes)
         while start < count:
             end = start
@@ -782,9 +770,13 @@ class SQLiteStore(StoreLifecycle):
             try:
                 if end - start > 1:
                     appends: list[_Append] = [job.fn for job in writes[start:end]]  # type: ignore[misc]
-                    for job, result in zip(
-                        writes[start:end], _append_all(conn, appends), strict=True
-                    ):
+                    results = _append_all(conn, appends, probe=probe)
+                    if results is None:  # a resend of a message stored in an earlier round
+                        logger.debug("%s: a round holds a resend; running it again", self._path)
+                        conn.execute("ROLLBACK")
+                        self._probe = True
+                        return False
+                    for job, result in zip(writes[start:end], results, strict=True):
                         job.result = result
                 else:
                     end = start + 1
@@ -797,6 +789,7 @@ class SQLiteStore(StoreLifecycle):
                 logger.debug("%s: a write failed (%r); running its round again", self._path, exc)
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
+                self._careful = True
                 return False
             start = end
         return True
@@ -977,9 +970,9 @@ class SQLiteStore(StoreLifecycle):
                 logger.warning("%s: journal_mode is %s, not wal", self._path, mode)
             conn.execute(f"PRAGMA synchronous = {self._synchronous}")
             # Savepoint and statement journals in memory: SQLite's default puts them in a
-            # temporary file as soon as they pass 64 KiB, and a write round's savepoint
-            # (_append_all) copies every page it touches there first: a system call per
-            # page, as many as the commit's own.
+            # temporary file as soon as they pass 64 KiB, and a savepoint (a careful
+            # round's, one per write) copies every page it touches there first: a system
+            # call per page, as many as the commit's own.
             conn.execute("PRAGMA temp_store = MEMORY")
             # A checkpoint copies each page written to the log since the last one into
             # the database once, however often it was written: the leaves that take a
