@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -172,3 +173,17 @@ async def imkit_serve(
 async def server_log(tmp_path: Path, name: str = "server") -> str:
     """What the ``imkit serve`` process ``name`` wrote."""
     return await anyio.Path(tmp_path / f"{name}.log").read_text(errors="replace")
+
+
+def test_chat_client_message_ids_are_unique_and_sort_in_sending_order() -> None:
+    """ChatClient's msgIds: 30 hex digits, unique, their time prefix (µs) never goes back
+    from one to the next: compared as strings they follow the order of sending, which
+    keeps the store's index of (conversation, sender, msgId) appending, not scattering."""
+    from imkit.chat.client import new_message_id
+
+    ids = [new_message_id() for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 30 and int(i, 16) >= 0 for i in ids)
+    prefixes = [i[:14] for i in ids]
+    assert prefixes == sorted(prefixes)
+    assert abs(int(ids[-1][:14], 16) / 1e6 - time.time()) < 60

@@ -20,7 +20,8 @@ delivered once it is handed to the socket).
 
 from __future__ import annotations
 
-import uuid
+import secrets
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -30,7 +31,7 @@ import anyio
 from imkit.exceptions import ConnectionClosed, DeliveryFailed, RequestFailed
 from imkit.transport.client import Client
 
-__all__ = ("ChatClient",)
+__all__ = ("ChatClient", "new_message_id")
 
 _RETRYABLE = frozenset({"store_unavailable", "rate_limited", "overloaded", "expired"})
 # Seqs remembered per conversation above its contiguous mark; older ones count as seen.
@@ -77,6 +78,17 @@ class _Conversation:
             self.above = {s for s in self.above if s > self.mark}
 
 
+def new_message_id() -> str:
+    """A fresh ``msgId``: 14 hex digits of the time in µs, then 16 random ones.
+
+    Unique without coordination (64 random bits), and in the order of sending when
+    compared as strings: a store keeps its index of ``(conversation, sender, msgId)``
+    (the one that makes a resend idempotent) by appending near the end of a sender's
+    ids, not at random places (random ids, such as UUID4s, make the SQLite store write
+    about half as many index pages again per message)."""
+    return f"{time.time_ns() // 1000:014x}{secrets.token_hex(8)}"
+
+
 class ChatClient:
     """Chat over a connected :class:`~imkit.transport.client.Client`.
 
@@ -117,7 +129,7 @@ class ChatClient:
         :class:`~imkit.exceptions.RequestFailed` for a final refusal (``forbidden``,
         ``too_large``, ``bad_request``), or the last error after ``attempts`` tries.
         """
-        message_id = message_id or uuid.uuid4().hex
+        message_id = message_id or new_message_id()
         self._my_ids[message_id] = None
         while len(self._my_ids) > _MAX_MY_IDS:
             self._my_ids.popitem(last=False)
