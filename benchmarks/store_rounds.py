@@ -72,14 +72,14 @@ def _rounds(first: int, count: int, size: int, conversations: int) -> list[list[
             sender, recipient = pairs[n % conversations]
             appends.append(
                 store_module._Append(
-                    conversation_id=private_conversation_id(sender, recipient),
-                    sender_id=sender,
-                    recv_id=recipient,
-                    msg_id=f"c{n % conversations}-{n}",
-                    chat_type=2,
-                    m_type=0,
-                    content=f"c{n}|" + "x" * 94,
-                    send_time=1_700_000_000_000 + n,
+                    private_conversation_id(sender, recipient),
+                    sender,
+                    recipient,
+                    f"c{n % conversations}-{n}",  # (msg_id: as the benchmark's clients)
+                    2,
+                    0,
+                    f"c{n}|" + "x" * 94,
+                    1_700_000_000_000 + n,
                 )
             )
         rounds.append(appends)

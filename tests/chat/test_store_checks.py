@@ -134,6 +134,6 @@ def test_the_c_answer_checks_its_arguments() -> None:
 
 def test_the_common_case_answer_follows_the_choice() -> None:
     if _framing.SPEEDUPS:
-        assert store._plain_append is speedups().plain_append
+        assert store.plain_append is speedups().plain_append
     else:
-        assert store._plain_append is _py_plain_append
+        assert store.plain_append is _py_plain_append

@@ -96,6 +96,7 @@ from imkit.chat.store import (
     check_int,
     check_limit,
     check_text,
+    plain_append,
     report_append,
 )
 from imkit.exceptions import ImkitError, StoreError, StoreUnavailable
@@ -263,9 +264,13 @@ class _Job:
         """Wake the caller waiting for this job (if it still waits), or call it back."""
         event = self.event
         if event is None:
-            if self.then is not None:
+            then = self.then
+            if then is not None:  # (report_append, inline: once per message)
                 error = self.error
-                report_append(self.then, None if error is not None else self.result, error)
+                try:
+                    then(None if error is not None else self.result, error)
+                except Exception:
+                    logger.exception("an append_nowait callback failed")
             return
         if isinstance(event, asyncio.Future):
             if not event.done():  # done: the wait was cancelled
@@ -317,7 +322,6 @@ class _Append:
 
     def __init__(
         self,
-        *,
         conversation_id: str,
         sender_id: str,
         recv_id: str,
@@ -326,17 +330,23 @@ class _Append:
         m_type: int,
         content: str,
         send_time: int,
+        /,
     ) -> None:
-        check_append(
-            conversation_id=conversation_id,
-            sender_id=sender_id,
-            recv_id=recv_id,
-            msg_id=msg_id,
-            chat_type=chat_type,
-            m_type=m_type,
-            content=content,
-            send_time=send_time,
-        )
+        # (Positional: one call per message. The common case is answered by the one call
+        # check_append makes first; anything else goes through check_append itself.)
+        if not plain_append(
+            conversation_id, sender_id, recv_id, msg_id, chat_type, m_type, content, send_time
+        ):
+            check_append(
+                conversation_id=conversation_id,
+                sender_id=sender_id,
+                recv_id=recv_id,
+                msg_id=msg_id,
+                chat_type=chat_type,
+                m_type=m_type,
+                content=content,
+                send_time=send_time,
+            )
         self.conversation_id = conversation_id
         self.sender_id = sender_id
         self.recv_id = recv_id
@@ -1038,14 +1048,7 @@ class SQLiteStore(StoreLifecycle):
     ) -> tuple[StoredMessage, bool]:
         """Store a message under the next seq, or return the one stored before."""
         write = _Append(
-            conversation_id=conversation_id,
-            sender_id=sender_id,
-            recv_id=recv_id,
-            msg_id=msg_id,
-            chat_type=chat_type,
-            m_type=m_type,
-            content=content,
-            send_time=send_time,
+            conversation_id, sender_id, recv_id, msg_id, chat_type, m_type, content, send_time
         )
         result: tuple[StoredMessage, bool] = await self._call(_Kind.WRITE, write)
         return result
@@ -1068,14 +1071,7 @@ class SQLiteStore(StoreLifecycle):
         (:class:`~imkit.chat.store.QueuedAppend`)."""
         try:
             write = _Append(
-                conversation_id=conversation_id,
-                sender_id=sender_id,
-                recv_id=recv_id,
-                msg_id=msg_id,
-                chat_type=chat_type,
-                m_type=m_type,
-                content=content,
-                send_time=send_time,
+                conversation_id, sender_id, recv_id, msg_id, chat_type, m_type, content, send_time
             )
             self._submit(_Kind.WRITE, write, done)
         except Exception as exc:  # noqa: BLE001 - given to done, as promised

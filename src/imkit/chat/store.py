@@ -454,9 +454,13 @@ def _py_plain_append(
     )
 
 
-_plain_append: Callable[..., bool] = getattr(
+plain_append: Callable[..., bool] = getattr(
     load_speedups(os.environ), "plain_append", _py_plain_append
 )
+"""``plain_append(conversation_id, sender_id, recv_id, msg_id, chat_type, m_type, content,
+send_time)``: whether an append's arguments are the common case that
+:func:`check_append` passes without a word (the C extension's, else Python's); ``False``
+says only "ask :func:`check_append`"."""
 
 
 def check_append(
@@ -473,7 +477,7 @@ def check_append(
     """Raise ``TypeError``/``ValueError`` for arguments :meth:`MessageStore.append` refuses."""
     # Nearly every call: ASCII ids and content, 32-bit types, a 64-bit time, answered by
     # one call; anything else goes through the checks that say what is wrong.
-    if _plain_append(
+    if plain_append(
         conversation_id, sender_id, recv_id, msg_id, chat_type, m_type, content, send_time
     ):
         return
