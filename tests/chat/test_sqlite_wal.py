@@ -69,9 +69,9 @@ def test_register_finds_the_sqlite_that_sqlite3_uses() -> None:
 async def test_a_round_writes_its_log_in_a_few_calls_and_no_temporary_file(
     tmp_path: Path,
 ) -> None:
-    """300 appends at once, some of them resends (the round rolls back to its savepoint
-    and runs again): SQLite asks for two log writes per page, the VFS makes a few per
-    commit; no statement or savepoint journal file is opened (temp_store = MEMORY)."""
+    """300 appends at once, some of them resends (their round is rolled back and runs
+    again): SQLite asks for two log writes per page, the VFS makes a few per commit; no
+    statement or savepoint journal file is opened (temp_store = MEMORY)."""
     wal = wal_module()
     async with SQLiteStore(tmp_path / "chat.db") as store:
         await store.append(**message("m0"))

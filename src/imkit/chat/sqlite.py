@@ -412,7 +412,8 @@ def _append_all(
 
     Nearly every batch holds only new messages: without ``probe`` it is written without
     looking up its ids, and the unique index on ``(conversation_id, sender_id, msg_id)``
-    says whether one was stored before (an insert it skipped): then this returns
+    says whether one was stored before, or is twice in the batch (an insert it skipped):
+    then this returns
     ``None``, and what it wrote must be rolled back (the caller rolls back the round's
     transaction and runs the round again). With ``probe`` it first reads the messages
     already stored under the batch's ids, which are answered as they are."""
@@ -436,33 +437,50 @@ def _append_all(
             for row in conn.execute(_STORED_UNDER.format(marks), params):
                 known[(row[0], row[2], row[4])] = _row_to_message(row)
     results: list[tuple[StoredMessage, bool]] = []
-    rows: list[tuple[str, int, str, str, str, int, int, str, int]] = []
+    rows: list[StoredMessage] = []  # (a StoredMessage is its row: its fields in _COLUMNS order)
     seqs: dict[str, int] = {}
     joined: list[tuple[str, str]] = []
     for append in appends:
-        conversation_id = append.conversation_id
-        key = (conversation_id, append.sender_id, append.msg_id)
-        stored = known.get(key)
-        if stored is not None:  # stored before, or earlier in this batch
-            results.append((stored, False))
-            continue
+        conversation_id, sender_id = append.conversation_id, append.sender_id
+        recv_id = append.recv_id
+        if probe:  # (without it, an id twice in the batch is a row skipped, as above)
+            key = (conversation_id, sender_id, append.msg_id)
+            stored = known.get(key)
+            if stored is not None:  # stored before, or earlier in this batch
+                results.append((stored, False))
+                continue
         seq = seqs[conversation_id] = last[conversation_id] = last.get(conversation_id, 0) + 1
         send_time = append.send_time
         before = times.get(conversation_id)
         if before is not None and send_time < before:
             send_time = before  # never below the message before (store.py)
         times[conversation_id] = send_time
-        row = append.row(seq, send_time)
-        rows.append(row)
-        stored = known[key] = _row_to_message(row)
+        stored = _row_to_message(
+            (
+                conversation_id,
+                seq,
+                sender_id,
+                recv_id,
+                append.msg_id,
+                append.chat_type,
+                append.m_type,
+                append.content,
+                send_time,
+            )
+        )
+        rows.append(stored)
+        if probe:
+            known[key] = stored
         results.append((stored, True))
         have = members.get(conversation_id)
         if have is None:
             have = members[conversation_id] = set()
-        for user in (append.sender_id, append.recv_id):
-            if user not in have:
-                have.add(user)
-                joined.append((user, conversation_id))
+        if sender_id not in have:
+            have.add(sender_id)
+            joined.append((sender_id, conversation_id))
+        if recv_id not in have:
+            have.add(recv_id)
+            joined.append((recv_id, conversation_id))
     if rows:
         if probe:
             conn.executemany(_INSERT_MESSAGE, rows)
