@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterator
 from enum import Enum
 
@@ -281,16 +281,11 @@ class _Entry:
         self.token = 0
 
 
-class _Memory(dict[str, float]):
+class _Memory(OrderedDict[str, float]):
     """Completed ids with their expiry, oldest first, bounded in time and count.
 
     ``head`` is the expiry of the oldest id (infinity when empty): nothing can be pruned
     before then, so callers skip :meth:`prune` while ``now < head``.
-
-    A plain dict (it keeps insertion order, which is expiry order: an id remembered
-    again is deleted and inserted anew), not an OrderedDict: half the work per add and
-    no linked-list node per id. Ids leave from the front, whose deleted slots a dict
-    skips when iterated until its next resize, so :meth:`prune` walks the front once.
     """
 
     __slots__ = ("_max", "_remember_for", "head")
@@ -305,29 +300,26 @@ class _Memory(dict[str, float]):
         expiry = now + self._remember_for
         if message_id in self:
             # Remembered again: it moves to the end, and may have been the oldest.
-            del self[message_id]
+            self.move_to_end(message_id)
             self[message_id] = expiry
             self.head = next(iter(self.values()))
             return
         self[message_id] = expiry
         size = len(self)
         if size > self._max:
-            del self[next(iter(self))]
+            self.popitem(last=False)
             self.head = next(iter(self.values()))
         elif size == 1:
             self.head = expiry
 
     def prune(self, now: float) -> None:
-        dead: list[str] = []
-        for message_id, expiry in self.items():
+        while self:
+            message_id, expiry = next(iter(self.items()))
             if expiry > now:
                 self.head = expiry
-                break
-            dead.append(message_id)
-        else:
-            self.head = math.inf
-        for message_id in dead:
+                return
             del self[message_id]
+        self.head = math.inf
 
 
 class _Machine:
