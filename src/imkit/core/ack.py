@@ -286,6 +286,11 @@ class _Memory(OrderedDict[str, float]):
 
     ``head`` is the expiry of the oldest id (infinity when empty): nothing can be pruned
     before then, so callers skip :meth:`prune` while ``now < head``.
+
+    An OrderedDict, not a plain dict (which keeps insertion order too): ids leave from
+    the front, and a plain dict finds its first id by scanning over the slots deleted
+    there until its next resize, which at capacity (every add evicts one) made an add
+    cost 8.6 µs at 10,000 ids against 0.48 µs here.
     """
 
     __slots__ = ("_max", "_remember_for", "head")
