@@ -413,10 +413,10 @@ def _append_all(
     Nearly every batch holds only new messages: without ``probe`` it is written without
     looking up its ids, and the unique index on ``(conversation_id, sender_id, msg_id)``
     says whether one was stored before, or is twice in the batch (an insert it skipped):
-    then this returns
-    ``None``, and what it wrote must be rolled back (the caller rolls back the round's
-    transaction and runs the round again). With ``probe`` it first reads the messages
-    already stored under the batch's ids, which are answered as they are."""
+    then this returns ``None``, and what it wrote must be rolled back (the caller rolls
+    back the round's transaction and runs the round again). With ``probe`` it first
+    reads the messages already stored under the batch's ids, which are answered as they
+    are."""
     conversations = list(dict.fromkeys([append.conversation_id for append in appends]))
     last: dict[str, int] = {}
     times: dict[str, int] = {}  # the send time of each conversation's last message
