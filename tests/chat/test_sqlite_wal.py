@@ -20,6 +20,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
+from tests.core.helpers import built_extension
 
 from imkit.chat import sqlite as sqlite_module
 from imkit.chat.sqlite import SQLiteStore
@@ -38,16 +39,10 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 def wal_module() -> Any:
     """``imkit._sqlite_wal`` registered with sqlite3's SQLite, or skip the test when it
     was not built (fail instead under ``IMKIT_REQUIRE_SPEEDUPS=1``, as CI sets)."""
-    try:
-        from imkit import _sqlite_wal
-    except ImportError as exc:
-        reason = f"imkit._sqlite_wal is not built ({exc}); install libsqlite3-dev, then pip"
-        if os.environ.get("IMKIT_REQUIRE_SPEEDUPS"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+    module = built_extension("_sqlite_wal", "a C compiler and SQLite's header")
     if sqlite_module.wal_vfs(os.environ) is None:
         pytest.skip("IMKIT_NO_SPEEDUPS is set: the store writes through the default VFS")
-    return _sqlite_wal
+    return module
 
 
 def test_register_finds_the_sqlite_that_sqlite3_uses() -> None:

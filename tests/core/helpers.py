@@ -161,21 +161,27 @@ def kinds(events: Sequence[Event]) -> list[str]:
     return [type(e).__name__ for e in events]
 
 
-def speedups() -> Any:
-    """The C extension ``imkit._speedups``, or skip the test when it was not built (fail
-    instead under ``IMKIT_REQUIRE_SPEEDUPS=1``, as CI sets: there it must be built)."""
+def built_extension(name: str, needs: str = "a C compiler") -> Any:
+    """The C extension ``imkit.<name>``, or skip the test when it was not built (fail
+    instead under ``IMKIT_REQUIRE_SPEEDUPS=1``, as CI sets: there it must be built);
+    ``needs``: what its build needs, for the reason given."""
+    import importlib
     import os
 
     import pytest
 
     try:
-        from imkit import _speedups
+        return importlib.import_module(f"imkit.{name}")
     except ImportError as exc:
-        reason = f"imkit._speedups is not built ({exc}); `pip install -e .` with a C compiler"
+        reason = f"imkit.{name} is not built ({exc}); `pip install -e .` with {needs}"
         if os.environ.get("IMKIT_REQUIRE_SPEEDUPS"):
             pytest.fail(reason)
         pytest.skip(reason)
-    return _speedups
+
+
+def speedups() -> Any:
+    """The C extension ``imkit._speedups`` (see :func:`built_extension`)."""
+    return built_extension("_speedups")
 
 
 def naive_mask(payload: bytes, key: bytes) -> bytes:

@@ -90,7 +90,7 @@ from imkit.chat.store import (
     ConversationSummary,
     StoredMessage,
     StoreLifecycle,
-    check_append,
+    check_append_fully,
     check_cursor,
     check_history,
     check_int,
@@ -332,20 +332,12 @@ class _Append:
         send_time: int,
         /,
     ) -> None:
-        # (Positional: one call per message. The common case is answered by the one call
-        # check_append makes first; anything else goes through check_append itself.)
+        # (check_append, positionally: the common case in one call, else every check.)
         if not plain_append(
             conversation_id, sender_id, recv_id, msg_id, chat_type, m_type, content, send_time
         ):
-            check_append(
-                conversation_id=conversation_id,
-                sender_id=sender_id,
-                recv_id=recv_id,
-                msg_id=msg_id,
-                chat_type=chat_type,
-                m_type=m_type,
-                content=content,
-                send_time=send_time,
+            check_append_fully(
+                conversation_id, sender_id, recv_id, msg_id, chat_type, m_type, content, send_time
             )
         self.conversation_id = conversation_id
         self.sender_id = sender_id

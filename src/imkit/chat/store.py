@@ -481,6 +481,24 @@ def check_append(
         conversation_id, sender_id, recv_id, msg_id, chat_type, m_type, content, send_time
     ):
         return
+    check_append_fully(
+        conversation_id, sender_id, recv_id, msg_id, chat_type, m_type, content, send_time
+    )
+
+
+def check_append_fully(
+    conversation_id: str,
+    sender_id: str,
+    recv_id: str,
+    msg_id: str,
+    chat_type: int,
+    m_type: int,
+    content: str,
+    send_time: int,
+    /,
+) -> None:
+    """:func:`check_append`'s checks, each of them, on its arguments in order: for a
+    caller whose :data:`plain_append` said no."""
     check_text("conversation_id", conversation_id)
     check_text("sender_id", sender_id)
     check_text("recv_id", recv_id)
