@@ -1301,6 +1301,46 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(read_fields_doc,
+"read_fields(text, data_form_id, types, form_types, ack, ping, /)\n--\n\n"
+"read_control(text, ack, ping) when the text's 14th character is a control frame's\n"
+"type ('1' or '2') and it takes the text, else read_frame(text, data_form_id, types,\n"
+"form_types): the C readings of imkit.core.frames._decode_fields in one call. None for\n"
+"a text neither takes (not a str included): the Python reader reads it.");
+
+static PyObject *
+read_fields(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *text, *control, *frame_args[4];
+
+    if (!check_nargs("read_fields", nargs, 6)) {
+        return NULL;
+    }
+    text = args[0];
+    if (!PyUnicode_CheckExact(text)) {
+        Py_RETURN_NONE;
+    }
+    if (PyUnicode_GET_LENGTH(text) > 13) {
+        Py_UCS4 c = PyUnicode_READ_CHAR(text, 13);
+        if (c == '1' || c == '2') {
+            PyObject *control_args[3];
+            control_args[0] = text;
+            control_args[1] = args[4];
+            control_args[2] = args[5];
+            control = read_control(module, control_args, 3);
+            if (control != Py_None) {
+                return control; /* the fields, or NULL with the error set */
+            }
+            Py_DECREF(control);
+        }
+    }
+    frame_args[0] = text;
+    frame_args[1] = args[1];
+    frame_args[2] = args[2];
+    frame_args[3] = args[3];
+    return read_frame(module, frame_args, 4);
+}
+
 /*
  * slot_maker(cls, slots): a callable that makes an instance of cls (a class with
  * __slots__, such as the frozen attrs classes Frame and the core's events) with the given
@@ -1486,6 +1526,7 @@ static PyMethodDef speedups_methods[] = {
     {"read_control", (PyCFunction)(void (*)(void))read_control, METH_FASTCALL,
      read_control_doc},
     {"read_frame", (PyCFunction)(void (*)(void))read_frame, METH_FASTCALL, read_frame_doc},
+    {"read_fields", (PyCFunction)(void (*)(void))read_fields, METH_FASTCALL, read_fields_doc},
     {"slot_maker", (PyCFunction)(void (*)(void))slot_maker, METH_FASTCALL, slot_maker_doc},
     {"plain_append", (PyCFunction)(void (*)(void))plain_append, METH_FASTCALL,
      plain_append_doc},

@@ -24,6 +24,15 @@ def read_control(
 def read_frame(
     text: str, data_form_id: str | None, types: tuple[Any, ...], form_types: int, /
 ) -> tuple[Any, str, int, str, str, str, Any, str] | None: ...
+def read_fields(
+    text: str | bytes,
+    data_form_id: str | None,
+    types: tuple[Any, ...],
+    form_types: int,
+    ack: Any,
+    ping: Any,
+    /,
+) -> tuple[Any, str, int, str, str, str, Any, str] | None: ...
 
 class SlotMaker:
     """Makes instances of one class with its slots set (see ``slot_maker``)."""

@@ -301,9 +301,49 @@ def test_the_c_reading_checks_its_arguments() -> None:
 
 def test_the_reading_follows_the_choice() -> None:
     if _framing.SPEEDUPS:
-        assert frames._read_control is speedups().read_control
+        assert frames._read_fields is speedups().read_fields
+        assert frames._decode_fields is frames._decode_fields_c
     else:
-        assert frames._read_control is py_read_control
+        assert frames._read_fields is None
+        assert frames._decode_fields is py_decode_fields
+
+
+_TEXTS = st.one_of(
+    st.builds(frames._encode_ack, st.text(max_size=8), st.integers(0, 3)),
+    st.builds(frames._encode_ping, st.text(max_size=8)),
+    st.builds(
+        lambda t, i, s, d: encode_frame(Frame(t, i, s, "m", data=d)),
+        st.sampled_from(list(FrameType)),
+        st.text(max_size=8),
+        st.integers(0, 3),
+        st.one_of(st.none(), st.integers(), st.text(max_size=5)),
+    ),
+    st.text(max_size=40),
+    st.binary(max_size=40),
+)
+
+
+@given(text=_TEXTS, form_id=st.one_of(st.none(), st.just("alice")))
+def test_read_fields_is_read_control_then_read_frame(text: Any, form_id: Any) -> None:
+    """``read_fields``: the control reading when the 14th character is a control frame's
+    type and it takes the text, else the frame reading; None for what neither takes (not
+    a str included); what the Python reader gives wherever it gives something."""
+    c = speedups()
+    args = (form_id, frames._FRAME_TYPES, frames._FORM_TYPES, ACK, PING)
+    got = c.read_fields(text, *args)
+    if not isinstance(text, str):
+        assert got is None
+        return
+    expected = None
+    if text[13:14] in ("1", "2"):
+        expected = c.read_control(text, ACK, PING)
+    if expected is None:
+        expected = c.read_frame(text, form_id, frames._FRAME_TYPES, frames._FORM_TYPES)
+    assert got == expected
+    if got is not None:
+        assert typed(got) == typed(py_decode_fields(text, form_id))
+    with pytest.raises(TypeError, match="6 positional arguments"):
+        c.read_fields(text, *args[:4])
 
 
 # ------------------------------------------------------------------ read_frame

@@ -377,22 +377,19 @@ def py_read_control(text: str, ack: Any, ping: Any) -> _Fields | None:
     return (ack if kind == "2" else ping, message_id, int(ack_seq), "", "", "", None, "")
 
 
-# The same reading in C (imkit._speedups.read_control) when the extension is chosen.
-_read_control: Callable[[str, Any, Any], _Fields | None] = getattr(
-    _speedups, "read_control", py_read_control
-)
-
-
-# A whole frame read in C (imkit._speedups.read_frame) when the extension is chosen: the
-# JSON clients commonly write (no floats, no surrogate escapes; see its source) in an
-# envelope py_decode_fields takes as it is; anything else is None, and py_decode_fields
-# reads it (a Hypothesis test compares the two). It is given the frame types by value
-# and, as bits, those whose formId the server sets.
-_read_frame: Any = getattr(_speedups, "read_frame", None)
+# The C readings (the extension's read_control, the same reading as py_read_control,
+# and read_frame: a whole frame of the JSON clients commonly write, no floats, no
+# surrogate escapes, see its source, in an envelope py_decode_fields takes as it is;
+# anything else is None, and py_decode_fields reads it; Hypothesis tests compare them)
+# are given the frame types by value and, as bits, those whose formId the server sets.
 _FRAME_TYPES: tuple[FrameType | None, ...] = tuple(
     _FRAME_TYPE_OF.get(n) for n in range(max(_FRAME_TYPE_OF) + 1)
 )
 _FORM_TYPES = (1 << FrameType.DATA) | (1 << FrameType.NO_ACK)
+# Both C readings in one call (imkit._speedups.read_fields) when the extension is chosen:
+# read_control when the text's 14th character is a control frame's type and it takes the
+# text, else read_frame.
+_read_fields: Any = getattr(_speedups, "read_fields", None)
 
 
 def _encodable(value: Any) -> bool:
@@ -423,16 +420,12 @@ def _decode_frame(text: str | bytes, data_form_id: str | None) -> Frame | Decode
 
 def _decode_fields_c(text: str | bytes, data_form_id: str | None) -> _Fields | DecodeError:
     """:func:`py_decode_fields`, read in C when the C readings take the text (an Ack or
-    Ping as imkit writes it; a frame of the JSON clients commonly write)."""
-    if type(text) is str:
-        if (
-            text[13:14] in _CONTROL_DIGITS
-            and (control := _read_control(text, _ACK_TYPE, _PING_TYPE)) is not None
-        ):
-            return control
-        fields = _read_frame(text, data_form_id, _FRAME_TYPES, _FORM_TYPES)
-        if fields is not None:
-            return fields  # type: ignore[no-any-return]
+    Ping as imkit writes it; a frame of the JSON clients commonly write): one call of
+    ``imkit._speedups.read_fields`` (:class:`~imkit.core.peer.Peer` makes that call
+    itself, without this function around it)."""
+    fields = _read_fields(text, data_form_id, _FRAME_TYPES, _FORM_TYPES, _ACK_TYPE, _PING_TYPE)
+    if fields is not None:
+        return fields  # type: ignore[no-any-return]
     return py_decode_fields(text, data_form_id)
 
 
@@ -515,7 +508,7 @@ def py_decode_fields(text: str | bytes, data_form_id: str | None) -> _Fields | D
 
 # The reading chosen at import: in C first with the extension, else in Python.
 _decode_fields: Callable[[str | bytes, str | None], _Fields | DecodeError] = (
-    _decode_fields_c if _read_frame is not None else py_decode_fields
+    _decode_fields_c if _read_fields is not None else py_decode_fields
 )
 
 

@@ -41,18 +41,23 @@ from imkit.core.events import (
     _message_received,
 )
 from imkit.core.frames import (
+    _ACK_TYPE,
+    _FORM_TYPES,
+    _FRAME_TYPES,
+    _PING_TYPE,
     FINAL_ERROR_CODES,
     DecodeError,
     ErrorCode,
     Frame,
     FrameType,
     _c_encode_frame,
-    _decode_fields,
     _encode_ack,
     _encode_ping,
     _new_frame,
+    _read_fields,
     encode_frame,
     error_frame,
+    py_decode_fields,
 )
 
 __all__ = (
@@ -219,7 +224,15 @@ class Peer:
             return
         self._last_activity = now
         # A server's Data frames carry the authenticated sender, whatever the client wrote.
-        fields = _decode_fields(text, self.user_id if self.server else None)
+        # (frames._decode_fields, inline: the C readings in one call, else Python's.)
+        form_id = self.user_id if self.server else None
+        fields = (
+            None
+            if _read_fields is None
+            else _read_fields(text, form_id, _FRAME_TYPES, _FORM_TYPES, _ACK_TYPE, _PING_TYPE)
+        )
+        if fields is None:
+            fields = py_decode_fields(text, form_id)
         if isinstance(fields, DecodeError):
             self._reject(fields.code, fields.message, fields.id, now)
             return
