@@ -90,13 +90,12 @@ from imkit.chat.store import (
     ConversationSummary,
     StoredMessage,
     StoreLifecycle,
-    check_append_fully,
+    check_append_args,
     check_cursor,
     check_history,
     check_int,
     check_limit,
     check_text,
-    plain_append,
     report_append,
 )
 from imkit.exceptions import ImkitError, StoreError, StoreUnavailable
@@ -264,13 +263,9 @@ class _Job:
         """Wake the caller waiting for this job (if it still waits), or call it back."""
         event = self.event
         if event is None:
-            then = self.then
-            if then is not None:  # (report_append, inline: once per message)
+            if self.then is not None:
                 error = self.error
-                try:
-                    then(None if error is not None else self.result, error)
-                except Exception:
-                    logger.exception("an append_nowait callback failed")
+                report_append(self.then, None if error is not None else self.result, error)
             return
         if isinstance(event, asyncio.Future):
             if not event.done():  # done: the wait was cancelled
@@ -332,13 +327,9 @@ class _Append:
         send_time: int,
         /,
     ) -> None:
-        # (check_append, positionally: the common case in one call, else every check.)
-        if not plain_append(
+        check_append_args(
             conversation_id, sender_id, recv_id, msg_id, chat_type, m_type, content, send_time
-        ):
-            check_append_fully(
-                conversation_id, sender_id, recv_id, msg_id, chat_type, m_type, content, send_time
-            )
+        )
         self.conversation_id = conversation_id
         self.sender_id = sender_id
         self.recv_id = recv_id
@@ -348,19 +339,22 @@ class _Append:
         self.content = content
         self.send_time = send_time
 
-    def row(self, seq: int, send_time: int) -> tuple[str, int, str, str, str, int, int, str, int]:
-        """The message's row under ``seq`` and ``send_time`` (its own, or the higher one of
-        the message before), in the order of StoredMessage's fields."""
-        return (
-            self.conversation_id,
-            seq,
-            self.sender_id,
-            self.recv_id,
-            self.msg_id,
-            self.chat_type,
-            self.m_type,
-            self.content,
-            send_time,
+    def stored(self, seq: int, send_time: int) -> StoredMessage:
+        """The message as stored under ``seq`` and ``send_time`` (its own, or the higher
+        one of the message before); a StoredMessage is also its row (its fields are in
+        ``_COLUMNS`` order)."""
+        return _row_to_message(
+            (
+                self.conversation_id,
+                seq,
+                self.sender_id,
+                self.recv_id,
+                self.msg_id,
+                self.chat_type,
+                self.m_type,
+                self.content,
+                send_time,
+            )
         )
 
     def __call__(self, conn: sqlite3.Connection) -> tuple[StoredMessage, bool]:
@@ -382,11 +376,11 @@ class _Append:
             if row[2] is not None and send_time < row[2]:
                 send_time = row[2]  # never below the message before (store.py)
             conn.execute(_NEXT_SEQ, (seq, conversation_id))
-        values = self.row(seq, send_time)
-        conn.execute(_INSERT_MESSAGE, values)
+        stored = self.stored(seq, send_time)
+        conn.execute(_INSERT_MESSAGE, stored)
         if members < (1 if sender_id == recv_id else 2):
             conn.execute(_ADD_MEMBERS, (sender_id, conversation_id, recv_id, conversation_id))
-        return _row_to_message(values), True
+        return stored, True
 
 
 def _chunks(items: Sequence[_T], size: int) -> Iterator[Sequence[_T]]:
@@ -447,19 +441,7 @@ def _append_all(
         if before is not None and send_time < before:
             send_time = before  # never below the message before (store.py)
         times[conversation_id] = send_time
-        stored = _row_to_message(
-            (
-                conversation_id,
-                seq,
-                sender_id,
-                recv_id,
-                append.msg_id,
-                append.chat_type,
-                append.m_type,
-                append.content,
-                send_time,
-            )
-        )
+        stored = append.stored(seq, send_time)
         rows.append(stored)
         if probe:
             known[key] = stored
@@ -484,29 +466,24 @@ def _append_all(
     return results
 
 
-_wal_vfs_name: list[str | None] = []  # the registration's outcome, once tried
-
-
 def wal_vfs(environ: Mapping[str, str]) -> str | None:
     """The name of imkit's write-gathering VFS (the C extension ``imkit._sqlite_wal``),
     registered with the SQLite library that :mod:`sqlite3` runs on (at the first call);
     ``None`` if ``environ`` sets ``IMKIT_NO_SPEEDUPS``, the extension is not built, or
     SQLite's VFS functions cannot be found."""
-    if environ.get("IMKIT_NO_SPEEDUPS"):
-        return None
-    if not _wal_vfs_name:
-        name = None
-        try:
-            import _sqlite3
+    return None if environ.get("IMKIT_NO_SPEEDUPS") else _registered_vfs()
 
-            from imkit import _sqlite_wal
-        except ImportError:
-            pass
-        else:
-            if _sqlite_wal.register(_sqlite3.__file__):
-                name = _sqlite_wal.VFS_NAME
-        _wal_vfs_name.append(name)
-    return _wal_vfs_name[0]
+
+@functools.cache
+def _registered_vfs() -> str | None:
+    """:func:`wal_vfs`'s registration, tried once per process."""
+    try:
+        import _sqlite3
+
+        from imkit import _sqlite_wal
+    except ImportError:
+        return None
+    return _sqlite_wal.VFS_NAME if _sqlite_wal.register(_sqlite3.__file__) else None
 
 
 _LAST_SEQ = "SELECT last_seq FROM imkit_conversations WHERE conversation_id = ?"
