@@ -1517,6 +1517,457 @@ plain_append(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t narg
     return Py_NewRef(plain ? Py_True : Py_False);
 }
 
+/* ------------------------------------------------------------------ ack_apply */
+
+/*
+ * ack_apply(...): the common case of imkit.core.ack._Machine._apply in C, installed as
+ * that method (a method descriptor: self comes first). It carries out the one transition
+ * the table gives for (state, event) on the machine's live ids, remembered ids and heap
+ * of deadlines, reading and writing them through the slots of the Python classes, and
+ * hands every other case, before changing anything, to the Python method it replaces
+ * (py_apply): a pair missing from the table (which raises there), an id remembered
+ * again or a memory at capacity, a memory due for pruning, a heap due for compaction,
+ * and any slot not holding what the Python code puts there. So the Python method stays
+ * the one definition of the rules; tests/core/test_ack_speedups.py holds the two to
+ * each other on generated inputs.
+ */
+enum { M_STEPS, M_LIVE, M_MEMORY, M_HEAP, M_TOKENS, M_COMPACT_AT, M_RESEND, M_TIMEOUT, M_COUNT };
+enum { E_FRAME, E_STATE, E_GIVE_UP_AT, E_TOKEN, E_COUNT };
+enum { Y_MAX, Y_REMEMBER_FOR, Y_HEAD, Y_COUNT };
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyTypeObject *machine_cls;
+    PyTypeObject *entry_cls;
+    PyTypeObject *memory_cls;
+    PyObject *new_state;  /* State.NEW: a transition to it forgets the id */
+    PyObject *done_state; /* State.DONE: a transition to it remembers the id */
+    PyObject *heappush;
+    PyObject *py_apply;   /* the Python method: every case but the common one */
+    PyObject *id_name;    /* "id", the frame's attribute */
+    PyObject *popitem_name;
+    Py_ssize_t machine[M_COUNT];
+    Py_ssize_t entry[E_COUNT];
+    Py_ssize_t memory[Y_COUNT];
+} AckApply;
+
+#define SLOT(obj, offset) (*(PyObject **)((char *)(obj) + (offset)))
+
+/* The float in slot `offset` of obj, or -1 with *ok = 0 when it holds no exact float. */
+static double
+slot_double(PyObject *obj, Py_ssize_t offset, int *ok)
+{
+    PyObject *v = SLOT(obj, offset);
+    if (v == NULL || !PyFloat_CheckExact(v)) {
+        *ok = 0;
+        return -1.0;
+    }
+    return PyFloat_AS_DOUBLE(v);
+}
+
+/* The int in slot `offset` of obj, or -1 with *ok = 0 unless it holds an exact int that
+   fits a long long. */
+static long long
+slot_long(PyObject *obj, Py_ssize_t offset, int *ok)
+{
+    PyObject *v = SLOT(obj, offset);
+    if (v == NULL || !PyLong_CheckExact(v)) {
+        *ok = 0;
+        return -1;
+    }
+    int overflow = 0;
+    long long value = PyLong_AsLongLongAndOverflow(v, &overflow);
+    if (overflow != 0 || (value == -1 && PyErr_Occurred())) {
+        PyErr_Clear();
+        *ok = 0;
+        return -1;
+    }
+    return value;
+}
+
+/* Set slot `offset` of obj to value (a new reference, stolen); -1 if value is NULL. */
+static int
+set_slot(PyObject *obj, Py_ssize_t offset, PyObject *value)
+{
+    if (value == NULL) {
+        return -1;
+    }
+    Py_XSETREF(SLOT(obj, offset), value);
+    return 0;
+}
+
+/* Over the memory's bound: forget its oldest id (popitem(last=False)); the next one's
+   expiry is the new head. */
+static int
+forget_oldest(AckApply *ap, PyObject *memory)
+{
+    PyObject *popitem_args[2] = {memory, Py_False};
+    PyObject *popped = PyObject_VectorcallMethod(ap->popitem_name, popitem_args,
+                                                 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    if (popped == NULL) {
+        return -1;
+    }
+    Py_DECREF(popped);
+    PyObject *keys = PyObject_GetIter(memory);
+    if (keys == NULL) {
+        return -1;
+    }
+    PyObject *first = PyIter_Next(keys);
+    Py_DECREF(keys);
+    if (first == NULL) {
+        return PyErr_Occurred() ? -1 : 0; /* (never empty here: size > most >= 1) */
+    }
+    PyObject *head = PyObject_GetItem(memory, first);
+    Py_DECREF(first);
+    return set_slot(memory, ap->memory[Y_HEAD], head);
+}
+
+static PyObject *
+ack_apply_call(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    AckApply *ap = (AckApply *)callable;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    PyObject *self, *frame, *state, *event, *entry, *key, *step, *actions, *new_state;
+    PyObject *live, *memory, *heap, *message_id = NULL;
+    double now;
+    int ok = 1;
+
+    /* (self, frame, state, event, now[, entry]), positional, as the Python callers pass */
+    if ((kwnames != NULL && PyTuple_GET_SIZE(kwnames)) || nargs < 5 || nargs > 6
+        || !PyFloat_CheckExact(args[4])) {
+        goto fallback;
+    }
+    self = args[0];
+    frame = args[1];
+    state = args[2];
+    event = args[3];
+    now = PyFloat_AS_DOUBLE(args[4]);
+    entry = nargs == 6 ? args[5] : Py_None;
+    if (!PyObject_TypeCheck(self, ap->machine_cls)
+        || (entry != Py_None && !Py_IS_TYPE(entry, ap->entry_cls))) {
+        goto fallback;
+    }
+    {
+        PyObject *steps = SLOT(self, ap->machine[M_STEPS]);
+        live = SLOT(self, ap->machine[M_LIVE]);
+        memory = SLOT(self, ap->machine[M_MEMORY]);
+        heap = SLOT(self, ap->machine[M_HEAP]);
+        if (steps == NULL || !PyDict_CheckExact(steps) || live == NULL
+            || !PyDict_CheckExact(live) || memory == NULL
+            || !PyObject_TypeCheck(memory, ap->memory_cls) || heap == NULL
+            || !PyList_CheckExact(heap)) {
+            goto fallback;
+        }
+        key = PyTuple_Pack(2, state, event);
+        if (key == NULL) {
+            return NULL;
+        }
+        step = PyDict_GetItemWithError(steps, key); /* borrowed */
+        Py_DECREF(key);
+    }
+    if (step == NULL) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        goto fallback; /* not in the table: the Python method raises */
+    }
+    if (!PyTuple_CheckExact(step) || PyTuple_GET_SIZE(step) != 2) {
+        goto fallback;
+    }
+    actions = PyTuple_GET_ITEM(step, 0);
+    new_state = PyTuple_GET_ITEM(step, 1);
+    {
+        /* Pruning is due (the memory's oldest id expired): the Python method prunes. */
+        double head = slot_double(memory, ap->memory[Y_HEAD], &ok);
+        if (!ok || head <= now) {
+            goto fallback;
+        }
+    }
+    message_id = PyObject_GetAttr(frame, ap->id_name);
+    if (message_id == NULL) {
+        return NULL;
+    }
+    if (!PyUnicode_CheckExact(message_id)) {
+        goto fallback;
+    }
+    if (new_state == ap->new_state || new_state == ap->done_state) {
+        int remember = new_state == ap->done_state && PyUnicode_GET_LENGTH(message_id) > 0;
+        double remember_for = 0.0;
+        long long most = 0;
+        if (remember) {
+            most = slot_long(memory, ap->memory[Y_MAX], &ok);
+            remember_for = slot_double(memory, ap->memory[Y_REMEMBER_FOR], &ok);
+            if (!ok || !(now + remember_for > now)) {
+                goto fallback; /* (an expiry not after now: pruned at once, in Python) */
+            }
+            int known = PyDict_Contains(memory, message_id);
+            if (known < 0) {
+                goto error;
+            }
+            /* Remembered again (it moves): Python's. */
+            if (known || most < 1) {
+                goto fallback;
+            }
+        }
+        if (entry != Py_None) { /* an id without an entry is not live: nothing to drop */
+            if (set_slot(entry, ap->entry[E_TOKEN], PyLong_FromLong(-1)) < 0) {
+                goto error;
+            }
+            if (PyDict_DelItem(live, message_id) < 0) {
+                if (!PyErr_ExceptionMatches(PyExc_KeyError)) {
+                    goto error;
+                }
+                PyErr_Clear();
+            }
+        }
+        if (remember) {
+            PyObject *expiry = PyFloat_FromDouble(now + remember_for);
+            if (expiry == NULL) {
+                goto error;
+            }
+            if (PyObject_SetItem(memory, message_id, expiry) < 0) {
+                Py_DECREF(expiry);
+                goto error;
+            }
+            Py_ssize_t size = PyDict_GET_SIZE(memory);
+            if (size == 1) {
+                Py_SETREF(SLOT(memory, ap->memory[Y_HEAD]), expiry);
+            }
+            else {
+                Py_DECREF(expiry);
+                if (size > most && forget_oldest(ap, memory) < 0) {
+                    goto error;
+                }
+            }
+        }
+    }
+    else {
+        PyObject *item;
+        long long tokens = slot_long(self, ap->machine[M_TOKENS], &ok);
+        long long compact_at = slot_long(self, ap->machine[M_COMPACT_AT], &ok);
+        double resend = slot_double(self, ap->machine[M_RESEND], &ok);
+        double timeout = slot_double(self, ap->machine[M_TIMEOUT], &ok);
+        double give_up_at, when;
+        if (!ok || PyList_GET_SIZE(heap) >= compact_at || tokens >= LLONG_MAX - 1) {
+            goto fallback; /* the heap is compacted first, by the Python method */
+        }
+        if (entry == Py_None) {
+            entry = ap->entry_cls->tp_alloc(ap->entry_cls, 0);
+            if (entry == NULL) {
+                goto error;
+            }
+            give_up_at = now + timeout;
+            SLOT(entry, ap->entry[E_FRAME]) = Py_NewRef(frame);
+            SLOT(entry, ap->entry[E_STATE]) = Py_NewRef(new_state);
+            SLOT(entry, ap->entry[E_GIVE_UP_AT]) = PyFloat_FromDouble(give_up_at);
+            if (SLOT(entry, ap->entry[E_GIVE_UP_AT]) == NULL) {
+                Py_DECREF(entry);
+                goto error;
+            }
+        }
+        else {
+            give_up_at = slot_double(entry, ap->entry[E_GIVE_UP_AT], &ok);
+            if (!ok) {
+                goto fallback;
+            }
+            Py_INCREF(entry);
+            Py_XSETREF(SLOT(entry, ap->entry[E_STATE]), Py_NewRef(new_state));
+        }
+        /* self._live[id] = entry, then self._schedule(entry, now) */
+        if (PyDict_SetItem(live, message_id, entry) < 0) {
+            Py_DECREF(entry);
+            goto error;
+        }
+        tokens += 1;
+        if (set_slot(self, ap->machine[M_TOKENS], PyLong_FromLongLong(tokens)) < 0
+            || set_slot(entry, ap->entry[E_TOKEN], PyLong_FromLongLong(tokens)) < 0) {
+            Py_DECREF(entry);
+            goto error;
+        }
+        Py_DECREF(entry);
+        when = now + resend;
+        if (give_up_at < when) {
+            when = give_up_at;
+        }
+        item = Py_BuildValue("(dLO)", when, tokens, message_id);
+        if (item == NULL) {
+            goto error;
+        }
+        PyObject *push_args[2] = {heap, item};
+        PyObject *pushed = PyObject_Vectorcall(ap->heappush, push_args, 2, NULL);
+        Py_DECREF(item);
+        if (pushed == NULL) {
+            goto error;
+        }
+        Py_DECREF(pushed);
+    }
+    Py_DECREF(message_id);
+    return Py_NewRef(actions);
+
+error:
+    Py_XDECREF(message_id);
+    return NULL;
+
+fallback:
+    Py_XDECREF(message_id);
+    return PyObject_Vectorcall(ap->py_apply, args, nargsf, kwnames);
+}
+
+static PyObject *
+ack_apply_get(PyObject *self, PyObject *obj, PyObject *Py_UNUSED(type))
+{
+    if (obj == NULL || obj == Py_None) {
+        return Py_NewRef(self);
+    }
+    return PyMethod_New(self, obj);
+}
+
+static int
+ack_apply_traverse(PyObject *self, visitproc visit, void *arg)
+{
+    AckApply *ap = (AckApply *)self;
+    Py_VISIT(ap->machine_cls);
+    Py_VISIT(ap->entry_cls);
+    Py_VISIT(ap->memory_cls);
+    Py_VISIT(ap->new_state);
+    Py_VISIT(ap->done_state);
+    Py_VISIT(ap->heappush);
+    Py_VISIT(ap->py_apply);
+    Py_VISIT(ap->id_name);
+    Py_VISIT(ap->popitem_name);
+    return 0;
+}
+
+static int
+ack_apply_clear(PyObject *self)
+{
+    AckApply *ap = (AckApply *)self;
+    Py_CLEAR(ap->machine_cls);
+    Py_CLEAR(ap->entry_cls);
+    Py_CLEAR(ap->memory_cls);
+    Py_CLEAR(ap->new_state);
+    Py_CLEAR(ap->done_state);
+    Py_CLEAR(ap->heappush);
+    Py_CLEAR(ap->py_apply);
+    Py_CLEAR(ap->id_name);
+    Py_CLEAR(ap->popitem_name);
+    return 0;
+}
+
+static void
+ack_apply_dealloc(PyObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    ack_apply_clear(self);
+    PyObject_GC_Del(self);
+}
+
+static PyTypeObject AckApplyType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "imkit._speedups.AckApply",
+    .tp_basicsize = sizeof(AckApply),
+    .tp_dealloc = ack_apply_dealloc,
+    .tp_vectorcall_offset = offsetof(AckApply, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_descr_get = ack_apply_get,
+    .tp_traverse = ack_apply_traverse,
+    .tp_clear = ack_apply_clear,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_HAVE_GC
+                | Py_TPFLAGS_METHOD_DESCRIPTOR,
+    .tp_doc = "The ack machines' common transition in C (see ack_apply).",
+};
+
+/* The offsets of the object slots named by the member descriptors in `slots` (a tuple of
+   n), each one of cls's own; 0 with TypeError otherwise. */
+static int
+slot_offsets(PyObject *cls, PyObject *slots, Py_ssize_t n, Py_ssize_t *offsets)
+{
+    if (!PyType_Check(cls) || !PyTuple_Check(slots) || PyTuple_GET_SIZE(slots) != n) {
+        PyErr_Format(PyExc_TypeError, "ack_apply(): %zd slots of a class expected", n);
+        return 0;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *slot = PyTuple_GET_ITEM(slots, i);
+        PyMemberDef *member;
+        if (!Py_IS_TYPE(slot, &PyMemberDescr_Type)
+            || ((PyDescrObject *)slot)->d_type != (PyTypeObject *)cls) {
+            PyErr_SetString(PyExc_TypeError, "ack_apply(): each slot must be its class's own");
+            return 0;
+        }
+        member = ((PyMemberDescrObject *)slot)->d_member;
+        if (member->type != SLOT_TYPE || (member->flags & READONLY)
+            || member->offset < (Py_ssize_t)sizeof(PyObject)
+            || member->offset + (Py_ssize_t)sizeof(PyObject *)
+                   > ((PyTypeObject *)cls)->tp_basicsize) {
+            PyErr_SetString(PyExc_TypeError, "ack_apply(): each slot must hold an object");
+            return 0;
+        }
+        offsets[i] = member->offset;
+    }
+    return 1;
+}
+
+PyDoc_STRVAR(ack_apply_doc,
+"ack_apply(machine_cls, machine_slots, entry_cls, entry_slots, memory_cls, memory_slots,\n"
+"          states, heappush, py_apply, /)\n"
+"--\n\n"
+"A method (self, frame, state, event, now[, entry]) doing what py_apply, the Python\n"
+"_Machine._apply, does, in C for the common case, and calling py_apply for every other.\n"
+"The slots are member descriptors: the machine's _steps, _live, _memory, _heap, _tokens,\n"
+"_compact_at, _resend_interval, _ack_timeout; the entry's frame, state, give_up_at,\n"
+"token; the memory's _max, _remember_for, head. states is (State.NEW, State.DONE).");
+
+static PyObject *
+ack_apply(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    AckApply *ap;
+    Py_ssize_t machine[M_COUNT], entry[E_COUNT], memory[Y_COUNT];
+
+    if (!check_nargs("ack_apply", nargs, 9)) {
+        return NULL;
+    }
+    if (!slot_offsets(args[0], args[1], M_COUNT, machine)
+        || !slot_offsets(args[2], args[3], E_COUNT, entry)
+        || !slot_offsets(args[4], args[5], Y_COUNT, memory)) {
+        return NULL;
+    }
+    if (!PyTuple_Check(args[6]) || PyTuple_GET_SIZE(args[6]) != 2 || !PyCallable_Check(args[7])
+        || !PyCallable_Check(args[8])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "ack_apply(): states must be (NEW, DONE); heappush, py_apply callables");
+        return NULL;
+    }
+    if (((PyTypeObject *)args[2])->tp_itemsize != 0
+        || !PyType_IsSubtype((PyTypeObject *)args[4], &PyDict_Type)) {
+        PyErr_SetString(PyExc_TypeError, "ack_apply(): a plain entry class and a dict memory");
+        return NULL;
+    }
+    ap = PyObject_GC_New(AckApply, &AckApplyType);
+    if (ap == NULL) {
+        return NULL;
+    }
+    ap->vectorcall = ack_apply_call;
+    ap->machine_cls = (PyTypeObject *)Py_NewRef(args[0]);
+    ap->entry_cls = (PyTypeObject *)Py_NewRef(args[2]);
+    ap->memory_cls = (PyTypeObject *)Py_NewRef(args[4]);
+    ap->new_state = Py_NewRef(PyTuple_GET_ITEM(args[6], 0));
+    ap->done_state = Py_NewRef(PyTuple_GET_ITEM(args[6], 1));
+    ap->heappush = Py_NewRef(args[7]);
+    ap->py_apply = Py_NewRef(args[8]);
+    ap->id_name = PyUnicode_InternFromString("id");
+    ap->popitem_name = PyUnicode_InternFromString("popitem");
+    memcpy(ap->machine, machine, sizeof machine);
+    memcpy(ap->entry, entry, sizeof entry);
+    memcpy(ap->memory, memory, sizeof memory);
+    PyObject_GC_Track((PyObject *)ap);
+    if (ap->id_name == NULL || ap->popitem_name == NULL) {
+        Py_DECREF(ap);
+        return NULL;
+    }
+    return (PyObject *)ap;
+}
+
 static PyMethodDef speedups_methods[] = {
     {"read_text", (PyCFunction)(void (*)(void))read_text, METH_FASTCALL, read_text_doc},
     {"frame_texts", (PyCFunction)(void (*)(void))frame_texts, METH_FASTCALL,
@@ -1530,13 +1981,17 @@ static PyMethodDef speedups_methods[] = {
     {"slot_maker", (PyCFunction)(void (*)(void))slot_maker, METH_FASTCALL, slot_maker_doc},
     {"plain_append", (PyCFunction)(void (*)(void))plain_append, METH_FASTCALL,
      plain_append_doc},
+    {"ack_apply", (PyCFunction)(void (*)(void))ack_apply, METH_FASTCALL, ack_apply_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static int
 speedups_exec(PyObject *module)
 {
-    if (PyType_Ready(&SlotMakerType) < 0) {
+    if (PyType_Ready(&SlotMakerType) < 0 || PyType_Ready(&AckApplyType) < 0) {
+        return -1;
+    }
+    if (PyModule_AddObjectRef(module, "AckApply", (PyObject *)&AckApplyType) < 0) {
         return -1;
     }
     return PyModule_AddObjectRef(module, "SlotMaker", (PyObject *)&SlotMakerType);

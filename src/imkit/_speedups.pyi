@@ -51,3 +51,22 @@ def plain_append(
     send_time: Any,
     /,
 ) -> bool: ...
+
+class AckApply:
+    """The ack machines' common transition in C (see ``ack_apply``): a method."""
+
+    def __call__(self, *args: Any) -> Any: ...
+    def __get__(self, obj: Any, cls: Any = None) -> Any: ...
+
+def ack_apply(
+    machine_cls: type,
+    machine_slots: tuple[Any, ...],
+    entry_cls: type,
+    entry_slots: tuple[Any, ...],
+    memory_cls: type,
+    memory_slots: tuple[Any, ...],
+    states: tuple[Any, Any],
+    heappush: Any,
+    py_apply: Any,
+    /,
+) -> AckApply: ...

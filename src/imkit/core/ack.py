@@ -29,12 +29,13 @@ from __future__ import annotations
 import heapq
 import math
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from enum import Enum
+from typing import Any
 
 import attrs
 
-from imkit.core.frames import Frame, FrameType, _new_frame
+from imkit.core.frames import Frame, FrameType, _new_frame, _speedups
 from imkit.exceptions import LocalProtocolError
 
 __all__ = (
@@ -338,9 +339,25 @@ class _Machine:
 
     role: Role
 
+    # Slots for what the C transition (see _apply) reads and writes; __dict__ for the rest.
+    __slots__ = (
+        "__dict__",
+        "__weakref__",
+        "_ack_timeout",
+        "_compact_at",
+        "_heap",
+        "_live",
+        "_memory",
+        "_resend_interval",
+        "_steps",
+        "_tokens",
+    )
+
     def __init__(self, mode: AckMode, timers: AckTimers) -> None:
         self.mode = AckMode(mode)
         self.timers = timers
+        self._resend_interval = float(timers.resend_interval)
+        self._ack_timeout = float(timers.ack_timeout)
         self._steps = _STEPS[self.role, self.mode]
         self._live: dict[str, _Entry] = {}
         self._memory = _Memory(timers)
@@ -414,7 +431,7 @@ class _Machine:
         interval when ``None``), or its give-up time if that comes first."""
         self._tokens = token = self._tokens + 1
         entry.token = token
-        when = now + (self.timers.resend_interval if delay is None else delay)
+        when = now + (self._resend_interval if delay is None else delay)
         if entry.give_up_at < when:
             when = entry.give_up_at
         heap = self._heap
@@ -440,7 +457,7 @@ class _Machine:
         self._heap = heap
         self._compact_at = max(_MIN_COMPACT, 2 * len(heap))
 
-    def _apply(
+    def _py_apply(
         self,
         frame: Frame,
         state: State,
@@ -449,7 +466,11 @@ class _Machine:
         entry: _Entry | None = None,
     ) -> tuple[Action, ...]:
         """Apply ``event`` to the id of ``frame`` in ``state``; ``entry`` is its live entry.
-        Returns the actions to carry out on ``frame``."""
+        Returns the actions to carry out on ``frame``.
+
+        The definition of every transition's bookkeeping. ``_apply`` is this method, or,
+        with the C extension, its common case in C, which calls this one for the rest
+        (see :data:`_c_apply`)."""
         # A pair missing from the table raises LocalProtocolError (every step is truthy).
         actions, new_state = self._steps.get((state, event)) or transition(
             self.role, self.mode, state, event
@@ -463,7 +484,7 @@ class _Machine:
                 self._memory.add(message_id, now)
         else:
             if entry is None:
-                entry = _Entry(frame, new_state, now + self.timers.ack_timeout)
+                entry = _Entry(frame, new_state, now + self._ack_timeout)
             else:
                 entry.state = new_state
             self._live[message_id] = entry
@@ -472,6 +493,8 @@ class _Machine:
         if memory.head <= now:
             memory.prune(now)
         return actions
+
+    _apply = _py_apply
 
     def _ack_seq(self, frame: Frame) -> int:
         """The ``ackSeq`` of the ack of ``frame``: OnlyAck answers ackSeq + 1 (easy-chat);
@@ -746,6 +769,39 @@ class Receiver(_Machine):
             acts.append((entry.frame, _SEND_ACK))
             self._schedule(entry, now)
         return acts
+
+
+def _c_apply(speedups: Any) -> Callable[..., tuple[Action, ...]] | None:
+    """``_Machine._apply`` in C (``imkit._speedups.ack_apply``), or ``None`` without the
+    extension (``speedups``): the common transition (a step of the table on a live id, or
+    a finished one remembered below the memory's bound) carried out on the slots of
+    :class:`_Machine`, :class:`_Entry` and :class:`_Memory`; every other case, unchanged,
+    by :meth:`_Machine._py_apply`, which it calls before changing anything."""
+    if speedups is None:
+        return None
+    apply: Callable[..., tuple[Action, ...]] = speedups.ack_apply(
+        _Machine,
+        _slots(
+            _Machine,
+            "_steps _live _memory _heap _tokens _compact_at _resend_interval _ack_timeout",
+        ),
+        _Entry,
+        _slots(_Entry, "frame state give_up_at token"),
+        _Memory,
+        _slots(_Memory, "_max _remember_for head"),
+        (_NEW, _DONE),
+        heapq.heappush,
+        _Machine._py_apply,
+    )
+    return apply
+
+
+def _slots(cls: type, names: str) -> tuple[Any, ...]:
+    """The member descriptors of ``cls``'s slots ``names`` (space-separated)."""
+    return tuple(cls.__dict__[name] for name in names.split())
+
+
+_Machine._apply = _c_apply(_speedups) or _Machine._py_apply
 
 
 def iter_table() -> Iterator[tuple[Role, AckMode, State, Input, tuple[Action, ...], State]]:

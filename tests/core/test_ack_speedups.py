@@ -1,0 +1,245 @@
+"""The ack machines' transition in C (``imkit._speedups.ack_apply``) against the Python one.
+
+``_Machine._apply`` is the C method when the extension is built: it carries out the
+common transition itself and hands every other case to ``_Machine._py_apply`` before
+changing anything. These tests drive a pair of machines of each kind with the same inputs
+and require the same results and the same insides (live entries, heap, tokens, remembered
+ids and their expiries), with bounds small enough that the uncommon cases (a full memory,
+an id remembered again, a heap due for compaction, pruning, a step missing from the table)
+come up all the time.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from tests.core.helpers import speedups
+from tests.core.test_core_differential import machine_calls, machine_view
+
+from imkit.core import ack
+from imkit.core.ack import AckMode, AckTimers, Input, Receiver, Sender, State
+from imkit.core.frames import Frame, FrameType
+from imkit.exceptions import LocalProtocolError
+
+
+def c_apply() -> Any:
+    """A C ``_apply``, made as imkit.core.ack makes it (fails the test without the build)."""
+    made = ack._c_apply(speedups())
+    assert made is not None
+    return made
+
+
+def machines(apply: Any, mode: AckMode, timers: AckTimers, partner: bool) -> tuple[Any, Any]:
+    """A Sender and a Receiver whose ``_apply`` is ``apply``, the heap compacted early."""
+
+    class TestSender(Sender):
+        _apply = apply
+
+    class TestReceiver(Receiver):
+        _apply = apply
+
+    receiver = TestReceiver(mode, timers)
+    sender = TestSender(mode, timers, partner=receiver if partner else None)
+    for machine in (sender, receiver):
+        machine._compact_at = 2  # (the heap is compacted at its 2nd item, not its 64th)
+    return sender, receiver
+
+
+def insides(machine: Any) -> tuple[Any, ...]:
+    """What a machine holds: its entries, heap, tokens, memory (ids, expiries, head)."""
+    entries = [
+        (message_id, entry.frame, entry.state, entry.give_up_at, entry.token)
+        for message_id, entry in machine._live.items()
+    ]
+    memory = machine._memory
+    return (
+        entries,
+        sorted(machine._heap),
+        machine._tokens,
+        machine._compact_at,
+        list(memory.items()),
+        memory.head,
+    )
+
+
+IDS = [f"m{i}" for i in range(6)] + [""]
+timers = st.builds(
+    AckTimers,
+    resend_interval=st.sampled_from([0.5, 1.0]),
+    ack_timeout=st.sampled_from([1.0, 3.0]),
+    remember_for=st.sampled_from([3.0, 5.0]),
+    max_remembered=st.integers(1, 4),
+    window=st.integers(1, 4),
+)
+ids = st.sampled_from(IDS)
+# Time goes on, stands still, jumps past every deadline, even goes back; ints as well.
+steps = st.sampled_from([0.0, 0.3, 0.5, 1.0, 2.5, 6.0, -0.5, 1, 0])
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("send"), ids),
+        st.tuples(st.just("ack"), ids),
+        st.tuples(st.just("data"), ids, st.integers(0, 2), st.booleans()),
+        st.tuples(st.just("confirm"), ids),
+        st.tuples(st.just("refuse"), ids),
+        st.tuples(st.just("tick"), steps),
+        st.tuples(st.sampled_from(["resend_all", "resend_acks", "drop_backlog"])),
+    ),
+    max_size=60,
+)
+
+
+@given(mode=st.sampled_from(AckMode), timers=timers, partner=st.booleans(), ops=ops)
+def test_the_c_transition_does_what_the_python_one_does(
+    mode: AckMode, timers: AckTimers, partner: bool, ops: list[tuple[Any, ...]]
+) -> None:
+    c_sender, c_receiver = machines(c_apply(), mode, timers, partner)
+    py_sender, py_receiver = machines(ack._Machine._py_apply, mode, timers, partner)
+    now: float = 0.0
+    for op in ops:
+        if op[0] == "tick":
+            now += op[1]
+        got = machine_calls(c_sender, c_receiver, op, now)
+        assert got == machine_calls(py_sender, py_receiver, op, now), op
+        for c_machine, py_machine in ((c_sender, py_sender), (c_receiver, py_receiver)):
+            assert machine_view(c_machine) == machine_view(py_machine), op
+            assert insides(c_machine) == insides(py_machine), op
+
+
+def test_the_c_transition_is_the_machines_own_when_built() -> None:
+    apply = ack._Machine.__dict__["_apply"]
+    if ack._speedups is None:  # IMKIT_NO_SPEEDUPS: the Python method itself
+        assert apply is ack._Machine._py_apply
+    else:
+        assert isinstance(apply, speedups().AckApply)
+        # A method: bound to a machine, called on the class with the machine first.
+        sender = Sender(AckMode.ONLY)
+        frame = Frame(FrameType.DATA, "a")
+        assert sender._apply(frame, State.NEW, Input.SEND, 0.0) == (ack.Action.SEND_DATA,)
+        assert apply.__get__(None, Sender) is apply
+        entry = sender._live["a"]
+        assert ack._Machine._apply(sender, frame, State.AWAIT_ACK, Input.ACK, 0.5, entry) == (
+            ack.Action.DELIVERED,
+        )
+        assert sender.state_of("a") is State.DONE
+
+
+def test_a_step_missing_from_the_table_raises_through_the_c_transition() -> None:
+    sender, _receiver = machines(c_apply(), AckMode.ONLY, AckTimers(), False)
+    sender.send(Frame(FrameType.DATA, "a"), 0.0)
+    entry = sender._live["a"]
+    with pytest.raises(LocalProtocolError, match="'send' is not allowed for a sender"):
+        sender._apply(entry.frame, entry.state, Input.SEND, 0.0, entry)
+    assert insides(sender)[0] == [("a", entry.frame, State.AWAIT_ACK, 30.0, 1)]
+
+
+def test_the_memory_at_its_bound_forgets_its_oldest_id_in_c() -> None:
+    timers = AckTimers(max_remembered=3)
+    _sender, receiver = machines(c_apply(), AckMode.ONLY, timers, False)
+    for i in range(5):
+        receiver.on_data(Frame(FrameType.DATA, f"m{i}"), float(i))
+    assert list(receiver._memory.items()) == [("m2", 302.0), ("m3", 303.0), ("m4", 304.0)]
+    assert receiver._memory.head == 302.0
+    # A forgotten id is news again; a remembered one is acked, not dispatched.
+    assert [type(e).__name__ for e in receiver.on_data(Frame(FrameType.DATA, "m0"), 5.0)] == [
+        "SendFrame",
+        "Dispatch",
+    ]
+    assert [type(e).__name__ for e in receiver.on_data(Frame(FrameType.DATA, "m4"), 5.0)] == [
+        "SendFrame"
+    ]
+
+
+def test_odd_arguments_and_slots_go_to_the_python_method() -> None:
+    apply = c_apply()
+    sender, _receiver = machines(apply, AckMode.ONLY, AckTimers(), False)
+    # now as an int, an entry of another class, a keyword: all the Python method's.
+    assert sender._apply(Frame(FrameType.DATA, "a"), State.NEW, Input.SEND, 0) == (
+        ack.Action.SEND_DATA,
+    )
+    assert sender._heap == [(2, 1, "a")]  # (the int arithmetic of the Python method)
+    with pytest.raises(AttributeError):
+        sender._apply(Frame(FrameType.DATA, "a"), State.AWAIT_ACK, Input.ACK, 0.0, object())
+    assert sender._apply(Frame(FrameType.DATA, "b"), State.NEW, Input.SEND, 0.0, entry=None) == (
+        ack.Action.SEND_DATA,
+    )
+    # A slot holding something else than the Python code puts there: Python's too.
+    sender._tokens = 2**70
+    sender._apply(Frame(FrameType.DATA, "c"), State.NEW, Input.SEND, 1.0)
+    assert sender._tokens == 2**70 + 1
+    # A frame whose id is not a str.
+    odd = Frame(FrameType.DATA, 5)  # type: ignore[arg-type]
+    sender._apply(odd, State.NEW, Input.SEND, 1.0)
+    assert 5 in sender._live
+    # An expiry no later than now (a huge now): remembered, then pruned at once.
+    _s, receiver = machines(apply, AckMode.ONLY, AckTimers(), False)
+    receiver.on_data(Frame(FrameType.DATA, "x"), 1e300)
+    assert receiver.remembered == 0 and receiver._memory.head == math.inf
+
+
+def test_ack_apply_refuses_what_it_cannot_use() -> None:
+    make = speedups().ack_apply
+    machine_slots = ack._slots(
+        ack._Machine,
+        "_steps _live _memory _heap _tokens _compact_at _resend_interval _ack_timeout",
+    )
+    entry_slots = ack._slots(ack._Entry, "frame state give_up_at token")
+    memory_slots = ack._slots(ack._Memory, "_max _remember_for head")
+    good = [
+        ack._Machine,
+        machine_slots,
+        ack._Entry,
+        entry_slots,
+        ack._Memory,
+        memory_slots,
+        (State.NEW, State.DONE),
+        ack.heapq.heappush,
+        ack._Machine._py_apply,
+    ]
+    assert make(*good) is not None
+    bad: list[tuple[int, Any, str]] = [
+        (1, machine_slots[:3], "8 slots of a class expected"),
+        (3, machine_slots[:4], "each slot must be its class's own"),
+        (1, (*machine_slots[:7], "x"), "each slot must be its class's own"),
+        (4, dict, "each slot must be its class.s own"),  # (the slots are _Memory's)
+        (6, (State.NEW,), "states must be"),
+        (7, None, "states must be"),
+    ]
+    for index, value, message in bad:
+        args = list(good)
+        args[index] = value
+        with pytest.raises(TypeError, match=message):
+            make(*args)
+    with pytest.raises(TypeError, match="takes 9 positional arguments"):
+        make(*good[:8])
+
+    class NotADict:
+        __slots__ = ("_max", "_remember_for", "head")
+
+    args = list(good)
+    args[4:6] = [NotADict, ack._slots(NotADict, "_max _remember_for head")]
+    with pytest.raises(TypeError, match="a plain entry class and a dict memory"):
+        make(*args)
+
+
+def test_no_entry_or_frame_outlives_its_id() -> None:
+    sender, receiver = machines(c_apply(), AckMode.ONLY, AckTimers(max_remembered=50), False)
+    for i in range(2000):
+        now = i * 0.01
+        sender.send(Frame(FrameType.DATA, f"s{i}"), now)
+        sender.on_ack(f"s{i}", now)
+        receiver.on_data(Frame(FrameType.DATA, f"r{i}"), now)
+    gc.collect()
+    assert sender.in_flight == 0 and receiver.in_flight == 0
+    assert not any(type(o) is ack._Entry for o in gc.get_objects())
+    frames_alive = sum(type(o) is Frame for o in gc.get_objects())
+    for i in range(2000, 4000):
+        now = i * 0.01
+        sender.send(Frame(FrameType.DATA, f"s{i}"), now)
+        sender.on_ack(f"s{i}", now)
+    gc.collect()
+    assert sum(type(o) is Frame for o in gc.get_objects()) <= frames_alive
