@@ -1517,42 +1517,58 @@ plain_append(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t narg
     return Py_NewRef(plain ? Py_True : Py_False);
 }
 
-/* ------------------------------------------------------------------ ack_apply */
+/* ------------------------------------------------------------------ ack_methods */
 
 /*
- * ack_apply(...): the common case of imkit.core.ack._Machine._apply in C, installed as
- * that method (a method descriptor: self comes first). It carries out the one transition
- * the table gives for (state, event) on the machine's live ids, remembered ids and heap
- * of deadlines, reading and writing them through the slots of the Python classes, and
- * hands every other case, before changing anything, to the Python method it replaces
- * (py_apply): a pair missing from the table (which raises there), an id remembered
- * again or a memory at capacity, a memory due for pruning, a heap due for compaction,
- * and any slot not holding what the Python code puts there. So the Python method stays
- * the one definition of the rules; tests/core/test_ack_speedups.py holds the two to
- * each other on generated inputs.
+ * ack_methods(...): the common case of four methods of imkit.core.ack's machines in C,
+ * installed as those methods (method descriptors: self comes first):
+ *
+ *   _apply(frame, state, event, now[, entry])  one transition of the table, carried out on
+ *       the machine's live ids, remembered ids and heap of deadlines (_Machine);
+ *   _data(frame, now, acked)   an acked Data frame for an id not in flight (Receiver);
+ *   _on_id(message_id, event, now)   an ack or a confirmation of an id in flight;
+ *   _send(frame, now)          a new message with room in the window (Sender).
+ *
+ * They read and write the machines' state through the slots of the Python classes, and
+ * hand every other case, before changing anything, to the Python method each replaces:
+ * a pair missing from the table (which raises there), an id remembered again, a memory
+ * due for pruning, a heap due for compaction, a backlog, a rate limit's pacing, an id in
+ * use, any argument or slot not holding what the Python code puts there. So the Python
+ * methods stay the one definition of the rules; tests/core/test_ack_speedups.py holds the
+ * two to each other on generated inputs.
  */
-enum { M_STEPS, M_LIVE, M_MEMORY, M_HEAP, M_TOKENS, M_COMPACT_AT, M_RESEND, M_TIMEOUT, M_COUNT };
+enum {
+    M_STEPS, M_LIVE, M_MEMORY, M_HEAP, M_TOKENS, M_COMPACT_AT, M_RESEND, M_TIMEOUT, M_WINDOW,
+    M_MODE, M_COUNT
+};
+enum { S_BACKLOG, S_BACKLOG_IDS, S_RETRY_SLOT, S_COUNT };
 enum { E_FRAME, E_STATE, E_GIVE_UP_AT, E_TOKEN, E_COUNT };
 enum { Y_MAX, Y_REMEMBER_FOR, Y_HEAD, Y_COUNT };
+enum { C_NEW, C_DONE, C_SEND, C_DATA, C_NO_ACK, C_COUNT };
+enum { A_APPLY, A_DATA, A_ON_ID, A_SEND, A_COUNT };
 
 typedef struct {
     PyObject_HEAD
     vectorcallfunc vectorcall;
+    int kind;             /* A_APPLY ... A_SEND */
     PyTypeObject *machine_cls;
+    PyTypeObject *sender_cls;
     PyTypeObject *entry_cls;
     PyTypeObject *memory_cls;
-    PyObject *new_state;  /* State.NEW: a transition to it forgets the id */
-    PyObject *done_state; /* State.DONE: a transition to it remembers the id */
+    PyObject *constants[C_COUNT]; /* State.NEW, State.DONE, Input.SEND, Input.DATA,
+                                     AckMode.NONE */
     PyObject *heappush;
-    PyObject *py_apply;   /* the Python method: every case but the common one */
+    PyObject *py_method;  /* the Python method: every case but the common one */
     PyObject *id_name;    /* "id", the frame's attribute */
     PyObject *popitem_name;
     Py_ssize_t machine[M_COUNT];
+    Py_ssize_t sender[S_COUNT];
     Py_ssize_t entry[E_COUNT];
     Py_ssize_t memory[Y_COUNT];
-} AckApply;
+} AckMethod;
 
 #define SLOT(obj, offset) (*(PyObject **)((char *)(obj) + (offset)))
+#define FELL ((PyObject *)1) /* apply_core's "not the common case": nothing was changed */
 
 /* The float in slot `offset` of obj, or -1 with *ok = 0 when it holds no exact float. */
 static double
@@ -1600,10 +1616,10 @@ set_slot(PyObject *obj, Py_ssize_t offset, PyObject *value)
 /* Over the memory's bound: forget its oldest id (popitem(last=False)); the next one's
    expiry is the new head. */
 static int
-forget_oldest(AckApply *ap, PyObject *memory)
+forget_oldest(AckMethod *am, PyObject *memory)
 {
     PyObject *popitem_args[2] = {memory, Py_False};
-    PyObject *popped = PyObject_VectorcallMethod(ap->popitem_name, popitem_args,
+    PyObject *popped = PyObject_VectorcallMethod(am->popitem_name, popitem_args,
                                                  2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
     if (popped == NULL) {
         return -1;
@@ -1620,103 +1636,90 @@ forget_oldest(AckApply *ap, PyObject *memory)
     }
     PyObject *head = PyObject_GetItem(memory, first);
     Py_DECREF(first);
-    return set_slot(memory, ap->memory[Y_HEAD], head);
+    return set_slot(memory, am->memory[Y_HEAD], head);
+}
+
+/* The machine's dict / object in slot `which`, borrowed, or NULL when it holds none of
+   the kind the Python code puts there. */
+static PyObject *
+machine_dict(AckMethod *am, PyObject *self, int which)
+{
+    PyObject *v = SLOT(self, am->machine[which]);
+    return v != NULL && PyDict_CheckExact(v) ? v : NULL;
 }
 
 static PyObject *
-ack_apply_call(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+machine_memory(AckMethod *am, PyObject *self)
 {
-    AckApply *ap = (AckApply *)callable;
-    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-    PyObject *self, *frame, *state, *event, *entry, *key, *step, *actions, *new_state;
-    PyObject *live, *memory, *heap, *message_id = NULL;
-    double now;
+    PyObject *v = SLOT(self, am->machine[M_MEMORY]);
+    return v != NULL && PyObject_TypeCheck(v, am->memory_cls) ? v : NULL;
+}
+
+/* _Machine._py_apply's common case: the actions (a new reference); FELL when it is not
+   the common case (nothing changed); NULL with an error set. message_id is frame.id (an
+   exact str); entry is its live entry or Py_None. */
+static PyObject *
+apply_core(AckMethod *am, PyObject *self, PyObject *frame, PyObject *message_id,
+           PyObject *state, PyObject *event, double now, PyObject *entry)
+{
+    PyObject *steps = machine_dict(am, self, M_STEPS);
+    PyObject *live = machine_dict(am, self, M_LIVE);
+    PyObject *memory = machine_memory(am, self);
+    PyObject *heap = SLOT(self, am->machine[M_HEAP]);
+    PyObject *key, *step, *actions, *new_state;
     int ok = 1;
 
-    /* (self, frame, state, event, now[, entry]), positional, as the Python callers pass */
-    if ((kwnames != NULL && PyTuple_GET_SIZE(kwnames)) || nargs < 5 || nargs > 6
-        || !PyFloat_CheckExact(args[4])) {
-        goto fallback;
+    if (steps == NULL || live == NULL || memory == NULL || heap == NULL
+        || !PyList_CheckExact(heap)
+        || (entry != Py_None && !Py_IS_TYPE(entry, am->entry_cls))) {
+        return FELL;
     }
-    self = args[0];
-    frame = args[1];
-    state = args[2];
-    event = args[3];
-    now = PyFloat_AS_DOUBLE(args[4]);
-    entry = nargs == 6 ? args[5] : Py_None;
-    if (!PyObject_TypeCheck(self, ap->machine_cls)
-        || (entry != Py_None && !Py_IS_TYPE(entry, ap->entry_cls))) {
-        goto fallback;
+    key = PyTuple_Pack(2, state, event);
+    if (key == NULL) {
+        return NULL;
     }
-    {
-        PyObject *steps = SLOT(self, ap->machine[M_STEPS]);
-        live = SLOT(self, ap->machine[M_LIVE]);
-        memory = SLOT(self, ap->machine[M_MEMORY]);
-        heap = SLOT(self, ap->machine[M_HEAP]);
-        if (steps == NULL || !PyDict_CheckExact(steps) || live == NULL
-            || !PyDict_CheckExact(live) || memory == NULL
-            || !PyObject_TypeCheck(memory, ap->memory_cls) || heap == NULL
-            || !PyList_CheckExact(heap)) {
-            goto fallback;
-        }
-        key = PyTuple_Pack(2, state, event);
-        if (key == NULL) {
-            return NULL;
-        }
-        step = PyDict_GetItemWithError(steps, key); /* borrowed */
-        Py_DECREF(key);
-    }
+    step = PyDict_GetItemWithError(steps, key); /* borrowed */
+    Py_DECREF(key);
     if (step == NULL) {
-        if (PyErr_Occurred()) {
-            return NULL;
-        }
-        goto fallback; /* not in the table: the Python method raises */
+        return PyErr_Occurred() ? NULL : FELL; /* not in the table: the Python method raises */
     }
     if (!PyTuple_CheckExact(step) || PyTuple_GET_SIZE(step) != 2) {
-        goto fallback;
+        return FELL;
     }
     actions = PyTuple_GET_ITEM(step, 0);
     new_state = PyTuple_GET_ITEM(step, 1);
     {
         /* Pruning is due (the memory's oldest id expired): the Python method prunes. */
-        double head = slot_double(memory, ap->memory[Y_HEAD], &ok);
+        double head = slot_double(memory, am->memory[Y_HEAD], &ok);
         if (!ok || head <= now) {
-            goto fallback;
+            return FELL;
         }
     }
-    message_id = PyObject_GetAttr(frame, ap->id_name);
-    if (message_id == NULL) {
-        return NULL;
-    }
-    if (!PyUnicode_CheckExact(message_id)) {
-        goto fallback;
-    }
-    if (new_state == ap->new_state || new_state == ap->done_state) {
-        int remember = new_state == ap->done_state && PyUnicode_GET_LENGTH(message_id) > 0;
+    if (new_state == am->constants[C_NEW] || new_state == am->constants[C_DONE]) {
+        int remember = new_state == am->constants[C_DONE] && PyUnicode_GET_LENGTH(message_id) > 0;
         double remember_for = 0.0;
         long long most = 0;
         if (remember) {
-            most = slot_long(memory, ap->memory[Y_MAX], &ok);
-            remember_for = slot_double(memory, ap->memory[Y_REMEMBER_FOR], &ok);
-            if (!ok || !(now + remember_for > now)) {
-                goto fallback; /* (an expiry not after now: pruned at once, in Python) */
+            most = slot_long(memory, am->memory[Y_MAX], &ok);
+            remember_for = slot_double(memory, am->memory[Y_REMEMBER_FOR], &ok);
+            if (!ok || most < 1 || !(now + remember_for > now)) {
+                return FELL; /* (an expiry not after now: pruned at once, in Python) */
             }
             int known = PyDict_Contains(memory, message_id);
             if (known < 0) {
-                goto error;
+                return NULL;
             }
-            /* Remembered again (it moves): Python's. */
-            if (known || most < 1) {
-                goto fallback;
+            if (known) {
+                return FELL; /* remembered again (it moves): Python's */
             }
         }
         if (entry != Py_None) { /* an id without an entry is not live: nothing to drop */
-            if (set_slot(entry, ap->entry[E_TOKEN], PyLong_FromLong(-1)) < 0) {
-                goto error;
+            if (set_slot(entry, am->entry[E_TOKEN], PyLong_FromLong(-1)) < 0) {
+                return NULL;
             }
             if (PyDict_DelItem(live, message_id) < 0) {
                 if (!PyErr_ExceptionMatches(PyExc_KeyError)) {
-                    goto error;
+                    return NULL;
                 }
                 PyErr_Clear();
             }
@@ -1724,66 +1727,66 @@ ack_apply_call(PyObject *callable, PyObject *const *args, size_t nargsf, PyObjec
         if (remember) {
             PyObject *expiry = PyFloat_FromDouble(now + remember_for);
             if (expiry == NULL) {
-                goto error;
+                return NULL;
             }
             if (PyObject_SetItem(memory, message_id, expiry) < 0) {
                 Py_DECREF(expiry);
-                goto error;
+                return NULL;
             }
             Py_ssize_t size = PyDict_GET_SIZE(memory);
             if (size == 1) {
-                Py_SETREF(SLOT(memory, ap->memory[Y_HEAD]), expiry);
+                Py_SETREF(SLOT(memory, am->memory[Y_HEAD]), expiry);
             }
             else {
                 Py_DECREF(expiry);
-                if (size > most && forget_oldest(ap, memory) < 0) {
-                    goto error;
+                if (size > most && forget_oldest(am, memory) < 0) {
+                    return NULL;
                 }
             }
         }
     }
     else {
-        PyObject *item;
-        long long tokens = slot_long(self, ap->machine[M_TOKENS], &ok);
-        long long compact_at = slot_long(self, ap->machine[M_COMPACT_AT], &ok);
-        double resend = slot_double(self, ap->machine[M_RESEND], &ok);
-        double timeout = slot_double(self, ap->machine[M_TIMEOUT], &ok);
+        PyObject *item, *pushed;
+        long long tokens = slot_long(self, am->machine[M_TOKENS], &ok);
+        long long compact_at = slot_long(self, am->machine[M_COMPACT_AT], &ok);
+        double resend = slot_double(self, am->machine[M_RESEND], &ok);
+        double timeout = slot_double(self, am->machine[M_TIMEOUT], &ok);
         double give_up_at, when;
         if (!ok || PyList_GET_SIZE(heap) >= compact_at || tokens >= LLONG_MAX - 1) {
-            goto fallback; /* the heap is compacted first, by the Python method */
+            return FELL; /* the heap is compacted first, by the Python method */
         }
         if (entry == Py_None) {
-            entry = ap->entry_cls->tp_alloc(ap->entry_cls, 0);
+            entry = am->entry_cls->tp_alloc(am->entry_cls, 0);
             if (entry == NULL) {
-                goto error;
+                return NULL;
             }
             give_up_at = now + timeout;
-            SLOT(entry, ap->entry[E_FRAME]) = Py_NewRef(frame);
-            SLOT(entry, ap->entry[E_STATE]) = Py_NewRef(new_state);
-            SLOT(entry, ap->entry[E_GIVE_UP_AT]) = PyFloat_FromDouble(give_up_at);
-            if (SLOT(entry, ap->entry[E_GIVE_UP_AT]) == NULL) {
+            SLOT(entry, am->entry[E_FRAME]) = Py_NewRef(frame);
+            SLOT(entry, am->entry[E_STATE]) = Py_NewRef(new_state);
+            SLOT(entry, am->entry[E_GIVE_UP_AT]) = PyFloat_FromDouble(give_up_at);
+            if (SLOT(entry, am->entry[E_GIVE_UP_AT]) == NULL) {
                 Py_DECREF(entry);
-                goto error;
+                return NULL;
             }
         }
         else {
-            give_up_at = slot_double(entry, ap->entry[E_GIVE_UP_AT], &ok);
+            give_up_at = slot_double(entry, am->entry[E_GIVE_UP_AT], &ok);
             if (!ok) {
-                goto fallback;
+                return FELL;
             }
             Py_INCREF(entry);
-            Py_XSETREF(SLOT(entry, ap->entry[E_STATE]), Py_NewRef(new_state));
+            Py_XSETREF(SLOT(entry, am->entry[E_STATE]), Py_NewRef(new_state));
         }
         /* self._live[id] = entry, then self._schedule(entry, now) */
         if (PyDict_SetItem(live, message_id, entry) < 0) {
             Py_DECREF(entry);
-            goto error;
+            return NULL;
         }
         tokens += 1;
-        if (set_slot(self, ap->machine[M_TOKENS], PyLong_FromLongLong(tokens)) < 0
-            || set_slot(entry, ap->entry[E_TOKEN], PyLong_FromLongLong(tokens)) < 0) {
+        if (set_slot(self, am->machine[M_TOKENS], PyLong_FromLongLong(tokens)) < 0
+            || set_slot(entry, am->entry[E_TOKEN], PyLong_FromLongLong(tokens)) < 0) {
             Py_DECREF(entry);
-            goto error;
+            return NULL;
         }
         Py_DECREF(entry);
         when = now + resend;
@@ -1792,30 +1795,234 @@ ack_apply_call(PyObject *callable, PyObject *const *args, size_t nargsf, PyObjec
         }
         item = Py_BuildValue("(dLO)", when, tokens, message_id);
         if (item == NULL) {
-            goto error;
+            return NULL;
         }
         PyObject *push_args[2] = {heap, item};
-        PyObject *pushed = PyObject_Vectorcall(ap->heappush, push_args, 2, NULL);
+        pushed = PyObject_Vectorcall(am->heappush, push_args, 2, NULL);
         Py_DECREF(item);
         if (pushed == NULL) {
-            goto error;
+            return NULL;
         }
         Py_DECREF(pushed);
     }
-    Py_DECREF(message_id);
     return Py_NewRef(actions);
+}
 
-error:
-    Py_XDECREF(message_id);
-    return NULL;
+/* frame.id when it is an exact str (a new reference); FELL otherwise; NULL on error. */
+static PyObject *
+frame_id(AckMethod *am, PyObject *frame)
+{
+    PyObject *message_id = PyObject_GetAttr(frame, am->id_name);
+    if (message_id != NULL && !PyUnicode_CheckExact(message_id)) {
+        Py_DECREF(message_id);
+        return FELL;
+    }
+    return message_id;
+}
 
-fallback:
-    Py_XDECREF(message_id);
-    return PyObject_Vectorcall(ap->py_apply, args, nargsf, kwnames);
+/* (frame, actions) for the actions apply_core gave (stolen); FELL and NULL pass on. */
+static PyObject *
+acts(PyObject *frame, PyObject *actions)
+{
+    if (actions == NULL || actions == FELL) {
+        return actions;
+    }
+    PyObject *pair = PyTuple_Pack(2, frame, actions);
+    Py_DECREF(actions);
+    return pair;
+}
+
+/* _apply(self, frame, state, event, now[, entry]) */
+static PyObject *
+method_apply(AckMethod *am, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 5 || nargs > 6 || !PyFloat_CheckExact(args[4])) {
+        return FELL;
+    }
+    PyObject *message_id = frame_id(am, args[1]);
+    if (message_id == NULL || message_id == FELL) {
+        return message_id;
+    }
+    PyObject *result = apply_core(am, args[0], args[1], message_id, args[2], args[3],
+                                  PyFloat_AS_DOUBLE(args[4]), nargs == 6 ? args[5] : Py_None);
+    Py_DECREF(message_id);
+    return result;
+}
+
+/* Receiver._data(self, frame, now, acked): an acked frame for an id not in flight. */
+static PyObject *
+method_data(AckMethod *am, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *self, *frame, *live, *memory, *message_id, *result;
+    int known;
+
+    if (nargs != 4 || !PyFloat_CheckExact(args[2]) || args[3] != Py_True) {
+        return FELL;
+    }
+    self = args[0];
+    frame = args[1];
+    live = machine_dict(am, self, M_LIVE);
+    memory = machine_memory(am, self);
+    if (live == NULL || memory == NULL) {
+        return FELL;
+    }
+    message_id = frame_id(am, frame);
+    if (message_id == NULL || message_id == FELL) {
+        return message_id;
+    }
+    known = PyDict_Contains(live, message_id);
+    if (known == 0) {
+        known = PyDict_Contains(memory, message_id);
+        if (known >= 0) {
+            PyObject *state = am->constants[known ? C_DONE : C_NEW];
+            result = acts(frame, apply_core(am, self, frame, message_id, state,
+                                            am->constants[C_DATA], PyFloat_AS_DOUBLE(args[2]),
+                                            Py_None));
+            Py_DECREF(message_id);
+            return result;
+        }
+    }
+    Py_DECREF(message_id);
+    return known < 0 ? NULL : FELL; /* in flight (RigorAck's wait): Python's */
+}
+
+/* _Machine._on_id(self, message_id, event, now): an id in flight. */
+static PyObject *
+method_on_id(AckMethod *am, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *live, *entry, *frame, *state, *result, *message_id;
+
+    if (nargs != 4 || !PyUnicode_CheckExact(args[1]) || !PyFloat_CheckExact(args[3])) {
+        return FELL;
+    }
+    live = machine_dict(am, args[0], M_LIVE);
+    if (live == NULL) {
+        return FELL;
+    }
+    entry = PyDict_GetItemWithError(live, args[1]); /* borrowed */
+    if (entry == NULL) {
+        return PyErr_Occurred() ? NULL : FELL; /* not in flight: a stub frame, in Python */
+    }
+    if (!Py_IS_TYPE(entry, am->entry_cls)) {
+        return FELL;
+    }
+    frame = SLOT(entry, am->entry[E_FRAME]);
+    state = SLOT(entry, am->entry[E_STATE]);
+    if (frame == NULL || state == NULL) {
+        return FELL;
+    }
+    Py_INCREF(entry);
+    Py_INCREF(frame);
+    Py_INCREF(state);
+    message_id = frame_id(am, frame);
+    if (message_id == NULL || message_id == FELL) {
+        result = message_id;
+    }
+    else {
+        /* (The live key is the frame's id: the Python method applies to the frame's.) */
+        result = acts(frame, apply_core(am, args[0], frame, message_id, state, args[2],
+                                        PyFloat_AS_DOUBLE(args[3]), entry));
+        Py_DECREF(message_id);
+    }
+    Py_DECREF(state);
+    Py_DECREF(frame);
+    Py_DECREF(entry);
+    return result;
+}
+
+/* Sender._send(self, frame, now): a new acked message with room in the window. */
+static PyObject *
+method_send(AckMethod *am, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *self, *frame, *live, *memory, *message_id, *backlog, *backlog_ids, *mode;
+    PyObject *result = FELL;
+    double now, retry_slot;
+    long long window;
+    int ok = 1, known;
+
+    if (nargs != 3 || !PyFloat_CheckExact(args[2]) || !PyObject_TypeCheck(args[0], am->sender_cls)) {
+        return FELL;
+    }
+    self = args[0];
+    frame = args[1];
+    now = PyFloat_AS_DOUBLE(args[2]);
+    live = machine_dict(am, self, M_LIVE);
+    memory = machine_memory(am, self);
+    mode = SLOT(self, am->machine[M_MODE]);
+    backlog = SLOT(self, am->sender[S_BACKLOG]);
+    backlog_ids = SLOT(self, am->sender[S_BACKLOG_IDS]);
+    window = slot_long(self, am->machine[M_WINDOW], &ok);
+    retry_slot = slot_double(self, am->sender[S_RETRY_SLOT], &ok);
+    /* NoAck, a full window, the rate limit's pacing: Python's. */
+    if (!ok || live == NULL || memory == NULL || mode == NULL || mode == am->constants[C_NO_ACK]
+        || PyDict_GET_SIZE(live) >= window || !(now >= retry_slot)
+        || (backlog_ids != Py_None && !PyAnySet_CheckExact(backlog_ids))) {
+        return FELL;
+    }
+    if (backlog != Py_None) { /* messages waiting: Python's (an empty backlog is none) */
+        Py_ssize_t waiting = PyObject_Size(backlog);
+        if (waiting != 0) {
+            return waiting < 0 ? NULL : FELL;
+        }
+    }
+    message_id = frame_id(am, frame);
+    if (message_id == NULL || message_id == FELL) {
+        return message_id;
+    }
+    /* An empty id or one in use (or queued) is refused by the Python method. */
+    if (PyUnicode_GET_LENGTH(message_id) > 0) {
+        known = PyDict_Contains(live, message_id);
+        if (known == 0) {
+            known = PyDict_Contains(memory, message_id);
+        }
+        if (known == 0 && backlog_ids != Py_None) {
+            known = PySet_Contains(backlog_ids, message_id);
+        }
+        if (known < 0) {
+            result = NULL;
+        }
+        else if (!known) {
+            result = apply_core(am, self, frame, message_id, am->constants[C_NEW],
+                                am->constants[C_SEND], now, Py_None);
+        }
+    }
+    Py_DECREF(message_id);
+    return result;
 }
 
 static PyObject *
-ack_apply_get(PyObject *self, PyObject *obj, PyObject *Py_UNUSED(type))
+ack_method_call(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    AckMethod *am = (AckMethod *)callable;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    PyObject *result = FELL;
+
+    /* Positional, self a machine, as the Python callers call them; else Python's. */
+    if ((kwnames == NULL || PyTuple_GET_SIZE(kwnames) == 0) && nargs >= 1
+        && PyObject_TypeCheck(args[0], am->machine_cls)) {
+        switch (am->kind) {
+        case A_APPLY:
+            result = method_apply(am, args, nargs);
+            break;
+        case A_DATA:
+            result = method_data(am, args, nargs);
+            break;
+        case A_ON_ID:
+            result = method_on_id(am, args, nargs);
+            break;
+        default:
+            result = method_send(am, args, nargs);
+            break;
+        }
+    }
+    if (result != FELL) {
+        return result;
+    }
+    return PyObject_Vectorcall(am->py_method, args, nargsf, kwnames);
+}
+
+static PyObject *
+ack_method_get(PyObject *self, PyObject *obj, PyObject *Py_UNUSED(type))
 {
     if (obj == NULL || obj == Py_None) {
         return Py_NewRef(self);
@@ -1824,58 +2031,62 @@ ack_apply_get(PyObject *self, PyObject *obj, PyObject *Py_UNUSED(type))
 }
 
 static int
-ack_apply_traverse(PyObject *self, visitproc visit, void *arg)
+ack_method_traverse(PyObject *self, visitproc visit, void *arg)
 {
-    AckApply *ap = (AckApply *)self;
-    Py_VISIT(ap->machine_cls);
-    Py_VISIT(ap->entry_cls);
-    Py_VISIT(ap->memory_cls);
-    Py_VISIT(ap->new_state);
-    Py_VISIT(ap->done_state);
-    Py_VISIT(ap->heappush);
-    Py_VISIT(ap->py_apply);
-    Py_VISIT(ap->id_name);
-    Py_VISIT(ap->popitem_name);
+    AckMethod *am = (AckMethod *)self;
+    Py_VISIT(am->machine_cls);
+    Py_VISIT(am->sender_cls);
+    Py_VISIT(am->entry_cls);
+    Py_VISIT(am->memory_cls);
+    for (int i = 0; i < C_COUNT; i++) {
+        Py_VISIT(am->constants[i]);
+    }
+    Py_VISIT(am->heappush);
+    Py_VISIT(am->py_method);
+    Py_VISIT(am->id_name);
+    Py_VISIT(am->popitem_name);
     return 0;
 }
 
 static int
-ack_apply_clear(PyObject *self)
+ack_method_clear(PyObject *self)
 {
-    AckApply *ap = (AckApply *)self;
-    Py_CLEAR(ap->machine_cls);
-    Py_CLEAR(ap->entry_cls);
-    Py_CLEAR(ap->memory_cls);
-    Py_CLEAR(ap->new_state);
-    Py_CLEAR(ap->done_state);
-    Py_CLEAR(ap->heappush);
-    Py_CLEAR(ap->py_apply);
-    Py_CLEAR(ap->id_name);
-    Py_CLEAR(ap->popitem_name);
+    AckMethod *am = (AckMethod *)self;
+    Py_CLEAR(am->machine_cls);
+    Py_CLEAR(am->sender_cls);
+    Py_CLEAR(am->entry_cls);
+    Py_CLEAR(am->memory_cls);
+    for (int i = 0; i < C_COUNT; i++) {
+        Py_CLEAR(am->constants[i]);
+    }
+    Py_CLEAR(am->heappush);
+    Py_CLEAR(am->py_method);
+    Py_CLEAR(am->id_name);
+    Py_CLEAR(am->popitem_name);
     return 0;
 }
 
 static void
-ack_apply_dealloc(PyObject *self)
+ack_method_dealloc(PyObject *self)
 {
     PyObject_GC_UnTrack(self);
-    ack_apply_clear(self);
+    ack_method_clear(self);
     PyObject_GC_Del(self);
 }
 
-static PyTypeObject AckApplyType = {
+static PyTypeObject AckMethodType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "imkit._speedups.AckApply",
-    .tp_basicsize = sizeof(AckApply),
-    .tp_dealloc = ack_apply_dealloc,
-    .tp_vectorcall_offset = offsetof(AckApply, vectorcall),
+    .tp_name = "imkit._speedups.AckMethod",
+    .tp_basicsize = sizeof(AckMethod),
+    .tp_dealloc = ack_method_dealloc,
+    .tp_vectorcall_offset = offsetof(AckMethod, vectorcall),
     .tp_call = PyVectorcall_Call,
-    .tp_descr_get = ack_apply_get,
-    .tp_traverse = ack_apply_traverse,
-    .tp_clear = ack_apply_clear,
+    .tp_descr_get = ack_method_get,
+    .tp_traverse = ack_method_traverse,
+    .tp_clear = ack_method_clear,
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_HAVE_GC
                 | Py_TPFLAGS_METHOD_DESCRIPTOR,
-    .tp_doc = "The ack machines' common transition in C (see ack_apply).",
+    .tp_doc = "A method of the ack machines, its common case in C (see ack_methods).",
 };
 
 /* The offsets of the object slots named by the member descriptors in `slots` (a tuple of
@@ -1884,7 +2095,7 @@ static int
 slot_offsets(PyObject *cls, PyObject *slots, Py_ssize_t n, Py_ssize_t *offsets)
 {
     if (!PyType_Check(cls) || !PyTuple_Check(slots) || PyTuple_GET_SIZE(slots) != n) {
-        PyErr_Format(PyExc_TypeError, "ack_apply(): %zd slots of a class expected", n);
+        PyErr_Format(PyExc_TypeError, "ack_methods(): %zd slots of a class expected", n);
         return 0;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -1892,7 +2103,7 @@ slot_offsets(PyObject *cls, PyObject *slots, Py_ssize_t n, Py_ssize_t *offsets)
         PyMemberDef *member;
         if (!Py_IS_TYPE(slot, &PyMemberDescr_Type)
             || ((PyDescrObject *)slot)->d_type != (PyTypeObject *)cls) {
-            PyErr_SetString(PyExc_TypeError, "ack_apply(): each slot must be its class's own");
+            PyErr_SetString(PyExc_TypeError, "ack_methods(): each slot must be its class's own");
             return 0;
         }
         member = ((PyMemberDescrObject *)slot)->d_member;
@@ -1900,7 +2111,7 @@ slot_offsets(PyObject *cls, PyObject *slots, Py_ssize_t n, Py_ssize_t *offsets)
             || member->offset < (Py_ssize_t)sizeof(PyObject)
             || member->offset + (Py_ssize_t)sizeof(PyObject *)
                    > ((PyTypeObject *)cls)->tp_basicsize) {
-            PyErr_SetString(PyExc_TypeError, "ack_apply(): each slot must hold an object");
+            PyErr_SetString(PyExc_TypeError, "ack_methods(): each slot must hold an object");
             return 0;
         }
         offsets[i] = member->offset;
@@ -1908,64 +2119,88 @@ slot_offsets(PyObject *cls, PyObject *slots, Py_ssize_t n, Py_ssize_t *offsets)
     return 1;
 }
 
-PyDoc_STRVAR(ack_apply_doc,
-"ack_apply(machine_cls, machine_slots, entry_cls, entry_slots, memory_cls, memory_slots,\n"
-"          states, heappush, py_apply, /)\n"
+PyDoc_STRVAR(ack_methods_doc,
+"ack_methods(machine_cls, machine_slots, sender_cls, sender_slots, entry_cls, entry_slots,\n"
+"            memory_cls, memory_slots, constants, heappush, py_methods, /)\n"
 "--\n\n"
-"A method (self, frame, state, event, now[, entry]) doing what py_apply, the Python\n"
-"_Machine._apply, does, in C for the common case, and calling py_apply for every other.\n"
+"The methods (_apply, _data, _on_id, _send) doing what the Python methods py_methods (in\n"
+"that order) do, in C for the common case, calling the Python method for every other.\n"
 "The slots are member descriptors: the machine's _steps, _live, _memory, _heap, _tokens,\n"
-"_compact_at, _resend_interval, _ack_timeout; the entry's frame, state, give_up_at,\n"
-"token; the memory's _max, _remember_for, head. states is (State.NEW, State.DONE).");
+"_compact_at, _resend_interval, _ack_timeout, _window, mode; the sender's _backlog,\n"
+"_backlog_ids, _retry_slot; the entry's frame, state, give_up_at, token; the memory's\n"
+"_max, _remember_for, head. constants: (State.NEW, State.DONE, Input.SEND, Input.DATA,\n"
+"AckMode.NONE).");
 
 static PyObject *
-ack_apply(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+ack_methods(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
-    AckApply *ap;
-    Py_ssize_t machine[M_COUNT], entry[E_COUNT], memory[Y_COUNT];
+    Py_ssize_t machine[M_COUNT], sender[S_COUNT], entry[E_COUNT], memory[Y_COUNT];
+    PyObject *methods;
 
-    if (!check_nargs("ack_apply", nargs, 9)) {
+    if (!check_nargs("ack_methods", nargs, 11)) {
         return NULL;
     }
     if (!slot_offsets(args[0], args[1], M_COUNT, machine)
-        || !slot_offsets(args[2], args[3], E_COUNT, entry)
-        || !slot_offsets(args[4], args[5], Y_COUNT, memory)) {
+        || !slot_offsets(args[2], args[3], S_COUNT, sender)
+        || !slot_offsets(args[4], args[5], E_COUNT, entry)
+        || !slot_offsets(args[6], args[7], Y_COUNT, memory)) {
         return NULL;
     }
-    if (!PyTuple_Check(args[6]) || PyTuple_GET_SIZE(args[6]) != 2 || !PyCallable_Check(args[7])
-        || !PyCallable_Check(args[8])) {
+    if (!PyTuple_Check(args[8]) || PyTuple_GET_SIZE(args[8]) != C_COUNT
+        || !PyCallable_Check(args[9]) || !PyTuple_Check(args[10])
+        || PyTuple_GET_SIZE(args[10]) != A_COUNT) {
+        PyErr_SetString(PyExc_TypeError, "ack_methods(): 5 constants, heappush, 4 methods");
+        return NULL;
+    }
+    if (((PyTypeObject *)args[4])->tp_itemsize != 0
+        || !PyType_IsSubtype((PyTypeObject *)args[6], &PyDict_Type)
+        || !PyType_IsSubtype((PyTypeObject *)args[2], (PyTypeObject *)args[0])) {
         PyErr_SetString(PyExc_TypeError,
-                        "ack_apply(): states must be (NEW, DONE); heappush, py_apply callables");
+                        "ack_methods(): a sender machine, a plain entry class, a dict memory");
         return NULL;
     }
-    if (((PyTypeObject *)args[2])->tp_itemsize != 0
-        || !PyType_IsSubtype((PyTypeObject *)args[4], &PyDict_Type)) {
-        PyErr_SetString(PyExc_TypeError, "ack_apply(): a plain entry class and a dict memory");
+    methods = PyTuple_New(A_COUNT);
+    if (methods == NULL) {
         return NULL;
     }
-    ap = PyObject_GC_New(AckApply, &AckApplyType);
-    if (ap == NULL) {
-        return NULL;
+    for (int kind = 0; kind < A_COUNT; kind++) {
+        PyObject *py_method = PyTuple_GET_ITEM(args[10], kind);
+        AckMethod *am;
+        if (!PyCallable_Check(py_method)) {
+            PyErr_SetString(PyExc_TypeError, "ack_methods(): 5 constants, heappush, 4 methods");
+            Py_DECREF(methods);
+            return NULL;
+        }
+        am = PyObject_GC_New(AckMethod, &AckMethodType);
+        if (am == NULL) {
+            Py_DECREF(methods);
+            return NULL;
+        }
+        am->vectorcall = ack_method_call;
+        am->kind = kind;
+        am->machine_cls = (PyTypeObject *)Py_NewRef(args[0]);
+        am->sender_cls = (PyTypeObject *)Py_NewRef(args[2]);
+        am->entry_cls = (PyTypeObject *)Py_NewRef(args[4]);
+        am->memory_cls = (PyTypeObject *)Py_NewRef(args[6]);
+        for (int i = 0; i < C_COUNT; i++) {
+            am->constants[i] = Py_NewRef(PyTuple_GET_ITEM(args[8], i));
+        }
+        am->heappush = Py_NewRef(args[9]);
+        am->py_method = Py_NewRef(py_method);
+        am->id_name = PyUnicode_InternFromString("id");
+        am->popitem_name = PyUnicode_InternFromString("popitem");
+        memcpy(am->machine, machine, sizeof machine);
+        memcpy(am->sender, sender, sizeof sender);
+        memcpy(am->entry, entry, sizeof entry);
+        memcpy(am->memory, memory, sizeof memory);
+        PyObject_GC_Track((PyObject *)am);
+        PyTuple_SET_ITEM(methods, kind, (PyObject *)am);
+        if (am->id_name == NULL || am->popitem_name == NULL) {
+            Py_DECREF(methods);
+            return NULL;
+        }
     }
-    ap->vectorcall = ack_apply_call;
-    ap->machine_cls = (PyTypeObject *)Py_NewRef(args[0]);
-    ap->entry_cls = (PyTypeObject *)Py_NewRef(args[2]);
-    ap->memory_cls = (PyTypeObject *)Py_NewRef(args[4]);
-    ap->new_state = Py_NewRef(PyTuple_GET_ITEM(args[6], 0));
-    ap->done_state = Py_NewRef(PyTuple_GET_ITEM(args[6], 1));
-    ap->heappush = Py_NewRef(args[7]);
-    ap->py_apply = Py_NewRef(args[8]);
-    ap->id_name = PyUnicode_InternFromString("id");
-    ap->popitem_name = PyUnicode_InternFromString("popitem");
-    memcpy(ap->machine, machine, sizeof machine);
-    memcpy(ap->entry, entry, sizeof entry);
-    memcpy(ap->memory, memory, sizeof memory);
-    PyObject_GC_Track((PyObject *)ap);
-    if (ap->id_name == NULL || ap->popitem_name == NULL) {
-        Py_DECREF(ap);
-        return NULL;
-    }
-    return (PyObject *)ap;
+    return methods;
 }
 
 static PyMethodDef speedups_methods[] = {
@@ -1981,17 +2216,17 @@ static PyMethodDef speedups_methods[] = {
     {"slot_maker", (PyCFunction)(void (*)(void))slot_maker, METH_FASTCALL, slot_maker_doc},
     {"plain_append", (PyCFunction)(void (*)(void))plain_append, METH_FASTCALL,
      plain_append_doc},
-    {"ack_apply", (PyCFunction)(void (*)(void))ack_apply, METH_FASTCALL, ack_apply_doc},
+    {"ack_methods", (PyCFunction)(void (*)(void))ack_methods, METH_FASTCALL, ack_methods_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static int
 speedups_exec(PyObject *module)
 {
-    if (PyType_Ready(&SlotMakerType) < 0 || PyType_Ready(&AckApplyType) < 0) {
+    if (PyType_Ready(&SlotMakerType) < 0 || PyType_Ready(&AckMethodType) < 0) {
         return -1;
     }
-    if (PyModule_AddObjectRef(module, "AckApply", (PyObject *)&AckApplyType) < 0) {
+    if (PyModule_AddObjectRef(module, "AckMethod", (PyObject *)&AckMethodType) < 0) {
         return -1;
     }
     return PyModule_AddObjectRef(module, "SlotMaker", (PyObject *)&SlotMakerType);

@@ -1,12 +1,13 @@
-"""The ack machines' transition in C (``imkit._speedups.ack_apply``) against the Python one.
+"""The ack machines' methods in C (``imkit._speedups.ack_methods``) against the Python ones.
 
-``_Machine._apply`` is the C method when the extension is built: it carries out the
-common transition itself and hands every other case to ``_Machine._py_apply`` before
-changing anything. These tests drive a pair of machines of each kind with the same inputs
-and require the same results and the same insides (live entries, heap, tokens, remembered
-ids and their expiries), with bounds small enough that the uncommon cases (a full memory,
-an id remembered again, a heap due for compaction, pruning, a step missing from the table)
-come up all the time.
+``_Machine._apply``, ``Receiver._data``, ``_Machine._on_id`` and ``Sender._send`` are C
+methods when the extension is built: each carries out its common case itself and hands
+every other case to the Python method it replaces (``_py_apply``, ...) before changing
+anything. These tests drive a pair of machines of each kind with the same inputs and
+require the same results and the same insides (live entries, heap, tokens, remembered ids
+and their expiries, backlog), with bounds small enough that the uncommon cases (a full
+memory, an id remembered again, a heap due for compaction, pruning, a full window, a
+backlog, a step missing from the table) come up all the time.
 """
 
 from __future__ import annotations
@@ -19,29 +20,37 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from tests.core.helpers import speedups
-from tests.core.test_core_differential import machine_calls, machine_view
+from tests.core.test_core_differential import machine_calls, machine_view, outcome
 
 from imkit.core import ack
 from imkit.core.ack import AckMode, AckTimers, Input, Receiver, Sender, State
 from imkit.core.frames import Frame, FrameType
 from imkit.exceptions import LocalProtocolError
 
+METHODS = ("_apply", "_data", "_on_id", "_send")
+PY_METHODS = (
+    ack._Machine._py_apply,
+    ack.Receiver._py_data,
+    ack._Machine._py_on_id,
+    ack.Sender._py_send,
+)
 
-def c_apply() -> Any:
-    """A C ``_apply``, made as imkit.core.ack makes it (fails the test without the build)."""
-    made = ack._c_apply(speedups())
+
+def c_methods() -> tuple[Any, ...]:
+    """The C methods, made as imkit.core.ack makes them (fail the test without the build)."""
+    made = ack._c_methods(speedups())
     assert made is not None
     return made
 
 
-def machines(apply: Any, mode: AckMode, timers: AckTimers, partner: bool) -> tuple[Any, Any]:
-    """A Sender and a Receiver whose ``_apply`` is ``apply``, the heap compacted early."""
-
-    class TestSender(Sender):
-        _apply = apply
-
-    class TestReceiver(Receiver):
-        _apply = apply
+def machines(
+    methods: tuple[Any, ...], mode: AckMode, timers: AckTimers, partner: bool
+) -> tuple[Any, Any]:
+    """A Sender and a Receiver with ``methods`` (as :data:`METHODS`), the heap compacted
+    early."""
+    mine = dict(zip(METHODS, methods, strict=True))
+    TestSender = type("TestSender", (Sender,), mine)
+    TestReceiver = type("TestReceiver", (Receiver,), mine)
 
     receiver = TestReceiver(mode, timers)
     sender = TestSender(mode, timers, partner=receiver if partner else None)
@@ -57,7 +66,9 @@ def insides(machine: Any) -> tuple[Any, ...]:
         for message_id, entry in machine._live.items()
     ]
     memory = machine._memory
+    backlog = getattr(machine, "_backlog", None)
     return (
+        list(backlog or ()),
         entries,
         sorted(machine._heap),
         machine._tokens,
@@ -87,35 +98,52 @@ ops = st.lists(
         st.tuples(st.just("confirm"), ids),
         st.tuples(st.just("refuse"), ids),
         st.tuples(st.just("tick"), steps),
+        st.tuples(st.just("retry"), ids, st.sampled_from([0.0, 0.4, 2.0]), st.none() | steps),
         st.tuples(st.sampled_from(["resend_all", "resend_acks", "drop_backlog"])),
     ),
     max_size=60,
 )
 
 
-@given(mode=st.sampled_from(AckMode), timers=timers, partner=st.booleans(), ops=ops)
-def test_the_c_transition_does_what_the_python_one_does(
-    mode: AckMode, timers: AckTimers, partner: bool, ops: list[tuple[Any, ...]]
+def calls(sender: Any, receiver: Any, op: tuple[Any, ...], now: float) -> list[Any]:
+    """:func:`machine_calls`, and a rate limit's wait (``retry``: the sender paces)."""
+    if op[0] == "retry":
+        _kind, message_id, delay, every = op
+        return [outcome(sender.retry_after, message_id, delay, now, every=every)]
+    return machine_calls(sender, receiver, op, now)
+
+
+@given(
+    mode=st.sampled_from(AckMode),
+    timers=timers,
+    partner=st.booleans(),
+    start=st.sampled_from([0, 0.0]),  # (an int clock: the Python methods' case)
+    ops=ops,
+)
+def test_the_c_methods_do_what_the_python_ones_do(
+    mode: AckMode, timers: AckTimers, partner: bool, start: float, ops: list[tuple[Any, ...]]
 ) -> None:
-    c_sender, c_receiver = machines(c_apply(), mode, timers, partner)
-    py_sender, py_receiver = machines(ack._Machine._py_apply, mode, timers, partner)
-    now: float = 0.0
+    c_sender, c_receiver = machines(c_methods(), mode, timers, partner)
+    py_sender, py_receiver = machines(PY_METHODS, mode, timers, partner)
+    now = start
     for op in ops:
         if op[0] == "tick":
             now += op[1]
-        got = machine_calls(c_sender, c_receiver, op, now)
-        assert got == machine_calls(py_sender, py_receiver, op, now), op
+        got = calls(c_sender, c_receiver, op, now)
+        assert got == calls(py_sender, py_receiver, op, now), op
         for c_machine, py_machine in ((c_sender, py_sender), (c_receiver, py_receiver)):
             assert machine_view(c_machine) == machine_view(py_machine), op
             assert insides(c_machine) == insides(py_machine), op
 
 
-def test_the_c_transition_is_the_machines_own_when_built() -> None:
-    apply = ack._Machine.__dict__["_apply"]
-    if ack._speedups is None:  # IMKIT_NO_SPEEDUPS: the Python method itself
-        assert apply is ack._Machine._py_apply
+def test_the_c_methods_are_the_machines_own_when_built() -> None:
+    owners = (ack._Machine, ack.Receiver, ack._Machine, ack.Sender)
+    installed = [owner.__dict__[name] for owner, name in zip(owners, METHODS, strict=True)]
+    if ack._speedups is None:  # IMKIT_NO_SPEEDUPS: the Python methods themselves
+        assert installed == list(PY_METHODS)
     else:
-        assert isinstance(apply, speedups().AckApply)
+        assert all(isinstance(m, speedups().AckMethod) for m in installed)
+        apply = installed[0]
         # A method: bound to a machine, called on the class with the machine first.
         sender = Sender(AckMode.ONLY)
         frame = Frame(FrameType.DATA, "a")
@@ -128,18 +156,22 @@ def test_the_c_transition_is_the_machines_own_when_built() -> None:
         assert sender.state_of("a") is State.DONE
 
 
+def test_without_the_extension_there_are_no_c_methods() -> None:
+    assert ack._c_methods(None) is None
+
+
 def test_a_step_missing_from_the_table_raises_through_the_c_transition() -> None:
-    sender, _receiver = machines(c_apply(), AckMode.ONLY, AckTimers(), False)
+    sender, _receiver = machines(c_methods(), AckMode.ONLY, AckTimers(), False)
     sender.send(Frame(FrameType.DATA, "a"), 0.0)
     entry = sender._live["a"]
     with pytest.raises(LocalProtocolError, match="'send' is not allowed for a sender"):
         sender._apply(entry.frame, entry.state, Input.SEND, 0.0, entry)
-    assert insides(sender)[0] == [("a", entry.frame, State.AWAIT_ACK, 30.0, 1)]
+    assert insides(sender)[1] == [("a", entry.frame, State.AWAIT_ACK, 30.0, 1)]
 
 
 def test_the_memory_at_its_bound_forgets_its_oldest_id_in_c() -> None:
     timers = AckTimers(max_remembered=3)
-    _sender, receiver = machines(c_apply(), AckMode.ONLY, timers, False)
+    _sender, receiver = machines(c_methods(), AckMode.ONLY, timers, False)
     for i in range(5):
         receiver.on_data(Frame(FrameType.DATA, f"m{i}"), float(i))
     assert list(receiver._memory.items()) == [("m2", 302.0), ("m3", 303.0), ("m4", 304.0)]
@@ -155,8 +187,8 @@ def test_the_memory_at_its_bound_forgets_its_oldest_id_in_c() -> None:
 
 
 def test_odd_arguments_and_slots_go_to_the_python_method() -> None:
-    apply = c_apply()
-    sender, _receiver = machines(apply, AckMode.ONLY, AckTimers(), False)
+    methods = c_methods()
+    sender, _receiver = machines(methods, AckMode.ONLY, AckTimers(), False)
     # now as an int, an entry of another class, a keyword: all the Python method's.
     assert sender._apply(Frame(FrameType.DATA, "a"), State.NEW, Input.SEND, 0) == (
         ack.Action.SEND_DATA,
@@ -176,58 +208,72 @@ def test_odd_arguments_and_slots_go_to_the_python_method() -> None:
     sender._apply(odd, State.NEW, Input.SEND, 1.0)
     assert 5 in sender._live
     # An expiry no later than now (a huge now): remembered, then pruned at once.
-    _s, receiver = machines(apply, AckMode.ONLY, AckTimers(), False)
+    _s, receiver = machines(methods, AckMode.ONLY, AckTimers(), False)
     receiver.on_data(Frame(FrameType.DATA, "x"), 1e300)
     assert receiver.remembered == 0 and receiver._memory.head == math.inf
 
 
-def test_ack_apply_refuses_what_it_cannot_use() -> None:
-    make = speedups().ack_apply
+def test_ack_methods_refuses_what_it_cannot_use() -> None:
+    make = speedups().ack_methods
     machine_slots = ack._slots(
         ack._Machine,
-        "_steps _live _memory _heap _tokens _compact_at _resend_interval _ack_timeout",
+        "_steps _live _memory _heap _tokens _compact_at _resend_interval _ack_timeout _window mode",
     )
+    sender_slots = ack._slots(ack.Sender, "_backlog _backlog_ids _retry_slot")
     entry_slots = ack._slots(ack._Entry, "frame state give_up_at token")
     memory_slots = ack._slots(ack._Memory, "_max _remember_for head")
+    constants = (State.NEW, State.DONE, Input.SEND, Input.DATA, AckMode.NONE)
     good = [
         ack._Machine,
         machine_slots,
+        ack.Sender,
+        sender_slots,
         ack._Entry,
         entry_slots,
         ack._Memory,
         memory_slots,
-        (State.NEW, State.DONE),
+        constants,
         ack.heapq.heappush,
-        ack._Machine._py_apply,
+        PY_METHODS,
     ]
-    assert make(*good) is not None
+    assert len(make(*good)) == 4
     bad: list[tuple[int, Any, str]] = [
-        (1, machine_slots[:3], "8 slots of a class expected"),
-        (3, machine_slots[:4], "each slot must be its class's own"),
-        (1, (*machine_slots[:7], "x"), "each slot must be its class's own"),
-        (4, dict, "each slot must be its class.s own"),  # (the slots are _Memory's)
-        (6, (State.NEW,), "states must be"),
-        (7, None, "states must be"),
+        (1, machine_slots[:3], "10 slots of a class expected"),
+        (3, machine_slots[:3], "each slot must be its class's own"),
+        (1, (*machine_slots[:9], "x"), "each slot must be its class's own"),
+        (6, dict, "each slot must be its class's own"),  # (the slots are _Memory's)
+        (8, constants[:4], "5 constants, heappush, 4 methods"),
+        (9, None, "5 constants, heappush, 4 methods"),
+        (10, PY_METHODS[:3], "5 constants, heappush, 4 methods"),
+        (10, (*PY_METHODS[:3], None), "5 constants, heappush, 4 methods"),
     ]
     for index, value, message in bad:
         args = list(good)
         args[index] = value
         with pytest.raises(TypeError, match=message):
             make(*args)
-    with pytest.raises(TypeError, match="takes 9 positional arguments"):
-        make(*good[:8])
+    with pytest.raises(TypeError, match="takes 11 positional arguments"):
+        make(*good[:10])
 
     class NotADict:
         __slots__ = ("_max", "_remember_for", "head")
 
     args = list(good)
-    args[4:6] = [NotADict, ack._slots(NotADict, "_max _remember_for head")]
-    with pytest.raises(TypeError, match="a plain entry class and a dict memory"):
+    args[6:8] = [NotADict, ack._slots(NotADict, "_max _remember_for head")]
+    with pytest.raises(TypeError, match="a sender machine, a plain entry class, a dict memory"):
+        make(*args)
+
+    class Lone:  # not a machine
+        __slots__ = ("_backlog", "_backlog_ids", "_retry_slot")
+
+    args = list(good)
+    args[2:4] = [Lone, ack._slots(Lone, "_backlog _backlog_ids _retry_slot")]
+    with pytest.raises(TypeError, match="a sender machine"):
         make(*args)
 
 
 def test_no_entry_or_frame_outlives_its_id() -> None:
-    sender, receiver = machines(c_apply(), AckMode.ONLY, AckTimers(max_remembered=50), False)
+    sender, receiver = machines(c_methods(), AckMode.ONLY, AckTimers(max_remembered=50), False)
     for i in range(2000):
         now = i * 0.01
         sender.send(Frame(FrameType.DATA, f"s{i}"), now)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from enum import Enum
 from typing import Any
 
@@ -339,7 +339,7 @@ class _Machine:
 
     role: Role
 
-    # Slots for what the C transition (see _apply) reads and writes; __dict__ for the rest.
+    # Slots for what the C methods (see _c_methods) read and write; __dict__ for the rest.
     __slots__ = (
         "__dict__",
         "__weakref__",
@@ -351,6 +351,8 @@ class _Machine:
         "_resend_interval",
         "_steps",
         "_tokens",
+        "_window",
+        "mode",
     )
 
     def __init__(self, mode: AckMode, timers: AckTimers) -> None:
@@ -358,6 +360,7 @@ class _Machine:
         self.timers = timers
         self._resend_interval = float(timers.resend_interval)
         self._ack_timeout = float(timers.ack_timeout)
+        self._window = timers.window
         self._steps = _STEPS[self.role, self.mode]
         self._live: dict[str, _Entry] = {}
         self._memory = _Memory(timers)
@@ -470,7 +473,7 @@ class _Machine:
 
         The definition of every transition's bookkeeping. ``_apply`` is this method, or,
         with the C extension, its common case in C, which calls this one for the rest
-        (see :data:`_c_apply`)."""
+        (see :func:`_c_methods`)."""
         # A pair missing from the table raises LocalProtocolError (every step is truthy).
         actions, new_state = self._steps.get((state, event)) or transition(
             self.role, self.mode, state, event
@@ -521,7 +524,7 @@ class _Machine:
         effect = self._effect
         return [effect(action, frame) for frame, actions in acts for action in actions]
 
-    def _on_id(self, message_id: str, event: Input, now: float) -> _Acts:
+    def _py_on_id(self, message_id: str, event: Input, now: float) -> _Acts:
         """Apply a peer's ``event`` (an ack, a confirmation, a refusal) to ``message_id``,
         live or not (a stub frame stands for an id that is not live)."""
         entry = self._live.get(message_id)
@@ -530,6 +533,8 @@ class _Machine:
             return frame, self._apply(frame, entry.state, event, now, entry)
         stub = _new_frame(FrameType.DATA, message_id, 0, "", "", "", None, "")
         return stub, self._apply(stub, self._known_state(message_id), event, now)
+
+    _on_id = _py_on_id
 
     def _known_state(self, message_id: str) -> State:
         """The state of an id that is not live: remembered (DONE) or not (NEW)."""
@@ -545,6 +550,8 @@ class Sender(_Machine):
     """
 
     role = Role.SENDER
+
+    __slots__ = ("_backlog", "_backlog_ids", "_retry_gap", "_retry_slot")
 
     def __init__(
         self, mode: AckMode, timers: AckTimers | None = None, *, partner: Receiver | None = None
@@ -572,14 +579,14 @@ class Sender(_Machine):
     def has_room(self) -> bool:
         """Whether a new message would go out at once: nothing waits in the backlog and
         the window is not full."""
-        return not self._backlog and len(self._live) < self.timers.window
+        return not self._backlog and len(self._live) < self._window
 
     def send(self, frame: Frame, now: float) -> list[Effect]:
         """Send a new ``Data`` frame; its id must not be in flight or remembered."""
         effect = self._effect
         return [effect(action, frame) for action in self._send(frame, now)]
 
-    def _send(self, frame: Frame, now: float) -> tuple[Action, ...]:
+    def _py_send(self, frame: Frame, now: float) -> tuple[Action, ...]:
         """:meth:`send`: the actions to carry out on ``frame`` (none while it waits)."""
         if self.mode is not _N:
             message_id = frame.id
@@ -589,7 +596,7 @@ class Sender(_Machine):
                 raise LocalProtocolError(f"message id {message_id!r} is already queued")
             if not message_id:
                 raise LocalProtocolError("an acked message needs a non-empty id")
-            if self._backlog or len(self._live) >= self.timers.window:
+            if self._backlog or len(self._live) >= self._window:
                 if self._backlog is None or self._backlog_ids is None:
                     self._backlog, self._backlog_ids = deque(), set()
                 self._backlog.append(frame)
@@ -598,6 +605,8 @@ class Sender(_Machine):
             if now < self._retry_slot:
                 return self._hold(frame, self._apply(frame, _NEW, _IN_SEND, now))
         return self._apply(frame, _NEW, _IN_SEND, now)
+
+    _send = _py_send
 
     def _hold(self, frame: Frame, actions: tuple[Action, ...]) -> tuple[Action, ...]:
         """A message sent while the peer's rate limit is being waited out (see
@@ -704,7 +713,7 @@ class Sender(_Machine):
 
     def _drain(self, now: float, acts: list[_Acts]) -> None:
         backlog, ids = self._backlog, self._backlog_ids
-        while backlog and ids is not None and len(self._live) < self.timers.window:
+        while backlog and ids is not None and len(self._live) < self._window:
             frame = backlog.popleft()
             ids.discard(frame.id)
             actions = self._apply(frame, _NEW, _IN_SEND, now)
@@ -733,7 +742,7 @@ class Receiver(_Machine):
         effect = self._effect
         return [effect(action, frame) for action in actions]
 
-    def _data(self, frame: Frame, now: float, acked: bool) -> _Acts:
+    def _py_data(self, frame: Frame, now: float, acked: bool) -> _Acts:
         """:meth:`on_data`, as acts."""
         message_id = frame.id
         if not acked and self.mode is not _N:
@@ -751,6 +760,8 @@ class Receiver(_Machine):
             entry.frame = frame
         frame = entry.frame
         return frame, self._apply(frame, entry.state, _IN_DATA, now, entry)
+
+    _data = _py_data
 
     def on_confirm(self, message_id: str, now: float) -> list[Effect]:
         """The peer sent ``Ack{message_id, ackSeq: 2}``."""
@@ -771,29 +782,36 @@ class Receiver(_Machine):
         return acts
 
 
-def _c_apply(speedups: Any) -> Callable[..., tuple[Action, ...]] | None:
-    """``_Machine._apply`` in C (``imkit._speedups.ack_apply``), or ``None`` without the
-    extension (``speedups``): the common transition (a step of the table on a live id, or
-    a finished one remembered below the memory's bound) carried out on the slots of
-    :class:`_Machine`, :class:`_Entry` and :class:`_Memory`; every other case, unchanged,
-    by :meth:`_Machine._py_apply`, which it calls before changing anything."""
+def _c_methods(speedups: Any) -> tuple[Any, Any, Any, Any] | None:
+    """``_Machine._apply``, ``Receiver._data``, ``_Machine._on_id`` and ``Sender._send`` in
+    C (``imkit._speedups.ack_methods``), or ``None`` without the extension (``speedups``).
+
+    Each carries out its common case itself, on the slots of :class:`_Machine`,
+    :class:`Sender`, :class:`_Entry` and :class:`_Memory`: a step of the table on an id in
+    flight, or one finished and remembered; an acked Data frame for an id not in flight;
+    an ack or a confirmation of an id in flight; a new message with room in the window.
+    Every other case goes, unchanged, to the Python method it replaces (``_py_apply``,
+    ``_py_data``, ``_py_on_id``, ``_py_send``), called before anything is changed."""
     if speedups is None:
         return None
-    apply: Callable[..., tuple[Action, ...]] = speedups.ack_apply(
+    methods: tuple[Any, Any, Any, Any] = speedups.ack_methods(
         _Machine,
         _slots(
             _Machine,
-            "_steps _live _memory _heap _tokens _compact_at _resend_interval _ack_timeout",
+            "_steps _live _memory _heap _tokens _compact_at _resend_interval _ack_timeout"
+            " _window mode",
         ),
+        Sender,
+        _slots(Sender, "_backlog _backlog_ids _retry_slot"),
         _Entry,
         _slots(_Entry, "frame state give_up_at token"),
         _Memory,
         _slots(_Memory, "_max _remember_for head"),
-        (_NEW, _DONE),
+        (_NEW, _DONE, _IN_SEND, _IN_DATA, _N),
         heapq.heappush,
-        _Machine._py_apply,
+        (_Machine._py_apply, Receiver._py_data, _Machine._py_on_id, Sender._py_send),
     )
-    return apply
+    return methods
 
 
 def _slots(cls: type, names: str) -> tuple[Any, ...]:
@@ -801,7 +819,13 @@ def _slots(cls: type, names: str) -> tuple[Any, ...]:
     return tuple(cls.__dict__[name] for name in names.split())
 
 
-_Machine._apply = _c_apply(_speedups) or _Machine._py_apply
+# (Without the extension, the Python methods themselves.)
+_Machine._apply, Receiver._data, _Machine._on_id, Sender._send = _c_methods(_speedups) or (
+    _Machine._py_apply,
+    Receiver._py_data,
+    _Machine._py_on_id,
+    Sender._py_send,
+)
 
 
 def iter_table() -> Iterator[tuple[Role, AckMode, State, Input, tuple[Action, ...], State]]:
