@@ -52,21 +52,23 @@ def plain_append(
     /,
 ) -> bool: ...
 
-class AckApply:
-    """The ack machines' common transition in C (see ``ack_apply``): a method."""
+class AckMethod:
+    """A method of the ack machines, its common case in C (see ``ack_methods``)."""
 
     def __call__(self, *args: Any) -> Any: ...
     def __get__(self, obj: Any, cls: Any = None) -> Any: ...
 
-def ack_apply(
+def ack_methods(
     machine_cls: type,
     machine_slots: tuple[Any, ...],
+    sender_cls: type,
+    sender_slots: tuple[Any, ...],
     entry_cls: type,
     entry_slots: tuple[Any, ...],
     memory_cls: type,
     memory_slots: tuple[Any, ...],
-    states: tuple[Any, Any],
+    constants: tuple[Any, Any, Any, Any, Any],
     heappush: Any,
-    py_apply: Any,
+    py_methods: tuple[Any, Any, Any, Any],
     /,
-) -> AckApply: ...
+) -> tuple[AckMethod, AckMethod, AckMethod, AckMethod]: ...
