@@ -1,13 +1,16 @@
 /*
- * imkit._speedups: the WebSocket framing of an open connection's common case, and the
- * JSON text of the frames the server makes, in C.
+ * imkit._speedups: the WebSocket framing of an open connection's common case, the JSON
+ * text of the frames the server makes and reads, and the ack machines' common steps,
+ * in C.
  *
- * Optional: imkit.core._framing holds the same two framing functions in Python, and
- * imkit.core.frames the same encoder; they use these only when this module was built
- * (and IMKIT_NO_SPEEDUPS is not set). The two must agree byte for byte and on every
- * refusal: tests/core/test_framing.py and tests/core/test_codec_speedups.py compare
- * them on generated input. No state, no I/O, no clock: plain functions of their
- * arguments, as everything in the sans-IO core.
+ * Optional: imkit.core._framing holds the same two framing functions in Python,
+ * imkit.core.frames the same encoder and reader, imkit.core.ack the same methods; they
+ * use these only when this module was built (and IMKIT_NO_SPEEDUPS is not set). The two
+ * must agree byte for byte, on every refusal and on every change of state:
+ * tests/core/test_framing.py, tests/core/test_codec_speedups.py and
+ * tests/core/test_ack_speedups.py compare them on generated input. No I/O, no clock:
+ * functions of their arguments (the ack methods change the machine they are given), as
+ * everything in the sans-IO core.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -2240,8 +2243,9 @@ static PyModuleDef_Slot speedups_slots[] = {
 static struct PyModuleDef speedups_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "imkit._speedups",
-    .m_doc = "The WebSocket framing and frame encoding of imkit's common case in C "
-             "(optional; see imkit.core._framing and imkit.core.frames).",
+    .m_doc = "The WebSocket framing, frame codec and ack machine steps of imkit's common "
+             "case in C (optional; see imkit.core._framing, imkit.core.frames and "
+             "imkit.core.ack).",
     .m_size = 0,
     .m_methods = speedups_methods,
     .m_slots = speedups_slots,
