@@ -20,7 +20,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from tests.core.helpers import speedups
-from tests.core.test_core_differential import machine_calls, machine_view, outcome
+from tests.core.test_core_differential import (
+    ack_timers,
+    machine_calls,
+    machine_op_lists,
+    machine_view,
+    outcome,
+)
 
 from imkit.core import ack
 from imkit.core.ack import AckMode, AckTimers, Input, Receiver, Sender, State
@@ -79,29 +85,15 @@ def insides(machine: Any) -> tuple[Any, ...]:
 
 
 IDS = [f"m{i}" for i in range(6)] + [""]
-timers = st.builds(
-    AckTimers,
-    resend_interval=st.sampled_from([0.5, 1.0]),
-    ack_timeout=st.sampled_from([1.0, 3.0]),
-    remember_for=st.sampled_from([3.0, 5.0]),
-    max_remembered=st.integers(1, 4),
-    window=st.integers(1, 4),
-)
+timers = ack_timers(4)
 ids = st.sampled_from(IDS)
 # Time goes on, stands still, jumps past every deadline, even goes back; ints as well.
 steps = st.sampled_from([0.0, 0.3, 0.5, 1.0, 2.5, 6.0, -0.5, 1, 0])
-ops = st.lists(
-    st.one_of(
-        st.tuples(st.just("send"), ids),
-        st.tuples(st.just("ack"), ids),
-        st.tuples(st.just("data"), ids, st.integers(0, 2), st.booleans()),
-        st.tuples(st.just("confirm"), ids),
-        st.tuples(st.just("refuse"), ids),
-        st.tuples(st.just("tick"), steps),
-        st.tuples(st.just("retry"), ids, st.sampled_from([0.0, 0.4, 2.0]), st.none() | steps),
-        st.tuples(st.sampled_from(["resend_all", "resend_acks", "drop_backlog"])),
-    ),
+ops = machine_op_lists(
+    ids,
+    steps,
     max_size=60,
+    extra=(st.tuples(st.just("retry"), ids, st.sampled_from([0.0, 0.4, 2.0]), st.none() | steps),),
 )
 
 

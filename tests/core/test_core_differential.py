@@ -250,29 +250,47 @@ def test_decode_frame_agrees_on_the_documented_edge_cases() -> None:
 
 
 # ---------------------------------------------------------------------- ack machines
+def ack_timers(bound: int) -> st.SearchStrategy[AckTimers]:
+    """Short timers, and a memory and a window of 1 to ``bound`` ids."""
+    return st.builds(
+        AckTimers,
+        resend_interval=st.sampled_from([0.5, 1.0]),
+        ack_timeout=st.sampled_from([1.0, 3.0]),
+        remember_for=st.sampled_from([3.0, 5.0]),
+        max_remembered=st.integers(1, bound),
+        window=st.integers(1, bound),
+    )
+
+
+def machine_op_lists(
+    ids: st.SearchStrategy[str],
+    steps: st.SearchStrategy[float],
+    *,
+    max_size: int,
+    extra: tuple[st.SearchStrategy[tuple[Any, ...]], ...] = (),
+) -> st.SearchStrategy[list[tuple[Any, ...]]]:
+    """Lists of the operations :func:`machine_calls` applies (and ``extra`` ones), on
+    ``ids``, with the clock moved by ``steps``."""
+    return st.lists(
+        st.one_of(
+            st.tuples(st.just("send"), ids),
+            st.tuples(st.just("ack"), ids),
+            st.tuples(st.just("data"), ids, st.integers(0, 2), st.booleans()),
+            st.tuples(st.just("confirm"), ids),
+            st.tuples(st.just("refuse"), ids),
+            st.tuples(st.just("tick"), steps),
+            st.tuples(st.sampled_from(["resend_all", "resend_acks", "drop_backlog"])),
+            *extra,
+        ),
+        max_size=max_size,
+    )
+
+
 IDS = ["a", "b", "c", ""]
-timers = st.builds(
-    AckTimers,
-    resend_interval=st.sampled_from([0.5, 1.0]),
-    ack_timeout=st.sampled_from([1.0, 3.0]),
-    remember_for=st.sampled_from([3.0, 5.0]),
-    max_remembered=st.integers(1, 3),
-    window=st.integers(1, 3),
-)
+timers = ack_timers(3)
 ids = st.sampled_from(IDS)
 steps = st.sampled_from([0.0, 0.3, 0.5, 1.0, 2.5, 6.0, -0.5])  # time may even go backwards
-machine_ops = st.lists(
-    st.one_of(
-        st.tuples(st.just("send"), ids),
-        st.tuples(st.just("ack"), ids),
-        st.tuples(st.just("data"), ids, st.integers(0, 2), st.booleans()),
-        st.tuples(st.just("confirm"), ids),
-        st.tuples(st.just("refuse"), ids),
-        st.tuples(st.just("tick"), steps),
-        st.tuples(st.sampled_from(["resend_all", "resend_acks", "drop_backlog"])),
-    ),
-    max_size=40,
-)
+machine_ops = machine_op_lists(ids, steps, max_size=40)
 
 
 def machine_calls(
