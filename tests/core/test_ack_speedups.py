@@ -281,3 +281,14 @@ def test_no_entry_or_frame_outlives_its_id() -> None:
         sender.on_ack(f"s{i}", now)
     gc.collect()
     assert sum(type(o) is Frame for o in gc.get_objects()) <= frames_alive
+
+
+def test_a_machines_timers_are_fixed_when_it_is_made() -> None:
+    # The methods read the resend interval, ack timeout and window from the machine's
+    # slots, set from its timers once: the timers cannot be swapped under them.
+    timers = AckTimers(resend_interval=1.0, ack_timeout=4.0, window=2)
+    for machine in (Sender(AckMode.ONLY, timers), Receiver(AckMode.RIGOR, timers)):
+        assert machine.timers is timers
+        assert (machine._resend_interval, machine._ack_timeout, machine._window) == (1.0, 4.0, 2)
+        with pytest.raises(AttributeError):
+            machine.timers = AckTimers()  # type: ignore[misc]

@@ -357,7 +357,7 @@ class _Machine:
 
     def __init__(self, mode: AckMode, timers: AckTimers) -> None:
         self.mode = AckMode(mode)
-        self.timers = timers
+        self._timers = timers
         self._resend_interval = float(timers.resend_interval)
         self._ack_timeout = float(timers.ack_timeout)
         self._window = timers.window
@@ -368,6 +368,12 @@ class _Machine:
         self._tokens = 0
         # The heap is compacted (its stale items dropped) when it reaches this size.
         self._compact_at = _MIN_COMPACT
+
+    @property
+    def timers(self) -> AckTimers:
+        """The machine's timing and memory bounds, fixed when it is made (it keeps the
+        ones it reads per message in slots of its own)."""
+        return self._timers
 
     def state_of(self, message_id: str) -> State:
         """The state of ``message_id`` at this end."""
