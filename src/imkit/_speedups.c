@@ -1359,6 +1359,35 @@ read_fields(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 #endif
 #define MAX_SLOTS 8
 
+/* The offsets of the object slots named by the n member descriptors in the tuple slots,
+   each one of cls's own (not read-only, within the instance); 0 with TypeError (naming
+   the function `who`) otherwise. */
+static int
+member_offsets(const char *who, PyObject *cls, PyObject *slots, Py_ssize_t n,
+               Py_ssize_t *offsets)
+{
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *slot = PyTuple_GET_ITEM(slots, i);
+        PyMemberDef *member;
+        if (!Py_IS_TYPE(slot, &PyMemberDescr_Type)
+            || ((PyDescrObject *)slot)->d_type != (PyTypeObject *)cls) {
+            PyErr_Format(PyExc_TypeError, "%s(): each slot must be one of the class's own",
+                         who);
+            return 0;
+        }
+        member = ((PyMemberDescrObject *)slot)->d_member;
+        if (member->type != SLOT_TYPE || (member->flags & READONLY)
+            || member->offset < (Py_ssize_t)sizeof(PyObject)
+            || member->offset + (Py_ssize_t)sizeof(PyObject *)
+                   > ((PyTypeObject *)cls)->tp_basicsize) {
+            PyErr_Format(PyExc_TypeError, "%s(): each slot must hold an object", who);
+            return 0;
+        }
+        offsets[i] = member->offset;
+    }
+    return 1;
+}
+
 typedef struct {
     PyObject_HEAD
     vectorcallfunc vectorcall;
@@ -1438,25 +1467,9 @@ slot_maker(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     maker->vectorcall = maker_call;
     maker->cls = NULL;
     maker->count = count;
-    for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *slot = PyTuple_GET_ITEM(slots, i);
-        PyMemberDef *member;
-        if (!Py_IS_TYPE(slot, &PyMemberDescr_Type)
-            || ((PyDescrObject *)slot)->d_type != (PyTypeObject *)cls) {
-            PyErr_SetString(PyExc_TypeError, "slot_maker(): each slot must be one of the class's");
-            Py_DECREF(maker);
-            return NULL;
-        }
-        member = ((PyMemberDescrObject *)slot)->d_member;
-        if (member->type != SLOT_TYPE || (member->flags & READONLY)
-            || member->offset < (Py_ssize_t)sizeof(PyObject)
-            || member->offset + (Py_ssize_t)sizeof(PyObject *)
-                   > ((PyTypeObject *)cls)->tp_basicsize) {
-            PyErr_SetString(PyExc_TypeError, "slot_maker(): each slot must hold an object");
-            Py_DECREF(maker);
-            return NULL;
-        }
-        maker->offsets[i] = member->offset;
+    if (!member_offsets("slot_maker", cls, slots, count, maker->offsets)) {
+        Py_DECREF(maker);
+        return NULL;
     }
     maker->cls = (PyTypeObject *)Py_NewRef(cls);
     return (PyObject *)maker;
@@ -2092,8 +2105,7 @@ static PyTypeObject AckMethodType = {
     .tp_doc = "A method of the ack machines, its common case in C (see ack_methods).",
 };
 
-/* The offsets of the object slots named by the member descriptors in `slots` (a tuple of
-   n), each one of cls's own; 0 with TypeError otherwise. */
+/* member_offsets for ack_methods, after checking that slots is a tuple of n. */
 static int
 slot_offsets(PyObject *cls, PyObject *slots, Py_ssize_t n, Py_ssize_t *offsets)
 {
@@ -2101,25 +2113,7 @@ slot_offsets(PyObject *cls, PyObject *slots, Py_ssize_t n, Py_ssize_t *offsets)
         PyErr_Format(PyExc_TypeError, "ack_methods(): %zd slots of a class expected", n);
         return 0;
     }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *slot = PyTuple_GET_ITEM(slots, i);
-        PyMemberDef *member;
-        if (!Py_IS_TYPE(slot, &PyMemberDescr_Type)
-            || ((PyDescrObject *)slot)->d_type != (PyTypeObject *)cls) {
-            PyErr_SetString(PyExc_TypeError, "ack_methods(): each slot must be its class's own");
-            return 0;
-        }
-        member = ((PyMemberDescrObject *)slot)->d_member;
-        if (member->type != SLOT_TYPE || (member->flags & READONLY)
-            || member->offset < (Py_ssize_t)sizeof(PyObject)
-            || member->offset + (Py_ssize_t)sizeof(PyObject *)
-                   > ((PyTypeObject *)cls)->tp_basicsize) {
-            PyErr_SetString(PyExc_TypeError, "ack_methods(): each slot must hold an object");
-            return 0;
-        }
-        offsets[i] = member->offset;
-    }
-    return 1;
+    return member_offsets("ack_methods", cls, slots, n, offsets);
 }
 
 PyDoc_STRVAR(ack_methods_doc,
