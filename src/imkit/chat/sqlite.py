@@ -339,10 +339,13 @@ class _Append:
         self.content = content
         self.send_time = send_time
 
-    def stored(self, seq: int, send_time: int) -> StoredMessage:
-        """The message as stored under ``seq`` and ``send_time`` (its own, or the higher
-        one of the message before); a StoredMessage is also its row (its fields are in
-        ``_COLUMNS`` order)."""
+    def stored(self, seq: int, before: int | None) -> StoredMessage:
+        """The message as stored under ``seq``, its send time never below ``before`` (the
+        send time of the conversation's message before, ``None`` for its first: see
+        store.py); a StoredMessage is also its row (its fields are in ``_COLUMNS`` order)."""
+        send_time = self.send_time
+        if before is not None and send_time < before:
+            send_time = before
         return _row_to_message(
             (
                 self.conversation_id,
@@ -365,22 +368,24 @@ class _Append:
         row = conn.execute(
             _APPEND_LOOKUP, (sender_id, recv_id, sender_id, self.msg_id, conversation_id)
         ).fetchone()
-        send_time = self.send_time
         if row is None:
-            seq, members = 1, 0
+            seq, members, before = 1, 0, None
             conn.execute(_NEW_CONVERSATION, (conversation_id,))
         elif row[3] is not None:
             return _row_to_message(row[3:]), False
         else:
-            seq, members = row[0] + 1, row[1]
-            if row[2] is not None and send_time < row[2]:
-                send_time = row[2]  # never below the message before (store.py)
+            seq, members, before = row[0] + 1, row[1], row[2]
             conn.execute(_NEXT_SEQ, (seq, conversation_id))
-        stored = self.stored(seq, send_time)
+        stored = self.stored(seq, before)
         conn.execute(_INSERT_MESSAGE, stored)
         if members < (1 if sender_id == recv_id else 2):
             conn.execute(_ADD_MEMBERS, (sender_id, conversation_id, recv_id, conversation_id))
         return stored, True
+
+
+def _messages(conn: sqlite3.Connection, sql: str, params: Sequence[object]) -> list[StoredMessage]:
+    """The messages ``sql`` selects (``_COLUMNS``, in order) with ``params``."""
+    return list(map(_row_to_message, conn.execute(sql, params)))
 
 
 def _chunks(items: Sequence[_T], size: int) -> Iterator[Sequence[_T]]:
@@ -436,12 +441,8 @@ def _append_all(
                 results.append((stored, False))
                 continue
         seq = seqs[conversation_id] = last[conversation_id] = last.get(conversation_id, 0) + 1
-        send_time = append.send_time
-        before = times.get(conversation_id)
-        if before is not None and send_time < before:
-            send_time = before  # never below the message before (store.py)
-        times[conversation_id] = send_time
-        stored = append.stored(seq, send_time)
+        stored = append.stored(seq, times.get(conversation_id))
+        times[conversation_id] = stored.send_time
         rows.append(stored)
         if probe:
             known[key] = stored
@@ -1124,15 +1125,12 @@ class SQLiteStore(StoreLifecycle):
             if seqs is not None:
                 extra, values = " AND seq >= ? AND seq <= ?", list(seqs)
             sql = f"SELECT {_COLUMNS} FROM imkit_messages WHERE {' AND '.join(where)}{extra}"
-            return list(map(_row_to_message, conn.execute(sql + tail, (*params, *values, limit))))
+            return _messages(conn, sql + tail, (*params, *values, limit))
 
         return await self._call(_Kind.READ, run)
 
     async def _select(self, sql: str, params: tuple[object, ...]) -> list[StoredMessage]:
-        def run(conn: sqlite3.Connection) -> list[StoredMessage]:
-            return list(map(_row_to_message, conn.execute(sql, params)))
-
-        return await self._call(_Kind.READ, run)
+        return await self._call(_Kind.READ, lambda conn: _messages(conn, sql, params))
 
     async def _scalar(self, sql: str, params: tuple[object, ...]) -> Any:
         def run(conn: sqlite3.Connection) -> Any:
