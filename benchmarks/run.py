@@ -21,7 +21,7 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ if __package__ in (None, ""):  # run as a script: python benchmarks/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import procs, scenarios
+from benchmarks.calibration import REFERENCE_VARIANT, MachineFactor, machine_factor
 from benchmarks.peers._common import raise_nofile_limit
 from benchmarks.procs import REPO_ROOT, CallgrindCounter, ServerProcess, check_peer, tail
 from benchmarks.scenarios import OFFLINE_TARGET_US, QUICK, SCENARIOS, Config, RunContext
@@ -218,9 +219,10 @@ def _fmt(value: float | None, digits: int = 1) -> str:
     return f"{value:,.{digits}f}"
 
 
-def render_table(records: list[dict[str, Any]]) -> str:
+def render_table(records: list[dict[str, Any]], machine: MachineFactor | None = None) -> str:
     """The Markdown tables: one row per relay case with idle memory per server, then
-    the offline catch-up and heartbeat tables (those present)."""
+    the offline catch-up and heartbeat tables (those present); ``machine``: the run's
+    machine factor, for the offline target on this machine."""
     ok = [r for r in records if r["status"] == "ok" and r["figures"] is not None]
     idle_kib = {r["server"]: r["figures"]["kib_per_conn"] for r in ok if r["scenario"] == "idle"}
     idle_notes = {
@@ -292,7 +294,7 @@ def render_table(records: list[dict[str, Any]]) -> str:
         if server not in relay_servers:
             row = [server, "idle", *["-"] * (5 + 2 * len(BASELINE_SERVERS)), _fmt(kib_value), ""]
             lines.append(_row(row))
-    for extra in (_offline_table(records), _heartbeat_table(records)):
+    for extra in (_offline_table(records, machine), _heartbeat_table(records)):
         if extra:
             lines += ["", *extra] if lines else extra
     others = [r for r in records if r["scenario"] not in ("relay", "idle", *EXTRA_TABLES)]
@@ -325,7 +327,7 @@ def _failed_row(record: dict[str, Any], width: int) -> list[str]:
     return [record["server"], *["-"] * (width - 2), f"{record['status']}: {record['reason']}"]
 
 
-def _offline_table(records: list[dict[str, Any]]) -> list[str]:
+def _offline_table(records: list[dict[str, Any]], machine: MachineFactor | None) -> list[str]:
     """Offline catch-up: one row per case (imkit only: the peers have no offline store)."""
     rows = [r for r in records if r["scenario"] == "offline"]
     if not rows:
@@ -337,6 +339,8 @@ def _offline_table(records: list[dict[str, Any]]) -> list[str]:
         "msgs/s",
         "server CPU µs/msg",
         f"vs target ({OFFLINE_TARGET_US:g} µs)",
+        "target on this machine",
+        "vs it",
         "server kinstr/msg",
         "storing msgs/s",
         "note",
@@ -346,6 +350,7 @@ def _offline_table(records: list[dict[str, Any]]) -> list[str]:
         "imkit only: peers have no offline store)",
         header,
     )
+    scaled = None if machine is None else machine.scaled(OFFLINE_TARGET_US)
     for record in rows:
         figures = record["figures"] if record["status"] == "ok" else None
         if figures is None:
@@ -359,12 +364,37 @@ def _offline_table(records: list[dict[str, Any]]) -> list[str]:
                 _fmt(figures["msgs_per_s"], 0),
                 _fmt(mine, 1),
                 f"{mine / OFFLINE_TARGET_US:.2f}x",
+                "-" if scaled is None else f"{scaled:.1f} µs",
+                "-" if scaled is None else f"{mine / scaled:.2f}x",
                 _fmt(figures.get("server_kinstr_per_msg"), 1),
                 _fmt(figures["store_msgs_per_s"], 0),
                 "every message once" if figures["received"] == figures["messages"] else "",
             ]
         lines.append(_row(cells))
+    lines.append("")
+    lines.append(
+        f"Target on this machine: {OFFLINE_TARGET_US:g} µs x the {machine.describe()}"
+        " (benchmarks/calibration.py)."
+        if machine is not None
+        else "Target on this machine: - (no machine factor: no peer's ack relay in this"
+        " run, or its CPU figures were taken under valgrind)."
+    )
     return lines
+
+
+def run_machine_factor(records: list[dict[str, Any]]) -> MachineFactor | None:
+    """The machine factor (:mod:`benchmarks.calibration`) from the peers' acked-relay
+    rows of ``records`` (``None`` without any)."""
+    return machine_factor(
+        {
+            r["server"]: r["figures"]["server_cpu_us_per_msg"]
+            for r in records
+            if r["scenario"] == "relay"
+            and r["variant"] == REFERENCE_VARIANT
+            and r["status"] == "ok"
+            and r["figures"] is not None
+        }
+    )
 
 
 def _heartbeat_table(records: list[dict[str, Any]]) -> list[str]:
@@ -583,7 +613,9 @@ async def amain(args: argparse.Namespace) -> int:
     records = await run_suite(cases, config, args.budget, log_dir, max(1, args.repeat))
     info["loadavg_end"] = os.getloadavg()
     info["wall_s"] = round(time.monotonic() - started, 1)
-    table = render_table(records)
+    # (Under callgrind the CPU figures measure valgrind: no machine factor.)
+    machine = None if config.callgrind else run_machine_factor(records)
+    table = render_table(records, machine)
     print()
     print(table)
     result = {
@@ -595,6 +627,7 @@ async def amain(args: argparse.Namespace) -> int:
         "imkit_src": str(procs.IMKIT_SRC or REPO_ROOT / "src"),
         "imkit_framing": framing,
         "cases": records,
+        "machine_factor": None if machine is None else asdict(machine),
         "table": table,
     }
     out = args.out / f"run-{stamp}{'-quick' if args.quick else ''}.json"
