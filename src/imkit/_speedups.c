@@ -1671,6 +1671,29 @@ machine_memory(AckMethod *am, PyObject *self)
     return v != NULL && PyObject_TypeCheck(v, am->memory_cls) ? v : NULL;
 }
 
+/* A heap item (when, token, message_id): what Python's heappush of the tuple gets
+   (a new reference; NULL with an error set). */
+static PyObject *
+heap_item(double when, long long token, PyObject *message_id)
+{
+    PyObject *item = PyTuple_New(3);
+    PyObject *w, *t;
+    if (item == NULL) {
+        return NULL;
+    }
+    w = PyFloat_FromDouble(when);
+    t = w == NULL ? NULL : PyLong_FromLongLong(token);
+    if (t == NULL) {
+        Py_XDECREF(w);
+        Py_DECREF(item);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(item, 0, w);
+    PyTuple_SET_ITEM(item, 1, t);
+    PyTuple_SET_ITEM(item, 2, Py_NewRef(message_id));
+    return item;
+}
+
 /* _Machine._py_apply's common case: the actions (a new reference); FELL when it is not
    the common case (nothing changed); NULL with an error set. message_id is frame.id (an
    exact str); entry is its live entry or Py_None. */
@@ -1809,7 +1832,7 @@ apply_core(AckMethod *am, PyObject *self, PyObject *frame, PyObject *message_id,
         if (give_up_at < when) {
             when = give_up_at;
         }
-        item = Py_BuildValue("(dLO)", when, tokens, message_id);
+        item = heap_item(when, tokens, message_id);
         if (item == NULL) {
             return NULL;
         }

@@ -244,7 +244,12 @@ class Peer:
                 confirmed, actions = receiver._on_id(fields[1], _CONFIRM, now)
                 self._act(confirmed, actions, receiver)
             else:
-                self._act_all(self.sender._ack(fields[1], now), self.sender)
+                sender = self.sender
+                if sender._backlog:  # room for the backlog's messages too
+                    self._act_all(sender._ack(fields[1], now), sender)
+                else:  # (Sender._ack without a backlog: the ack's one act, no list)
+                    acked, actions = sender._on_id(fields[1], _ACKED, now)
+                    self._act(acked, actions, sender)
             return
         if kind is _PING:
             if self.server:
@@ -519,6 +524,7 @@ _DISPATCH = Action.DISPATCH
 _DELIVERED = Action.DELIVERED
 _REFUSE = Action.REFUSE
 _CONFIRM = Input.CONFIRM
+_ACKED = Input.ACK
 _ACK, _PING, _DATA, _NO_ACK, _ERR = (
     FrameType.ACK,
     FrameType.PING,
