@@ -1676,21 +1676,11 @@ machine_memory(AckMethod *am, PyObject *self)
 static PyObject *
 heap_item(double when, long long token, PyObject *message_id)
 {
-    PyObject *item = PyTuple_New(3);
-    PyObject *w, *t;
-    if (item == NULL) {
-        return NULL;
-    }
-    w = PyFloat_FromDouble(when);
-    t = w == NULL ? NULL : PyLong_FromLongLong(token);
-    if (t == NULL) {
-        Py_XDECREF(w);
-        Py_DECREF(item);
-        return NULL;
-    }
-    PyTuple_SET_ITEM(item, 0, w);
-    PyTuple_SET_ITEM(item, 1, t);
-    PyTuple_SET_ITEM(item, 2, Py_NewRef(message_id));
+    PyObject *w = PyFloat_FromDouble(when);
+    PyObject *t = w == NULL ? NULL : PyLong_FromLongLong(token);
+    PyObject *item = t == NULL ? NULL : PyTuple_Pack(3, w, t, message_id);
+    Py_XDECREF(w);
+    Py_XDECREF(t);
     return item;
 }
 
