@@ -1671,8 +1671,8 @@ machine_memory(AckMethod *am, PyObject *self)
     return v != NULL && PyObject_TypeCheck(v, am->memory_cls) ? v : NULL;
 }
 
-/* A heap item (when, token, message_id): what Python's heappush of the tuple gets
-   (a new reference; NULL with an error set). */
+/* The resend heap's item (when, token, message_id), as _Machine._schedule pushes it (a
+   new reference; NULL with an error set). */
 static PyObject *
 heap_item(double when, long long token, PyObject *message_id)
 {
